@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar, cast
 
 import jwt
+import prometheus_client
 import redis
 import requests
 import tenacity
@@ -39,6 +40,8 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from flask.wrappers import Request
 from flask_cors import CORS
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from prometheus_client import Counter, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from requests.adapters import HTTPAdapter
@@ -450,6 +453,49 @@ def configure_logging(config: Config) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Metrics (Prometheus; multiprocess mode when PROMETHEUS_MULTIPROC_DIR is set, as gunicorn does)
+# ---------------------------------------------------------------------------------------------
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+
+REQUESTS = Counter(
+    "image_service_requests", "HTTP requests answered.", ["endpoint", "method", "status"]
+)
+REQUEST_SECONDS = Histogram(
+    "image_service_request_duration_seconds",
+    "Time to answer an HTTP request.",
+    ["endpoint"],
+    buckets=LATENCY_BUCKETS,
+)
+CACHE_EVENTS = Counter(
+    "image_service_cache_events", "Analysis cache lookups (hit, miss) and failures.", ["event"]
+)
+MODEL_REQUESTS = Counter(
+    "image_service_model_requests", "Attempts to call the vision model, by outcome.", ["outcome"]
+)
+MODEL_SECONDS = Histogram(
+    "image_service_model_request_duration_seconds",
+    "Time of one attempt to call the vision model.",
+    buckets=LATENCY_BUCKETS,
+)
+MODEL_TOKENS = Counter(
+    "image_service_model_tokens", "Tokens the vision model reported using.", ["kind"]
+)
+USER_SERVICE_REQUESTS = Counter(
+    "image_service_user_service_requests", "Food entries sent to the User Service.", ["outcome"]
+)
+
+
+def metrics_text() -> bytes:
+    """Every metric, summed over the worker processes when there are several."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = prometheus_client.CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return prometheus_client.generate_latest(registry)
+    return prometheus_client.generate_latest()
+
+
+# ---------------------------------------------------------------------------------------------
 # Authentication (JWT)
 # ---------------------------------------------------------------------------------------------
 
@@ -693,6 +739,7 @@ class RedisCache:
             raw = self.client.get(key)
         except redis.RedisError as error:
             logger.warning("Redis connection error on GET: %s", redis_problem(error))
+            CACHE_EVENTS.labels("error").inc()
             return None
         return decode_cached(raw)
 
@@ -702,6 +749,7 @@ class RedisCache:
             self.client.set(key, json.dumps(value, separators=(",", ":")), ex=self.ttl_seconds)
         except redis.RedisError as error:
             logger.warning("Redis connection error on SET: %s", redis_problem(error))
+            CACHE_EVENTS.labels("error").inc()
 
     def health(self) -> str:
         """``connected``, ``connection failed`` or ``error: <reason>``."""
@@ -909,13 +957,38 @@ def analyze_with_model(
         reraise=True,
     )
     payload = retrying(post_to_model, body, config, session, request_id)
-    return parse_model_payload(payload)
+    answer = parse_model_payload(payload)
+    for kind in ("prompt", "completion"):
+        MODEL_TOKENS.labels(kind).inc(answer.usage.get(f"{kind}_tokens", 0))
+    return answer
 
 
 def post_to_model(
     body: Mapping[str, Any], config: Config, session: requests.Session, request_id: str
 ) -> dict[str, Any]:
-    """One attempt: POST the request and classify any failure as transient or final."""
+    """One attempt, timed and counted by outcome."""
+    started = time.perf_counter()
+    outcome = "ok"
+    try:
+        return send_model_request(body, config, session, request_id)
+    except UpstreamTimeout:
+        outcome = "timeout"
+        raise
+    except TransientUpstreamError:
+        outcome = "retryable_error"
+        raise
+    except UpstreamError:
+        outcome = "error"
+        raise
+    finally:
+        MODEL_SECONDS.observe(time.perf_counter() - started)
+        MODEL_REQUESTS.labels(outcome).inc()
+
+
+def send_model_request(
+    body: Mapping[str, Any], config: Config, session: requests.Session, request_id: str
+) -> dict[str, Any]:
+    """POST the request and classify any failure as transient or final."""
     try:
         response = session.post(
             f"{config.openai_base_url}/chat/completions",
@@ -1183,8 +1256,10 @@ def save_food_entry(
         )
     except requests.RequestException as error:
         logger.error("Error saving food entry to user service: %s", type(error).__name__)
+        USER_SERVICE_REQUESTS.labels("unreachable").inc()
         raise UserServiceError("the User Service could not be reached", analysis) from None
     entry_id = created_entry_id(response)
+    USER_SERVICE_REQUESTS.labels("error" if entry_id is None else "ok").inc()
     if entry_id is None:
         logger.error("Error saving food entry to user service: HTTP %s", response.status_code)
         raise UserServiceError(
@@ -1303,8 +1378,10 @@ def analysis_for_upload(data: bytes) -> tuple[dict[str, Any], str, str]:
     cached = parts.cache.get(key)
     if cached is not None:
         logger.info("Cache hit for %s", key)
+        CACHE_EVENTS.labels("hit").inc()
         return cached, "cache", digest
     logger.info("Cache miss for %s", key)
+    CACHE_EVENTS.labels("miss").inc()
     prepared = prepare_image(data, config.image_max_side, config.image_max_pixels)
     try:
         answer = analyze_with_model(prepared.jpeg, config, parts.model_session, g.request_id)
@@ -1342,6 +1419,12 @@ def health_live() -> Response:
     return jsonify(status="alive")
 
 
+@bp.get("/metrics")
+def metrics() -> Response:
+    """Prometheus metrics, for scrapers inside the network (keep it off the public gateway)."""
+    return Response(metrics_text(), content_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+
 # ---------------------------------------------------------------------------------------------
 # Request lifecycle and error handling
 # ---------------------------------------------------------------------------------------------
@@ -1370,13 +1453,12 @@ def start_request() -> None:
 def finish_request(response: Response) -> Response:
     """Return the request id and log one line for the request."""
     response.headers["X-Request-ID"] = g.get("request_id", "-")
-    duration_ms = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
+    seconds = time.perf_counter() - g.get("started", time.perf_counter())
+    endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+    REQUESTS.labels(endpoint, request.method, str(response.status_code)).inc()
+    REQUEST_SECONDS.labels(endpoint).observe(seconds)
     logger.info(
-        "%s %s %s %.1fms",
-        request.method,
-        request.path,
-        response.status_code,
-        duration_ms,
+        "%s %s %s %.1fms", request.method, request.path, response.status_code, seconds * 1000
     )
     return response
 

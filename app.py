@@ -60,7 +60,7 @@ ACCEPTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF")
 HS_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 TRUE_WORDS = frozenset({"true", "1", "yes"})
 FALSE_WORDS = frozenset({"false", "0", "no", ""})
-REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 NUMBER_PATTERN = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 CODE_FENCE_PATTERN = re.compile(r"^\s*```[A-Za-z0-9_-]*\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)
 
@@ -198,7 +198,7 @@ class Config:
     """Everything the service reads from its environment, checked once at start."""
 
     secrets_dir: str = "/run/secrets"
-    redis_url: str | None = None
+    redis_url: str | None = field(default=None, repr=False)
     redis_host: str | None = None
     redis_port: int = 6379
     redis_db: int = 0
@@ -246,7 +246,7 @@ class Config:
         reader = EnvReader(env, problems)
         config = cls(
             secrets_dir=str(directory),
-            redis_url=reader.text("REDIS_URL"),
+            redis_url=reader.redis_url("REDIS_URL"),
             redis_host=reader.text("REDIS_HOST"),
             redis_port=reader.integer("REDIS_PORT", 6379, low=1, high=65535),
             redis_db=reader.integer("REDIS_DB", 0, low=0, high=1_000_000),
@@ -382,6 +382,14 @@ class EnvReader:
             self.problems.append(f"{name} must be an http:// or https:// URL, got {raw!r}")
             return default
         return raw.rstrip("/")
+
+    def redis_url(self, name: str) -> str | None:
+        """A Redis URL; its value (which may hold a password) is never echoed."""
+        raw = self.text(name)
+        if raw is not None and not re.match(r"^(rediss?|unix)://", raw):
+            self.problems.append(f"{name} must start with redis://, rediss:// or unix://")
+            return None
+        return raw
 
     def items(self, name: str) -> tuple[str, ...]:
         """A comma-separated list."""
@@ -545,8 +553,7 @@ def verify_access_token(token: str, config: Config) -> str:
         raise Unauthorized("the token has expired", code="token_expired") from None
     except jwt.InvalidTokenError as error:
         raise Unauthorized(f"the token is not valid: {token_problem(error)}") from None
-    token_type = claims.get("type", claims.get("token_type"))
-    if token_type is not None and token_type != "access":  # noqa: S105
+    if any(claims.get(name, "access") != "access" for name in ("type", "token_type")):
         raise Unauthorized("the token is not an access token")
     user_id = claims.get("sub", claims.get("user_id"))
     if isinstance(user_id, bool) or not isinstance(user_id, (str, int)) or str(user_id) == "":
@@ -669,13 +676,13 @@ def reduce_while_decoding(image: Image.Image, max_side: int) -> None:
 
 def flatten_to_rgb(image: Image.Image) -> Image.Image:
     """RGB for any mode: transparency on white, 16-bit scaled to 8, CMYK and palette converted."""
-    if image.mode == "RGB":
+    if image.mode == "RGB" and "transparency" not in image.info:
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         image = image.convert("I").point(lambda value: value / 256).convert("L")
     elif image.mode == "F":
         image = image.convert("L")
-    if image.mode == "P" and "transparency" in image.info:
+    if image.mode in ("P", "RGB", "L") and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
@@ -1220,7 +1227,8 @@ def clean_confidence(value: Any) -> float:
     number = parse_number(value)
     if number is None:
         raise UpstreamError("the vision model's confidence is not a number")
-    if 1 < number <= 100:
+    looks_like_percent = (isinstance(value, str) and "%" in value) or number.is_integer()
+    if 1 < number <= 100 and looks_like_percent:
         number /= 100
     return round(min(1.0, max(0.0, number)), 2)
 
@@ -1446,7 +1454,7 @@ class UploadRequest(Request):
 def start_request() -> None:
     """Take or make the request id and start the clock."""
     supplied = request.headers.get("X-Request-ID", "")
-    g.request_id = supplied if REQUEST_ID_PATTERN.match(supplied) else uuid.uuid4().hex
+    g.request_id = supplied if REQUEST_ID_PATTERN.fullmatch(supplied) else uuid.uuid4().hex
     g.started = time.perf_counter()
 
 

@@ -135,9 +135,7 @@ def client(app: Flask) -> FlaskClient:
 def make_token() -> Callable[..., str]:
     """Sign a token with the test secret; claims override the defaults, None drops one."""
 
-    def sign(
-        secret: str = JWT_SECRET, algorithm: str = "HS256", **claims: Any
-    ) -> str:
+    def sign(secret: str = JWT_SECRET, algorithm: str = "HS256", **claims: Any) -> str:
         now = int(time.time())
         payload: dict[str, Any] = {"sub": "user-42", "type": "access", "iat": now, "exp": now + 600}
         payload.update(claims)

@@ -1,0 +1,501 @@
+"""POST /analyze-food through HTTP: the answer, the cache, saving entries and the HTTP edges."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
+
+from app import CACHE_PREFIX, Config, MemoryCache, create_app
+from tests import images
+from tests.fakes import (
+    DEFAULT_ANALYSIS,
+    ChatCompletionsServer,
+    RedisServer,
+    Reply,
+    UserServiceServer,
+    free_port,
+    json_error,
+)
+
+if TYPE_CHECKING:
+    from tests.conftest import RecordHandler
+
+MEAL = images.jpeg(64, 48)
+MEAL_DIGEST = hashlib.sha256(MEAL).hexdigest()
+ENTRY_FIELDS = ("name", "calories", "protein", "carbs", "fat", "servingSize", "ingredients")
+CONTRACT_FIELDS = {*ENTRY_FIELDS, "confidence"}
+GENERATED_REQUEST_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def post_image(
+    client: FlaskClient,
+    headers: dict[str, str],
+    data: bytes = MEAL,
+    query: str = "",
+    **options: Any,
+) -> TestResponse:
+    """POST one photo to /analyze-food as a multipart upload."""
+    return client.post(
+        f"/analyze-food{query}",
+        data={"image": (io.BytesIO(data), "meal.jpg")},
+        headers=headers,
+        content_type="multipart/form-data",
+        **options,
+    )
+
+
+@pytest.fixture
+def client_with(make_config: Callable[..., Config]) -> Callable[..., FlaskClient]:
+    """A test client for an app whose Config differs from the default by some fields."""
+
+    def build(**overrides: Any) -> FlaskClient:
+        flask_app = create_app(make_config(**overrides))
+        flask_app.testing = True
+        return flask_app.test_client()
+
+    return build
+
+
+def assert_json_error(response: TestResponse, status: int, code: str) -> None:
+    """The contract's error: JSON with a message and a stable code."""
+    assert response.status_code == status
+    assert response.mimetype == "application/json"
+    body = response.get_json()
+    assert body["code"] == code
+    assert isinstance(body["error"], str)
+    assert body["error"]
+
+
+# ------------------------------------------------------------------ the answer
+
+
+def test_success_body_holds_the_contract_fields(
+    client: FlaskClient, auth_headers: dict[str, str]
+) -> None:
+    body = post_image(client, auth_headers).get_json()
+    assert set(body) == {"analysis", "source"}
+    assert set(body["analysis"]) == CONTRACT_FIELDS
+
+
+def test_success_body_values_have_the_contract_types(
+    client: FlaskClient, auth_headers: dict[str, str]
+) -> None:
+    analysis = post_image(client, auth_headers).get_json()["analysis"]
+    assert isinstance(analysis["name"], str)
+    assert isinstance(analysis["calories"], int)
+    for grams in ("protein", "carbs", "fat"):
+        assert isinstance(analysis[grams], int | float)
+    assert isinstance(analysis["servingSize"], str)
+    assert all(isinstance(item, str) for item in analysis["ingredients"])
+    assert 0 <= analysis["confidence"] <= 1
+
+
+def test_success_body_carries_the_model_analysis(
+    client: FlaskClient, auth_headers: dict[str, str]
+) -> None:
+    assert post_image(client, auth_headers).get_json()["analysis"] == DEFAULT_ANALYSIS
+
+
+def test_first_analysis_comes_from_the_api(
+    client: FlaskClient, auth_headers: dict[str, str]
+) -> None:
+    assert post_image(client, auth_headers).get_json()["source"] == "api"
+
+
+def test_second_identical_upload_comes_from_the_cache(
+    client: FlaskClient, auth_headers: dict[str, str]
+) -> None:
+    first = post_image(client, auth_headers).get_json()
+    second = post_image(client, auth_headers).get_json()
+    assert second["source"] == "cache"
+    assert second["analysis"] == first["analysis"]
+
+
+def test_cache_hit_skips_the_model(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    post_image(client, auth_headers)
+    post_image(client, auth_headers)
+    assert len(model.calls) == 1
+
+
+def test_different_images_are_analysed_separately(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    post_image(client, auth_headers)
+    other = post_image(client, auth_headers, images.jpeg(64, 48, color=(20, 200, 90)))
+    assert other.get_json()["source"] == "api"
+    assert len(model.calls) == 2
+
+
+def test_cache_key_is_the_prefix_and_the_sha256_of_the_upload(
+    client: FlaskClient, redis: RedisServer, auth_headers: dict[str, str]
+) -> None:
+    post_image(client, auth_headers)
+    with redis.client() as connection:
+        assert connection.keys("*") == [f"{CACHE_PREFIX}{MEAL_DIGEST}".encode()]
+    assert CACHE_PREFIX == "food_analysis:"
+
+
+def test_cache_ttl_follows_config(
+    client_with: Callable[..., FlaskClient], redis: RedisServer, auth_headers: dict[str, str]
+) -> None:
+    post_image(client_with(cache_ttl_seconds=120), auth_headers)
+    with redis.client() as connection:
+        assert 0 < connection.ttl(f"{CACHE_PREFIX}{MEAL_DIGEST}") <= 120
+
+
+def test_cached_value_is_the_analysis_without_entry_id(
+    client: FlaskClient, redis: RedisServer, auth_headers: dict[str, str]
+) -> None:
+    response = post_image(client, auth_headers, query="?save=true")
+    assert "entryId" in response.get_json()["analysis"]
+    with redis.client() as connection:
+        cached = json.loads(connection.get(f"{CACHE_PREFIX}{MEAL_DIGEST}"))
+    assert cached == DEFAULT_ANALYSIS
+
+
+def test_cache_in_redis_is_shared_by_a_new_app(
+    client: FlaskClient,
+    client_with: Callable[..., FlaskClient],
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    post_image(client, auth_headers)
+    again = post_image(client_with(), auth_headers)
+    assert again.get_json()["source"] == "cache"
+    assert len(model.calls) == 1
+
+
+# ------------------------------------------------------------------ without Redis
+
+
+def test_without_redis_second_upload_comes_from_the_memory_cache(
+    client_with: Callable[..., FlaskClient],
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    client = client_with(with_redis=False)
+    first = post_image(client, auth_headers).get_json()
+    second = post_image(client, auth_headers).get_json()
+    assert (first["source"], second["source"]) == ("api", "cache")
+    assert second["analysis"] == first["analysis"]
+    assert len(model.calls) == 1
+
+
+def test_without_redis_health_says_redis_not_configured(
+    client_with: Callable[..., FlaskClient],
+) -> None:
+    response = client_with(with_redis=False).get("/health")
+    assert response.get_json()["checks"]["redis"] == "not configured"
+
+
+def test_memory_cache_returns_what_was_stored() -> None:
+    cache = MemoryCache(max_entries=2, ttl_seconds=60)
+    cache.set("a", DEFAULT_ANALYSIS)
+    assert cache.get("a") == DEFAULT_ANALYSIS
+
+
+def test_memory_cache_evicts_the_oldest_entry_beyond_its_bound() -> None:
+    cache = MemoryCache(max_entries=2, ttl_seconds=60)
+    for key in ("a", "b", "c"):
+        cache.set(key, {"name": key})
+    assert (cache.get("a"), cache.get("b"), cache.get("c")) == (None, {"name": "b"}, {"name": "c"})
+
+
+def test_memory_cache_read_keeps_an_entry_from_eviction() -> None:
+    cache = MemoryCache(max_entries=2, ttl_seconds=60)
+    cache.set("a", {"name": "a"})
+    cache.set("b", {"name": "b"})
+    cache.get("a")
+    cache.set("c", {"name": "c"})
+    assert (cache.get("a"), cache.get("b")) == ({"name": "a"}, None)
+
+
+def test_memory_cache_entry_past_its_ttl_is_a_miss() -> None:
+    cache = MemoryCache(max_entries=2, ttl_seconds=0)
+    cache.set("a", {"name": "a"})
+    assert cache.get("a") is None
+
+
+# ------------------------------------------------------------------ saving to the User Service
+
+
+def test_save_posts_the_entry_to_the_user_service(
+    client: FlaskClient, user_service: UserServiceServer, auth_headers: dict[str, str]
+) -> None:
+    post_image(client, auth_headers, query="?save=true")
+    [call] = user_service.calls
+    assert (call.method, call.route) == ("POST", "/food-entries")
+    assert call.json() == {
+        "userId": "user-42",
+        **{name: DEFAULT_ANALYSIS[name] for name in ENTRY_FIELDS},
+        "confidence": DEFAULT_ANALYSIS["confidence"],
+        "source": "image-analysis",
+        "imageHash": MEAL_DIGEST,
+    }
+
+
+def test_save_forwards_the_callers_authorization_header(
+    client: FlaskClient, user_service: UserServiceServer, auth_headers: dict[str, str]
+) -> None:
+    post_image(client, auth_headers, query="?save=true")
+    assert user_service.calls[0].header("authorization") == auth_headers["Authorization"]
+
+
+def test_save_sends_the_request_id_of_the_response(
+    client: FlaskClient, user_service: UserServiceServer, auth_headers: dict[str, str]
+) -> None:
+    response = post_image(client, auth_headers, query="?save=true")
+    assert user_service.calls[0].header("x-request-id") == response.headers["X-Request-ID"]
+
+
+def test_save_answers_the_stored_entry_id(
+    client: FlaskClient, user_service: UserServiceServer, auth_headers: dict[str, str]
+) -> None:
+    response = post_image(client, auth_headers, query="?save=true")
+    assert response.status_code == 200
+    assert response.get_json()["analysis"]["entryId"] == user_service.entries[0]["id"]
+
+
+def test_save_on_a_cache_hit_saves_a_new_entry(
+    client: FlaskClient,
+    model: ChatCompletionsServer,
+    user_service: UserServiceServer,
+    auth_headers: dict[str, str],
+) -> None:
+    first = post_image(client, auth_headers, query="?save=true").get_json()
+    second = post_image(client, auth_headers, query="?save=true").get_json()
+    assert second["source"] == "cache"
+    assert len(user_service.entries) == 2
+    assert first["analysis"]["entryId"] != second["analysis"]["entryId"]
+    assert len(model.calls) == 1
+
+
+@pytest.mark.parametrize("value", ["true", "1", "yes", "TRUE", "Yes"])
+def test_save_words_that_mean_yes_save(
+    client: FlaskClient, user_service: UserServiceServer, auth_headers: dict[str, str], value: str
+) -> None:
+    response = post_image(client, auth_headers, query=f"?save={value}")
+    assert response.status_code == 200
+    assert len(user_service.entries) == 1
+    assert "entryId" in response.get_json()["analysis"]
+
+
+@pytest.mark.parametrize("query", ["?save=false", "?save=0", "?save=no", "?save=FALSE", ""])
+def test_save_words_that_mean_no_or_no_save_do_not_save(
+    client: FlaskClient, user_service: UserServiceServer, auth_headers: dict[str, str], query: str
+) -> None:
+    response = post_image(client, auth_headers, query=query)
+    assert response.status_code == 200
+    assert user_service.calls == []
+    assert "entryId" not in response.get_json()["analysis"]
+
+
+def test_save_with_an_unknown_word_answers_400_without_calling_the_model(
+    client: FlaskClient,
+    model: ChatCompletionsServer,
+    user_service: UserServiceServer,
+    auth_headers: dict[str, str],
+) -> None:
+    response = post_image(client, auth_headers, query="?save=maybe")
+    assert_json_error(response, 400, "invalid_parameter")
+    assert model.calls == []
+    assert user_service.calls == []
+
+
+# ------------------------------------------------------------------ User Service failures
+
+
+USER_SERVICE_FAILURES = {
+    "server error": json_error(500, "database down"),
+    "created without id": Reply(201, {"name": "Grilled Salmon with Asparagus"}),
+    "created with empty id": Reply(201, {"id": ""}),
+    "ok but not json": Reply(200, "stored"),
+    "bad request": json_error(400, "invalid entry"),
+}
+
+
+@pytest.mark.parametrize("reply", USER_SERVICE_FAILURES.values(), ids=USER_SERVICE_FAILURES.keys())
+def test_user_service_failure_answers_502_with_the_analysis(
+    client: FlaskClient, user_service: UserServiceServer, auth_headers: dict[str, str], reply: Reply
+) -> None:
+    user_service.enqueue(reply)
+    response = post_image(client, auth_headers, query="?save=true")
+    assert_json_error(response, 502, "user_service_error")
+    assert response.get_json()["analysis"] == DEFAULT_ANALYSIS
+
+
+def test_unreachable_user_service_answers_502_with_the_analysis(
+    client_with: Callable[..., FlaskClient], auth_headers: dict[str, str]
+) -> None:
+    client = client_with(user_service_url=f"http://127.0.0.1:{free_port()}")
+    response = post_image(client, auth_headers, query="?save=true")
+    assert_json_error(response, 502, "user_service_error")
+    assert response.get_json()["analysis"] == DEFAULT_ANALYSIS
+
+
+def test_slow_user_service_answers_502_with_the_analysis(
+    client_with: Callable[..., FlaskClient],
+    user_service: UserServiceServer,
+    auth_headers: dict[str, str],
+) -> None:
+    user_service.enqueue(Reply(201, {"id": "too-late"}, delay=1.0))
+    response = post_image(client_with(user_service_timeout=0.3), auth_headers, query="?save=true")
+    assert_json_error(response, 502, "user_service_error")
+    assert response.get_json()["analysis"] == DEFAULT_ANALYSIS
+
+
+def test_user_service_answer_with_entry_id_instead_of_id_is_success(
+    client: FlaskClient, user_service: UserServiceServer, auth_headers: dict[str, str]
+) -> None:
+    user_service.enqueue(Reply(200, {"entryId": "entry-7"}))
+    response = post_image(client, auth_headers, query="?save=true")
+    assert response.status_code == 200
+    assert response.get_json()["analysis"]["entryId"] == "entry-7"
+
+
+def test_analysis_is_cached_even_when_saving_failed(
+    client: FlaskClient,
+    model: ChatCompletionsServer,
+    user_service: UserServiceServer,
+    auth_headers: dict[str, str],
+) -> None:
+    user_service.enqueue(json_error(500, "database down"))
+    post_image(client, auth_headers, query="?save=true")
+    retry = post_image(client, auth_headers, query="?save=true")
+    assert retry.status_code == 200
+    assert retry.get_json()["source"] == "cache"
+    assert retry.get_json()["analysis"]["entryId"] == user_service.entries[0]["id"]
+    assert len(model.calls) == 1
+
+
+# ------------------------------------------------------------------ request ids
+
+
+def test_callers_request_id_is_echoed(client: FlaskClient, auth_headers: dict[str, str]) -> None:
+    response = post_image(client, {**auth_headers, "X-Request-ID": "abc-123"})
+    assert response.headers["X-Request-ID"] == "abc-123"
+
+
+def test_request_id_is_made_when_none_is_sent(
+    client: FlaskClient, auth_headers: dict[str, str]
+) -> None:
+    response = post_image(client, auth_headers)
+    assert GENERATED_REQUEST_ID.fullmatch(response.headers["X-Request-ID"])
+
+
+@pytest.mark.parametrize(
+    "supplied",
+    ["abc 123", "a" * 500, "abc-123\n", "abc\r\nSet-Cookie: x=1", "<script>", ""],
+    ids=["space", "500 chars", "trailing newline", "header injection", "markup", "empty"],
+)
+def test_malformed_request_id_is_replaced(
+    client: FlaskClient, auth_headers: dict[str, str], supplied: str
+) -> None:
+    # Through the WSGI environ: the test client itself refuses header values with newlines.
+    response = post_image(client, auth_headers, environ_overrides={"HTTP_X_REQUEST_ID": supplied})
+    assert response.status_code == 200
+    assert GENERATED_REQUEST_ID.fullmatch(response.headers["X-Request-ID"])
+
+
+# ------------------------------------------------------------------ HTTP edges
+
+
+def test_body_over_max_upload_answers_413_payload_too_large(
+    client_with: Callable[..., FlaskClient], auth_headers: dict[str, str]
+) -> None:
+    photo = images.jpeg(800, 600, pattern="photo")
+    assert len(photo) > 150_000
+    response = post_image(client_with(max_upload_mb=0.1), auth_headers, photo)
+    assert_json_error(response, 413, "payload_too_large")
+
+
+def test_body_over_max_upload_never_reaches_the_model(
+    client_with: Callable[..., FlaskClient],
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    photo = images.jpeg(800, 600, pattern="photo")
+    post_image(client_with(max_upload_mb=0.1), auth_headers, photo)
+    assert model.calls == []
+
+
+def test_unknown_path_answers_404_json(client: FlaskClient, auth_headers: dict[str, str]) -> None:
+    assert_json_error(client.get("/no-such-thing", headers=auth_headers), 404, "not_found")
+
+
+def test_get_on_analyze_food_answers_405_json(
+    client: FlaskClient, auth_headers: dict[str, str]
+) -> None:
+    response = client.get("/analyze-food", headers=auth_headers)
+    assert_json_error(response, 405, "method_not_allowed")
+
+
+def test_405_names_the_allowed_methods(client: FlaskClient, auth_headers: dict[str, str]) -> None:
+    response = client.get("/analyze-food", headers=auth_headers)
+    assert "POST" in {method.strip() for method in response.headers["Allow"].split(",")}
+
+
+# ------------------------------------------------------------------ CORS
+
+PREFLIGHT = {
+    "Access-Control-Request-Method": "POST",
+    "Access-Control-Request-Headers": "Authorization",
+}
+
+
+def test_preflight_from_an_allowed_origin_is_allowed(
+    client_with: Callable[..., FlaskClient],
+) -> None:
+    client = client_with(cors_origins=("https://app.example",))
+    response = client.options(
+        "/analyze-food", headers={**PREFLIGHT, "Origin": "https://app.example"}
+    )
+    assert response.headers.get("Access-Control-Allow-Origin") == "https://app.example"
+
+
+def test_preflight_from_another_origin_is_not_allowed(
+    client_with: Callable[..., FlaskClient],
+) -> None:
+    client = client_with(cors_origins=("https://app.example",))
+    response = client.options("/analyze-food", headers={**PREFLIGHT, "Origin": "https://evil.test"})
+    assert "Access-Control-Allow-Origin" not in response.headers
+
+
+def test_cors_allows_any_origin_by_default(client: FlaskClient) -> None:
+    response = client.options("/analyze-food", headers={**PREFLIGHT, "Origin": "https://any.test"})
+    # "*" or the caller's own origin echoed back: both let any site call the service.
+    assert response.headers.get("Access-Control-Allow-Origin") in {"*", "https://any.test"}
+
+
+# ------------------------------------------------------------------ log lines
+
+
+def test_cache_miss_then_cache_hit_are_logged(
+    client: FlaskClient, logs: RecordHandler, auth_headers: dict[str, str]
+) -> None:
+    post_image(client, auth_headers)
+    post_image(client, auth_headers)
+    misses = [i for i, line in enumerate(logs.lines) if "Cache miss" in line]
+    hits = [i for i, line in enumerate(logs.lines) if "Cache hit" in line]
+    assert len(misses) == 1
+    assert len(hits) == 1
+    assert misses[0] < hits[0]
+
+
+def test_one_request_line_names_method_path_status_and_request_id(
+    client: FlaskClient, logs: RecordHandler, auth_headers: dict[str, str]
+) -> None:
+    post_image(client, {**auth_headers, "X-Request-ID": "abc-123"})
+    request_lines = [line for line in logs.lines if "POST /analyze-food 200" in line]
+    assert len(request_lines) == 1
+    assert "[abc-123]" in request_lines[0]

@@ -1,0 +1,721 @@
+"""The vision model call: the request it gets, retries, and what its answers become."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import requests
+from flask.testing import FlaskClient
+from PIL import Image
+from werkzeug.test import TestResponse
+
+from app import (
+    CACHE_PREFIX,
+    Config,
+    NotFood,
+    UpstreamError,
+    build_model_request,
+    create_app,
+    normalise_analysis,
+    parse_model_content,
+    parse_number,
+    retry_after_seconds,
+)
+from tests import images
+from tests.fakes import (
+    DEFAULT_ANALYSIS,
+    ChatCompletionsServer,
+    RedisServer,
+    Reply,
+    UserServiceServer,
+    free_port,
+)
+
+if TYPE_CHECKING:
+    from tests.conftest import RecordHandler
+
+MEAL = images.jpeg(64, 48)
+CONTRACT_FIELDS = {
+    "name",
+    "calories",
+    "protein",
+    "carbs",
+    "fat",
+    "servingSize",
+    "ingredients",
+    "confidence",
+}
+completion = ChatCompletionsServer.completion
+model_error = ChatCompletionsServer.error
+
+
+def post_image(
+    client: FlaskClient, headers: dict[str, str], data: bytes = MEAL, query: str = ""
+) -> TestResponse:
+    """POST one photo to /analyze-food as a multipart upload."""
+    return client.post(
+        f"/analyze-food{query}",
+        data={"image": (io.BytesIO(data), "meal.jpg")},
+        headers=headers,
+        content_type="multipart/form-data",
+    )
+
+
+def answer_with(**changes: Any) -> Reply:
+    """A completion carrying the default analysis with some fields changed (None drops one)."""
+    analysis = {**DEFAULT_ANALYSIS, **changes}
+    return completion(json.dumps({k: v for k, v in analysis.items() if v is not None}))
+
+
+def cached_keys(redis: RedisServer) -> list[bytes]:
+    """Every analysis key in the tests' Redis."""
+    with redis.client() as connection:
+        return list(connection.keys(f"{CACHE_PREFIX}*"))
+
+
+def stalled(reply: Reply, seconds: float = 1.0) -> Reply:
+    """The same reply, sent only after a delay."""
+    return dataclasses.replace(reply, delay=seconds)
+
+
+@pytest.fixture
+def client_with(make_config: Callable[..., Config]) -> Callable[..., FlaskClient]:
+    """A test client for an app whose Config differs from the default by some fields."""
+
+    def build(**overrides: Any) -> FlaskClient:
+        flask_app = create_app(make_config(**overrides))
+        flask_app.testing = True
+        return flask_app.test_client()
+
+    return build
+
+
+def assert_upstream_error(response: TestResponse, status: int = 502) -> None:
+    """The contract's JSON error for a failed model call."""
+    assert response.status_code == status
+    assert response.mimetype == "application/json"
+    code = "upstream_timeout" if status == 504 else "upstream_error"
+    assert response.get_json()["code"] == code
+
+
+# ------------------------------------------------------------------ the request the model gets
+
+
+def test_model_receives_a_post_to_chat_completions(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    post_image(client, auth_headers)
+    [call] = model.calls
+    assert (call.method, call.route) == ("POST", "/v1/chat/completions")
+
+
+def test_model_request_carries_the_api_key_as_bearer(
+    client: FlaskClient,
+    model: ChatCompletionsServer,
+    config: Config,
+    auth_headers: dict[str, str],
+) -> None:
+    post_image(client, auth_headers)
+    assert model.calls[0].header("authorization") == f"Bearer {config.openai_api_key}"
+
+
+def test_model_request_names_the_configured_model(
+    client_with: Callable[..., FlaskClient],
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    post_image(client_with(openai_model="gpt-4o-mini"), auth_headers)
+    assert model.last_payload()["model"] == "gpt-4o-mini"
+
+
+def test_model_request_has_instructions_then_a_user_message_with_text_and_image(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    post_image(client, auth_headers)
+    system, user = model.last_payload()["messages"]
+    assert system["role"] == "system"
+    assert isinstance(system["content"], str)
+    assert system["content"].strip()
+    assert user["role"] == "user"
+    assert [part["type"] for part in user["content"]] == ["text", "image_url"]
+    assert user["content"][0]["text"].strip()
+
+
+def test_model_request_image_is_a_base64_jpeg_data_url(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    post_image(client, auth_headers, images.png(80, 60))
+    with Image.open(io.BytesIO(model.last_image_bytes())) as sent:
+        assert sent.format == "JPEG"
+        assert sent.size == (80, 60)
+
+
+def test_model_request_image_detail_defaults_to_auto(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    post_image(client, auth_headers)
+    assert model.last_image_detail() == "auto"
+
+
+def test_model_request_image_detail_follows_config(
+    client_with: Callable[..., FlaskClient],
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    post_image(client_with(openai_image_detail="low"), auth_headers)
+    assert model.last_image_detail() == "low"
+
+
+def test_model_request_asks_for_strict_json_schema_output(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    post_image(client, auth_headers)
+    response_format = model.last_payload()["response_format"]
+    assert response_format["type"] == "json_schema"
+    assert response_format["json_schema"]["strict"] is True
+    assert response_format["json_schema"]["name"]
+
+
+def test_model_request_schema_requires_every_property_and_forbids_others(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    post_image(client, auth_headers)
+    schema = model.last_payload()["response_format"]["json_schema"]["schema"]
+    assert schema["type"] == "object"
+    assert set(schema["properties"]) >= CONTRACT_FIELDS
+    assert sorted(schema["required"]) == sorted(schema["properties"])
+    assert schema["additionalProperties"] is False
+
+
+def test_model_request_caps_output_tokens(
+    client: FlaskClient,
+    model: ChatCompletionsServer,
+    config: Config,
+    auth_headers: dict[str, str],
+) -> None:
+    post_image(client, auth_headers)
+    assert model.last_payload()["max_tokens"] == config.openai_max_output_tokens > 0
+
+
+def test_build_model_request_embeds_the_given_jpeg(config: Config) -> None:
+    body = build_model_request(MEAL, config)
+    image_part = body["messages"][1]["content"][1]["image_url"]
+    prefix = "data:image/jpeg;base64,"
+    assert image_part["url"].startswith(prefix)
+    assert base64.b64decode(image_part["url"][len(prefix) :]) == MEAL
+    assert image_part["detail"] == config.openai_image_detail
+
+
+# ------------------------------------------------------------------ retries
+
+
+def test_rate_limit_is_retried_and_succeeds(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.enqueue(model_error(429, "Rate limit reached", code="rate_limit_exceeded"))
+    response = post_image(client, auth_headers)
+    assert response.status_code == 200
+    assert len(model.calls) == 2
+
+
+def test_rate_limit_retry_waits_the_requested_retry_after_ms(
+    client_with: Callable[..., FlaskClient],
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    model.enqueue(
+        model_error(429, "Rate limit reached", headers={"retry-after-ms": "200"}),
+    )
+    response = post_image(client_with(openai_retry_after_cap=60.0), auth_headers)
+    assert response.status_code == 200
+    first, second = model.calls
+    assert second.received_at - first.received_at >= 0.2
+
+
+def test_retry_after_beyond_the_cap_waits_only_the_cap(
+    client_with: Callable[..., FlaskClient],
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    model.enqueue(model_error(429, "Rate limit reached", headers={"Retry-After": "3600"}))
+    response = post_image(client_with(openai_retry_after_cap=0.05), auth_headers)
+    assert response.status_code == 200
+    assert len(model.calls) == 2
+
+
+def test_server_error_on_every_attempt_answers_502_after_max_attempts(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.enqueue(*[model_error(500)] * 5)
+    response = post_image(client, auth_headers)
+    assert_upstream_error(response)
+    assert len(model.calls) == 3
+
+
+def test_max_attempts_follows_config(
+    client_with: Callable[..., FlaskClient],
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    model.enqueue(*[model_error(500)] * 5)
+    response = post_image(client_with(openai_max_attempts=2), auth_headers)
+    assert_upstream_error(response)
+    assert len(model.calls) == 2
+
+
+def test_service_unavailable_then_success_answers_200(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.enqueue(model_error(503, "The engine is currently overloaded"))
+    response = post_image(client, auth_headers)
+    assert response.status_code == 200
+    assert len(model.calls) == 2
+
+
+@pytest.mark.parametrize("status", [408, 409])
+def test_request_timeout_and_conflict_are_retried(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str], status: int
+) -> None:
+    model.enqueue(model_error(status, "Please retry"))
+    response = post_image(client, auth_headers)
+    assert response.status_code == 200
+    assert len(model.calls) == 2
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
+def test_other_client_errors_are_not_retried(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str], status: int
+) -> None:
+    model.enqueue(model_error(status, "Rejected"))
+    response = post_image(client, auth_headers)
+    assert_upstream_error(response)
+    assert len(model.calls) == 1
+
+
+def test_insufficient_quota_is_not_retried(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.enqueue(
+        model_error(429, "You exceeded your current quota", code="insufficient_quota"),
+        model_error(429, "You exceeded your current quota", code="insufficient_quota"),
+    )
+    response = post_image(client, auth_headers)
+    assert_upstream_error(response)
+    assert len(model.calls) == 1
+
+
+def test_unreachable_model_answers_502_upstream_error(
+    client_with: Callable[..., FlaskClient], auth_headers: dict[str, str]
+) -> None:
+    client = client_with(openai_base_url=f"http://127.0.0.1:{free_port()}/v1")
+    assert_upstream_error(post_image(client, auth_headers))
+
+
+def test_model_stalling_on_every_attempt_answers_504_upstream_timeout(
+    client_with: Callable[..., FlaskClient],
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    model.enqueue(stalled(answer_with()), stalled(answer_with()))
+    client = client_with(openai_api_timeout=0.3, openai_max_attempts=2)
+    assert_upstream_error(post_image(client, auth_headers), status=504)
+    assert len(model.calls) == 2
+
+
+def test_model_stall_then_answer_succeeds(
+    client_with: Callable[..., FlaskClient],
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    model.enqueue(stalled(answer_with()))
+    response = post_image(client_with(openai_api_timeout=0.3), auth_headers)
+    assert response.status_code == 200
+    assert len(model.calls) == 2
+
+
+def test_dropped_connection_is_retried(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.enqueue(Reply(drop=True))
+    response = post_image(client, auth_headers)
+    assert response.status_code == 200
+    assert len(model.calls) == 2
+
+
+# ------------------------------------------------------------------ answers the service accepts
+
+
+def test_answer_in_a_markdown_json_fence_is_accepted(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.enqueue(completion(f"```json\n{json.dumps(DEFAULT_ANALYSIS)}\n```"))
+    response = post_image(client, auth_headers)
+    assert response.status_code == 200
+    assert response.get_json()["analysis"]["name"] == DEFAULT_ANALYSIS["name"]
+
+
+def test_numbers_given_as_strings_are_parsed(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.enqueue(answer_with(calories="450 kcal", protein="40 g", carbs="10.5g", fat="25"))
+    analysis = post_image(client, auth_headers).get_json()["analysis"]
+    assert (analysis["calories"], analysis["protein"], analysis["carbs"], analysis["fat"]) == (
+        450,
+        40,
+        10.5,
+        25,
+    )
+
+
+def test_calories_with_a_thousands_separator_are_parsed(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.enqueue(answer_with(calories="1,200"))
+    assert post_image(client, auth_headers).get_json()["analysis"]["calories"] == 1200
+
+
+def test_calories_are_a_whole_number(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.enqueue(answer_with(calories=450.7))
+    calories = post_image(client, auth_headers).get_json()["analysis"]["calories"]
+    assert calories == 451
+    assert isinstance(calories, int)
+
+
+def test_grams_keep_at_most_one_decimal(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.enqueue(answer_with(protein=40.26, carbs=9.94, fat=25.0))
+    analysis = post_image(client, auth_headers).get_json()["analysis"]
+    assert (analysis["protein"], analysis["carbs"], analysis["fat"]) == (40.3, 9.9, 25)
+
+
+@pytest.mark.parametrize(("given", "expected"), [(92, 0.92), ("92%", 0.92), (0.5, 0.5)])
+def test_confidence_percentage_is_read_as_a_fraction(
+    client: FlaskClient,
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+    given: Any,
+    expected: float,
+) -> None:
+    model.enqueue(answer_with(confidence=given))
+    assert post_image(client, auth_headers).get_json()["analysis"]["confidence"] == expected
+
+
+def test_confidence_above_a_hundred_percent_is_clamped_to_one(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.enqueue(answer_with(confidence=150))
+    assert post_image(client, auth_headers).get_json()["analysis"]["confidence"] == 1.0
+
+
+def test_fractional_confidence_above_one_is_clamped_not_read_as_percent(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.enqueue(answer_with(confidence=1.7))
+    assert post_image(client, auth_headers).get_json()["analysis"]["confidence"] == 1.0
+
+
+def test_negative_confidence_is_clamped_to_zero(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.enqueue(answer_with(confidence=-0.3))
+    assert post_image(client, auth_headers).get_json()["analysis"]["confidence"] == 0.0
+
+
+# ------------------------------------------------------------------ answers the service refuses
+
+UNUSABLE_ANSWERS = {
+    "negative calories": answer_with(calories=-100),
+    "absurd calories": answer_with(calories=50_000),
+    "absurd grams": answer_with(fat=5_000),
+    "calories not a number": answer_with(calories="lots"),
+    "missing field": answer_with(protein=None),
+    "empty name": answer_with(name=""),
+    "prose": completion("This looks like grilled salmon with about 450 kcal."),
+    "json array": completion(json.dumps([DEFAULT_ANALYSIS])),
+    "refusal": completion(None, refusal="I can't help with that."),
+    "empty content": completion(""),
+    "null content": completion(None),
+    "http body not json": Reply(200, "<html>upstream proxy error</html>"),
+    "http body without choices": Reply(200, {"object": "chat.completion", "choices": []}),
+}
+
+
+@pytest.mark.parametrize("reply", UNUSABLE_ANSWERS.values(), ids=UNUSABLE_ANSWERS.keys())
+def test_unusable_answer_answers_502_upstream_error(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str], reply: Reply
+) -> None:
+    model.enqueue(reply)
+    assert_upstream_error(post_image(client, auth_headers))
+
+
+@pytest.mark.parametrize("reply", UNUSABLE_ANSWERS.values(), ids=UNUSABLE_ANSWERS.keys())
+def test_unusable_answer_is_not_retried(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str], reply: Reply
+) -> None:
+    model.enqueue(reply)
+    post_image(client, auth_headers)
+    assert len(model.calls) == 1
+
+
+FAILURES = {
+    **UNUSABLE_ANSWERS,
+    "server error": model_error(500),
+    "bad request": model_error(400, "Invalid image"),
+    "not food": answer_with(isFood=False, name="", calories=0, ingredients=[]),
+}
+
+
+@pytest.mark.parametrize("reply", FAILURES.values(), ids=FAILURES.keys())
+def test_failed_analysis_is_not_cached(
+    client: FlaskClient,
+    model: ChatCompletionsServer,
+    redis: RedisServer,
+    auth_headers: dict[str, str],
+    reply: Reply,
+) -> None:
+    model.enqueue(*[reply] * 3)
+    assert post_image(client, auth_headers).status_code != 200
+    assert cached_keys(redis) == []
+    model.reset()
+    again = post_image(client, auth_headers)
+    assert again.get_json()["source"] == "api"
+    assert len(model.calls) == 1
+
+
+def test_not_food_answers_422_not_food(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.analysis = {**DEFAULT_ANALYSIS, "isFood": False, "name": "", "calories": 0}
+    response = post_image(client, auth_headers)
+    assert response.status_code == 422
+    assert response.get_json()["code"] == "not_food"
+
+
+def test_not_food_saves_nothing(
+    client: FlaskClient,
+    model: ChatCompletionsServer,
+    user_service: UserServiceServer,
+    auth_headers: dict[str, str],
+) -> None:
+    model.analysis = {**DEFAULT_ANALYSIS, "isFood": False, "name": "", "calories": 0}
+    post_image(client, auth_headers, query="?save=true")
+    assert user_service.calls == []
+    assert user_service.entries == []
+
+
+# ------------------------------------------------------------------ configuration and secrets
+
+
+def test_missing_api_key_answers_503_without_calling_the_model(
+    client_with: Callable[..., FlaskClient],
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    response = post_image(client_with(openai_api_key=None), auth_headers)
+    assert response.status_code == 503
+    assert response.get_json()["code"] == "ai_not_configured"
+    assert model.calls == []
+
+
+def leaky_replies(key: str) -> dict[str, Reply]:
+    """Failures whose upstream text repeats the API key, as OpenAI's own 401 message does."""
+    return {
+        "401 echoing the key": model_error(401, f"Incorrect API key provided: {key}."),
+        "400 echoing the key": model_error(400, f"Bad request from {key}"),
+        "500 echoing the key": model_error(500, f"Internal error for {key}"),
+        "body not json": Reply(200, f"proxy says hello to {key}"),
+        "prose content": completion(f"I see salmon. Your key is {key}"),
+        "refusal": completion(None, refusal=f"I refuse, {key}"),
+    }
+
+
+@pytest.mark.parametrize("scenario", list(leaky_replies("any-key")))
+def test_api_key_never_appears_in_a_response_or_log_line(
+    client: FlaskClient,
+    model: ChatCompletionsServer,
+    config: Config,
+    logs: RecordHandler,
+    auth_headers: dict[str, str],
+    scenario: str,
+) -> None:
+    key = str(config.openai_api_key)
+    model.enqueue(*[leaky_replies(key)[scenario]] * 3)
+    response = post_image(client, auth_headers)
+    assert response.status_code == 502
+    assert key not in response.get_data(as_text=True)
+    assert key not in str(response.headers)
+    assert key not in logs.text()
+
+
+def test_api_key_never_appears_when_the_model_is_unreachable(
+    client_with: Callable[..., FlaskClient],
+    config: Config,
+    logs: RecordHandler,
+    auth_headers: dict[str, str],
+) -> None:
+    key = str(config.openai_api_key)
+    response = post_image(
+        client_with(openai_base_url=f"http://127.0.0.1:{free_port()}/v1"), auth_headers
+    )
+    assert key not in response.get_data(as_text=True)
+    assert key not in logs.text()
+
+
+# ------------------------------------------------------------------ log lines
+
+
+def test_failed_model_request_logs_openai_request_failed(
+    client: FlaskClient,
+    model: ChatCompletionsServer,
+    logs: RecordHandler,
+    auth_headers: dict[str, str],
+) -> None:
+    model.enqueue(*[model_error(500)] * 3)
+    post_image(client, auth_headers)
+    assert "OpenAI API request failed" in logs.text()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [model_error(400, "Invalid image"), completion("not json at all")],
+    ids=["http error", "unusable answer"],
+)
+def test_failed_analysis_logs_error_analyzing_food_image(
+    client: FlaskClient,
+    model: ChatCompletionsServer,
+    logs: RecordHandler,
+    auth_headers: dict[str, str],
+    reply: Reply,
+) -> None:
+    model.enqueue(reply)
+    post_image(client, auth_headers)
+    assert "Error analyzing food image" in logs.text()
+
+
+# ------------------------------------------------------------------ pure parts
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (450, 450.0),
+        (12.5, 12.5),
+        ("450 kcal", 450.0),
+        ("40 g", 40.0),
+        ("1,200", 1200.0),
+        ("about 12.5g", 12.5),
+        (".5", 0.5),
+        ("-3", -3.0),
+    ],
+)
+def test_parse_number_reads_numbers_and_numeric_strings(value: Any, expected: float) -> None:
+    assert parse_number(value) == expected
+
+
+@pytest.mark.parametrize("value", ["lots", "", None, True, [450], float("nan"), float("inf")])
+def test_parse_number_refuses_what_is_not_a_finite_number(value: Any) -> None:
+    assert parse_number(value) is None
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        '{"name": "soup"}',
+        '  {"name": "soup"}\n',
+        '```json\n{"name": "soup"}\n```',
+        '```\n{"name": "soup"}\n```',
+        '```JSON {"name": "soup"} ```',
+    ],
+)
+def test_parse_model_content_accepts_plain_or_fenced_json(content: str) -> None:
+    assert parse_model_content(content) == {"name": "soup"}
+
+
+@pytest.mark.parametrize(
+    "content", ["It is soup.", '["soup"]', '"soup"', "42", "```json\nnot json\n```"]
+)
+def test_parse_model_content_refuses_anything_but_a_json_object(content: str) -> None:
+    with pytest.raises(UpstreamError):
+        parse_model_content(content)
+
+
+def test_normalise_analysis_keeps_exactly_the_contract_fields() -> None:
+    raw = {**DEFAULT_ANALYSIS, "isFood": True, "notes": "extra", "entryId": "forged"}
+    assert set(normalise_analysis(raw)) == CONTRACT_FIELDS
+
+
+def test_normalise_analysis_refuses_a_photo_without_food() -> None:
+    with pytest.raises(NotFood):
+        normalise_analysis({**DEFAULT_ANALYSIS, "isFood": False})
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"calories": -1}, {"calories": 50_000}, {"protein": -2}, {"carbs": "many"}, {"name": ""}],
+    ids=["negative calories", "absurd calories", "negative protein", "carbs text", "no name"],
+)
+def test_normalise_analysis_refuses_unbelievable_values(changes: dict[str, Any]) -> None:
+    with pytest.raises(UpstreamError):
+        normalise_analysis({**DEFAULT_ANALYSIS, **changes})
+
+
+@pytest.mark.parametrize("missing", sorted(CONTRACT_FIELDS))
+def test_normalise_analysis_refuses_a_missing_field(missing: str) -> None:
+    raw = {name: value for name, value in DEFAULT_ANALYSIS.items() if name != missing}
+    with pytest.raises(UpstreamError):
+        normalise_analysis(raw)
+
+
+def test_normalise_analysis_turns_comma_separated_ingredients_into_a_list() -> None:
+    analysis = normalise_analysis({**DEFAULT_ANALYSIS, "ingredients": "salmon, asparagus"})
+    assert analysis["ingredients"] == ["salmon", "asparagus"]
+
+
+def test_normalise_analysis_drops_non_text_and_repeated_ingredients() -> None:
+    raw = {**DEFAULT_ANALYSIS, "ingredients": ["salmon", 7, "Salmon", "", "  lemon  "]}
+    assert normalise_analysis(raw)["ingredients"] == ["salmon", "lemon"]
+
+
+def response_with(headers: dict[str, str]) -> requests.Response:
+    """A 429 response carrying these headers."""
+    response = requests.Response()
+    response.status_code = 429
+    response.headers.update(headers)
+    return response
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"retry-after-ms": "250"}, 0.25),
+        ({"Retry-After": "3"}, 3.0),
+        ({"retry-after-ms": "250", "Retry-After": "3"}, 0.25),
+        ({"retry-after-ms": "soon", "Retry-After": "3"}, 3.0),
+        ({"Retry-After": "-5"}, 0.0),
+        ({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}, 0.0),
+        ({"Retry-After": "whenever"}, None),
+        ({}, None),
+    ],
+)
+def test_retry_after_seconds_reads_the_wait_the_server_asked_for(
+    headers: dict[str, str], expected: float | None
+) -> None:
+    assert retry_after_seconds(response_with(headers)) == expected
+
+
+def test_retry_after_seconds_reads_a_future_http_date() -> None:
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    wait = retry_after_seconds(response_with({"Retry-After": when}))
+    assert wait is not None
+    assert 20 < wait <= 30

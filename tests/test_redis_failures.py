@@ -1,0 +1,122 @@
+"""Redis going away, coming back or hanging: analyses go on, /health tells, the cache returns."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from flask.testing import FlaskClient
+
+from app import Config, create_app
+from tests import images
+from tests.conftest import RecordHandler
+from tests.fakes import ChatCompletionsServer, RedisServer, StalledServer
+
+# REDIS_TIMEOUT defaults to 0.5 s, and a request meets Redis twice (GET, SET): far below this.
+GENEROUS_BOUND_SECONDS = 5.0
+
+
+def analyze(client: FlaskClient, headers: dict[str, str], photo: bytes) -> dict[str, object]:
+    """POST one photo to /analyze-food; the JSON answer, which must be a 200."""
+    response = client.post(
+        "/analyze-food",
+        data={"image": (io.BytesIO(photo), "meal.jpg", "image/jpeg")},
+        headers=headers,
+    )
+    assert response.status_code == 200, response.get_data(as_text=True)
+    body: dict[str, object] = response.get_json()
+    return body
+
+
+def connect(client: FlaskClient) -> None:
+    """Have the app open its pooled Redis connection, so a later outage finds it in use."""
+    assert client.get("/health").get_json()["checks"]["redis"] == "connected"
+
+
+@pytest.fixture
+def stalled() -> Iterator[StalledServer]:
+    """A port that accepts connections and never answers: a hung Redis."""
+    with StalledServer() as server:
+        yield server
+
+
+def test_analysis_comes_from_the_model_while_redis_is_down(
+    client: FlaskClient,
+    auth_headers: dict[str, str],
+    redis: RedisServer,
+    model: ChatCompletionsServer,
+) -> None:
+    connect(client)
+    redis.stop()
+
+    body = analyze(client, auth_headers, images.jpeg())
+
+    assert body["source"] == "api"
+    assert len(model.calls) == 1
+
+
+def test_redis_outage_is_logged_as_a_connection_error(
+    client: FlaskClient,
+    auth_headers: dict[str, str],
+    redis: RedisServer,
+    logs: RecordHandler,
+) -> None:
+    connect(client)
+    redis.stop()
+
+    analyze(client, auth_headers, images.jpeg())
+
+    assert "Redis connection error" in logs.text()
+
+
+def test_health_reports_connection_failed_while_redis_is_down(
+    client: FlaskClient, redis: RedisServer
+) -> None:
+    connect(client)
+    redis.stop()
+
+    response = client.get("/health")
+
+    assert response.status_code == 503
+    assert response.get_json()["checks"]["redis"] == "connection failed"
+
+
+def test_cache_is_used_again_once_redis_is_back(
+    client: FlaskClient,
+    auth_headers: dict[str, str],
+    redis: RedisServer,
+    model: ChatCompletionsServer,
+) -> None:
+    analyze(client, auth_headers, images.jpeg(color=(10, 20, 30)))
+    redis.stop()
+    analyze(client, auth_headers, images.jpeg(color=(40, 50, 60)))
+    redis.start()
+    photo = images.jpeg(color=(70, 80, 90))
+
+    first = analyze(client, auth_headers, photo)
+    second = analyze(client, auth_headers, photo)
+
+    assert first["source"] == "api"
+    assert second["source"] == "cache"
+    assert len(model.calls) == 3
+    assert client.get("/health").get_json()["checks"]["redis"] == "connected"
+
+
+def test_analysis_succeeds_when_redis_hangs(
+    make_config: Callable[..., Config],
+    auth_headers: dict[str, str],
+    model: ChatCompletionsServer,
+    stalled: StalledServer,
+) -> None:
+    flask_app = create_app(make_config(redis_host=stalled.host, redis_port=stalled.port))
+    flask_app.testing = True
+
+    started = time.monotonic()
+    body = analyze(flask_app.test_client(), auth_headers, images.jpeg())
+    elapsed = time.monotonic() - started
+
+    assert body["source"] == "api"
+    assert len(model.calls) == 1
+    assert elapsed < GENEROUS_BOUND_SECONDS

@@ -6,7 +6,7 @@ SECRETS_DIR ?= .local/secrets
 PORT ?= 8083
 USER_ID ?= dev-user
 
-.PHONY: run test lint token clean
+.PHONY: run test lint token secrets clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,9 +31,15 @@ lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/shellcheck docker-entrypoint.sh tools/*.sh .ci/run
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 
 test: lint
 	$(BIN)/pytest
+
+secrets:
+	sh tools/make-secrets.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

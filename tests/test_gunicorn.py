@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,14 +55,18 @@ def gunicorn_environment(
     user_service: UserServiceServer,
     workdir: Path,
     port: int,
+    overrides: Mapping[str, str | None],
 ) -> dict[str, str]:
-    """The environment of a gunicorn serving the tests' collaborators on 127.0.0.1:port."""
+    """The environment of a gunicorn serving the tests' collaborators on 127.0.0.1:port.
+
+    ``overrides`` replace variables; a None value removes one, leaving gunicorn.conf.py's default.
+    """
     secrets_dir = workdir / "no-secrets"
     metrics_dir = workdir / "metrics"
     secrets_dir.mkdir()
     metrics_dir.mkdir()
     inherited = {name: os.environ[name] for name in INHERITED_VARIABLES if name in os.environ}
-    return {
+    env = {
         **inherited,
         **base_environment(redis, model, user_service),
         "HOME": str(workdir),
@@ -73,6 +77,12 @@ def gunicorn_environment(
         "GUNICORN_THREADS": "4",
         "PYTHONUNBUFFERED": "1",
     }
+    for name, value in overrides.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
 
 
 def wait_until_live(server: Gunicorn) -> None:
@@ -109,10 +119,11 @@ def running_gunicorn(
     model: ChatCompletionsServer,
     user_service: UserServiceServer,
     workdir: Path,
+    **overrides: str | None,
 ) -> Iterator[Gunicorn]:
     """Start `gunicorn app:app` from the repository root; it never outlives the block."""
     port = free_port()
-    env = gunicorn_environment(redis, model, user_service, workdir, port)
+    env = gunicorn_environment(redis, model, user_service, workdir, port, overrides)
     output_path = workdir / "gunicorn.log"
     with open(output_path, "wb") as output:
         process = subprocess.Popen(

@@ -5,13 +5,15 @@ Chat Completions API, caches the answer in Redis by image and, when asked, saves
 in the User Service. ``GET /health`` and ``GET /health/live`` serve the probes.
 
 Errors are ``ServiceError`` values carrying an HTTP status and a stable ``code``: ``BadRequest``,
-``Unauthorized``, ``PayloadTooLarge``, ``NotFood``, ``UpstreamError``, ``UpstreamTimeout``,
-``UserServiceError``, ``AINotConfigured`` and ``InternalError``; one handler turns them into JSON.
+``Unauthorized``, ``Conflict``, ``PayloadTooLarge``, ``NotFood``, ``IdempotencyKeyReused``,
+``UpstreamError``, ``UpstreamTimeout``, ``UserServiceError``, ``AINotConfigured``, ``Overloaded``
+and ``InternalError``; one handler turns them into JSON.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import hashlib
 import io
@@ -25,17 +27,22 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import IO, Any, TypeVar, cast
 
 import jwt
+import pillow_heif
 import prometheus_client
 import redis
 import requests
 import tenacity
+import yaml
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from flask.wrappers import Request
 from flask_cors import CORS
@@ -55,9 +62,23 @@ MIB = 1024 * 1024
 
 logger = logging.getLogger("image_service")
 
-# Formats Pillow may open, and what callers are told when they send something else.
-ACCEPTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF")
+# Formats Pillow may open (HEIF through pillow-heif: iPhones take HEIC photos).
+ACCEPTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "HEIF")
 HS_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+# Asymmetric algorithms and the public-key types that verify them.
+PUBLIC_KEY_ALGORITHMS: dict[str, tuple[type, ...]] = {
+    **dict.fromkeys(("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"), (rsa.RSAPublicKey,)),
+    **dict.fromkeys(("ES256", "ES384", "ES512"), (ec.EllipticCurvePublicKey,)),
+    "EdDSA": (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey),
+}
+MIN_HS_SECRET_BYTES = 32
+MAX_TOKEN_LENGTH = 8192
+IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,255}")
+IDEMPOTENCY_TTL_SECONDS = 24 * 3600
+# Form limits beside MAX_UPLOAD_MB: a photo, a short note, nothing else is expected.
+MAX_FORM_PARTS = 16
+MAX_FORM_FIELD_BYTES = 256 * 1024
+OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
 TRUE_WORDS = frozenset({"true", "1", "yes"})
 FALSE_WORDS = frozenset({"false", "0", "no", ""})
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
@@ -116,11 +137,25 @@ class Unauthorized(ServiceError):
         return {"WWW-Authenticate": "Bearer"}
 
 
+class Conflict(ServiceError):
+    """A request with the same Idempotency-Key is still being processed (409)."""
+
+    status = 409
+    code = "idempotency_key_in_progress"
+
+
 class PayloadTooLarge(ServiceError):
     """The body is over ``MAX_UPLOAD_MB`` (413)."""
 
     status = 413
     code = "payload_too_large"
+
+
+class IdempotencyKeyReused(ServiceError):
+    """An Idempotency-Key was sent again with a different photo (422)."""
+
+    status = 422
+    code = "idempotency_key_reused"
 
 
 class NotFood(ServiceError):
@@ -174,6 +209,21 @@ class AINotConfigured(ServiceError):
     code = "ai_not_configured"
 
 
+class Overloaded(ServiceError):
+    """Too many model calls are in flight in this process; try again shortly (503)."""
+
+    status = 503
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        """When to come back."""
+        return {"Retry-After": str(self.retry_after)}
+
+
 class InternalError(ServiceError):
     """A bug; the message says nothing about internals (500)."""
 
@@ -190,6 +240,7 @@ SECRET_FILES = {
     "redis_password": "REDIS_PASSWORD",
     "openai_api_key": "OPENAI_API_KEY",
     "jwt_secret": "JWT_SECRET",
+    "jwt_public_key": "JWT_PUBLIC_KEY",
 }
 
 
@@ -204,6 +255,8 @@ class Config:
     redis_db: int = 0
     redis_password: str | None = field(default=None, repr=False)
     redis_timeout: float = 0.5
+    redis_breaker_failures: int = 3
+    redis_breaker_cooldown: float = 15.0
     openai_api_key: str | None = field(default=None, repr=False)
     openai_base_url: str = "https://api.openai.com/v1"
     openai_model: str = "gpt-4.1-mini"
@@ -221,10 +274,13 @@ class Config:
     user_service_url: str = "http://localhost:8082"
     user_service_timeout: float = 10.0
     jwt_secret: str | None = field(default=None, repr=False)
+    jwt_public_key: str | None = field(default=None, repr=False)
     jwt_algorithms: tuple[str, ...] = ("HS256",)
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
     max_upload_mb: float = 10.0
+    model_max_concurrency: int = 32
+    model_queue_timeout: float = 2.0
     startup_grace_seconds: float = 30.0
     cors_origins: tuple[str, ...] = ("*",)
     log_level: str = "INFO"
@@ -252,6 +308,8 @@ class Config:
             redis_db=reader.integer("REDIS_DB", 0, low=0, high=1_000_000),
             redis_password=reader.text("REDIS_PASSWORD"),
             redis_timeout=reader.number("REDIS_TIMEOUT", 0.5, low=0.01, high=60),
+            redis_breaker_failures=reader.integer("REDIS_BREAKER_FAILURES", 3, low=1, high=1000),
+            redis_breaker_cooldown=reader.number("REDIS_BREAKER_COOLDOWN", 15.0, low=0, high=3600),
             openai_api_key=reader.text("OPENAI_API_KEY"),
             openai_base_url=reader.url("OPENAI_BASE_URL", "https://api.openai.com/v1"),
             openai_model=reader.text("OPENAI_MODEL") or "gpt-4.1-mini",
@@ -279,16 +337,25 @@ class Config:
             user_service_url=reader.url("USER_SERVICE_URL", "http://localhost:8082"),
             user_service_timeout=reader.number("USER_SERVICE_TIMEOUT", 10.0, low=0.1, high=600),
             jwt_secret=reader.text("JWT_SECRET"),
+            jwt_public_key=reader.public_key("JWT_PUBLIC_KEY"),
             jwt_algorithms=reader.algorithms("JWT_ALGORITHMS"),
             jwt_audience=reader.text("JWT_AUDIENCE"),
             jwt_issuer=reader.text("JWT_ISSUER"),
             max_upload_mb=reader.number("MAX_UPLOAD_MB", 10.0, low=0.01, high=1024),
+            model_max_concurrency=reader.integer(
+                "MODEL_MAX_CONCURRENCY",
+                reader.integer("GUNICORN_THREADS", 32, low=1, high=10_000),
+                low=1,
+                high=10_000,
+            ),
+            model_queue_timeout=reader.number("MODEL_QUEUE_TIMEOUT", 2.0, low=0, high=600),
             startup_grace_seconds=reader.number("STARTUP_GRACE_SECONDS", 30.0, low=0, high=86400),
             cors_origins=reader.items("CORS_ORIGINS") or ("*",),
             log_level=reader.choice(
                 "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), upper=True
             ),
         )
+        problems.extend(jwt_problems(config))
         if problems:
             raise ConfigError("invalid configuration: " + "; ".join(problems))
         return config
@@ -307,6 +374,46 @@ class Config:
     def openai_configured(self) -> bool:
         """Whether the vision model can be called."""
         return bool(self.openai_api_key)
+
+    @property
+    def uses_public_key(self) -> bool:
+        """Whether tokens are verified with an asymmetric public key rather than a secret."""
+        return self.jwt_algorithms[0] in PUBLIC_KEY_ALGORITHMS
+
+    @property
+    def jwt_configured(self) -> bool:
+        """Whether tokens can be verified at all."""
+        return bool(self.jwt_public_key if self.uses_public_key else self.jwt_secret)
+
+    @property
+    def worst_request_seconds(self) -> float:
+        """The longest a request may legitimately take: every model attempt, the waits, a save."""
+        waits = (self.openai_max_attempts - 1) * max(
+            self.openai_retry_max_wait, self.openai_retry_after_cap
+        )
+        return (
+            self.openai_max_attempts * self.openai_api_timeout
+            + waits
+            + self.model_queue_timeout
+            + self.user_service_timeout
+        )
+
+
+def jwt_problems(config: Config) -> list[str]:
+    """What is wrong with the token-verification settings, taken together."""
+    algorithms = config.jwt_algorithms
+    asymmetric = [name for name in algorithms if name in PUBLIC_KEY_ALGORITHMS]
+    if asymmetric and len(asymmetric) != len(algorithms):
+        return ["JWT_ALGORITHMS must not mix HS algorithms with public-key ones"]
+    if config.jwt_public_key and not asymmetric:
+        return ["JWT_PUBLIC_KEY is set, so JWT_ALGORITHMS must name public-key algorithms (RS256…)"]
+    if not asymmetric or not config.jwt_public_key:
+        return []
+    key = load_pem_public_key(config.jwt_public_key.encode())
+    wrong = [name for name in asymmetric if not isinstance(key, PUBLIC_KEY_ALGORITHMS[name])]
+    if wrong:
+        return [f"JWT_PUBLIC_KEY is a {type(key).__name__}, which cannot verify {', '.join(wrong)}"]
+    return []
 
 
 def read_secret_file(path: Path, problems: list[str]) -> str | None:
@@ -397,15 +504,30 @@ class EnvReader:
         return tuple(item.strip() for item in raw.split(",") if item.strip())
 
     def algorithms(self, name: str) -> tuple[str, ...]:
-        """The JWT algorithm allow-list; only HMAC algorithms verify with a shared secret."""
-        names = tuple(item.upper() for item in self.items(name)) or ("HS256",)
-        unknown = [item for item in names if item not in HS_ALGORITHMS]
+        """The JWT algorithm allow-list (never ``none``)."""
+        known = {item.upper(): item for item in (*HS_ALGORITHMS, *PUBLIC_KEY_ALGORITHMS)}
+        names = tuple(known.get(item.upper(), item) for item in self.items(name)) or ("HS256",)
+        unknown = [item for item in names if item not in known.values()]
         if unknown:
             self.problems.append(
-                f"{name} may list only {', '.join(sorted(HS_ALGORITHMS))}, got {', '.join(unknown)}"
+                f"{name} may list only {', '.join(sorted(known.values()))}, "
+                f"got {', '.join(unknown)}"
             )
             return ("HS256",)
         return names
+
+    def public_key(self, name: str) -> str | None:
+        """A PEM public key; ``\\n`` escapes (one-line environment values) become newlines."""
+        raw = self.text(name)
+        if raw is None:
+            return None
+        pem = raw.replace("\\n", "\n")
+        try:
+            load_pem_public_key(pem.encode())
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            self.problems.append(f"{name} is not a PEM public key")
+            return None
+        return pem
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,9 +637,9 @@ def token_required(view: ViewFunc) -> ViewFunc:
 
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        config = services().config
+        parts = services()
         token = bearer_token(request.headers.get("Authorization"))
-        g.user_id = verify_access_token(token, config)
+        g.user_id = verify_access_token(token, parts.config, parts.jwt_key)
         return view(*args, **kwargs)
 
     return cast(ViewFunc, wrapper)
@@ -533,17 +655,28 @@ def bearer_token(header: str | None) -> str:
     token = token.strip()
     if not token:
         raise Unauthorized("the Bearer token is empty", code="missing_token")
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise Unauthorized(f"the token is longer than {MAX_TOKEN_LENGTH} characters")
     return token
 
 
-def verify_access_token(token: str, config: Config) -> str:
+def jwt_verification_key(config: Config) -> Any:
+    """The key tokens are verified with: the public key object, the shared secret, or None."""
+    if config.uses_public_key:
+        return (
+            load_pem_public_key(config.jwt_public_key.encode()) if config.jwt_public_key else None
+        )
+    return config.jwt_secret
+
+
+def verify_access_token(token: str, config: Config, key: Any) -> str:
     """Verify signature, expiry, audience, issuer and type; return the user id."""
-    if not config.jwt_secret:
+    if key is None:
         raise Unauthorized("token verification is not configured on this server")
     try:
         claims = jwt.decode(
             token,
-            config.jwt_secret,
+            key,
             algorithms=list(config.jwt_algorithms),
             audience=config.jwt_audience,
             issuer=config.jwt_issuer,
@@ -551,7 +684,7 @@ def verify_access_token(token: str, config: Config) -> str:
         )
     except jwt.ExpiredSignatureError:
         raise Unauthorized("the token has expired", code="token_expired") from None
-    except jwt.InvalidTokenError as error:
+    except (jwt.InvalidTokenError, jwt.InvalidKeyError) as error:
         raise Unauthorized(f"the token is not valid: {token_problem(error)}") from None
     if any(claims.get(name, "access") != "access" for name in ("type", "token_type")):
         raise Unauthorized("the token is not an access token")
@@ -561,7 +694,7 @@ def verify_access_token(token: str, config: Config) -> str:
     return str(user_id)
 
 
-def token_problem(error: jwt.InvalidTokenError) -> str:
+def token_problem(error: jwt.PyJWTError) -> str:
     """A short, safe reason for a rejected token."""
     if isinstance(error, jwt.MissingRequiredClaimError):
         return f"the {error.claim} claim is required"
@@ -733,33 +866,96 @@ def cache_key_for(digest: str) -> str:
     return f"{CACHE_PREFIX}{digest}"
 
 
-class RedisCache:
-    """Analyses in Redis; any Redis failure is a logged miss, never an error for the caller."""
+class StoreUnavailable(Exception):
+    """Redis failed, or is being skipped after repeated failures."""
 
-    def __init__(self, client: redis.Redis, ttl_seconds: int) -> None:
+
+class CircuitBreaker:
+    """Opens after repeated failures, so a dead dependency costs nothing for a cool-off."""
+
+    def __init__(self, threshold: int, cooldown: float) -> None:
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self.failures = 0
+        self.open_until = 0.0
+        self.lock = threading.Lock()
+
+    def allows(self) -> bool:
+        """Whether a call may be tried now (closed, or half-open after the cool-off)."""
+        return time.monotonic() >= self.open_until
+
+    def succeeded(self) -> None:
+        """Close the breaker."""
+        with self.lock:
+            self.failures = 0
+
+    def failed(self) -> bool:
+        """Count a failure; True when this one opens the breaker."""
+        with self.lock:
+            self.failures += 1
+            if self.failures < self.threshold:
+                return False
+            self.open_until = time.monotonic() + self.cooldown
+            return True
+
+
+# Deletes a key only while it still holds the caller's token, so a lock outlived by its owner
+# is never released by that owner after someone else took it over.
+COMPARE_AND_DELETE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RedisStore:
+    """String values with expiry in Redis, behind a circuit breaker; failures raise."""
+
+    def __init__(self, client: redis.Redis, breaker: CircuitBreaker) -> None:
         self.client = client
-        self.ttl_seconds = ttl_seconds
+        self.breaker = breaker
 
-    def get(self, key: str) -> dict[str, Any] | None:
-        """The cached analysis, or None on a miss or any Redis problem."""
+    def run(self, operation: str, command: Callable[[redis.Redis], Any]) -> Any:
+        """Run one Redis command, or raise StoreUnavailable (logged, counted, never slow twice)."""
+        if not self.breaker.allows():
+            CACHE_EVENTS.labels("skipped").inc()
+            raise StoreUnavailable("Redis is skipped for a cool-off")
         try:
-            raw = self.client.get(key)
+            result = command(self.client)
         except redis.RedisError as error:
-            logger.warning("Redis connection error on GET: %s", redis_problem(error))
             CACHE_EVENTS.labels("error").inc()
-            return None
-        return decode_cached(raw)
+            opened = self.breaker.failed()
+            logger.warning(
+                "Redis connection error on %s: %s%s",
+                operation,
+                redis_problem(error),
+                f"; skipping Redis for {self.breaker.cooldown:g}s" if opened else "",
+            )
+            raise StoreUnavailable(redis_problem(error)) from None
+        self.breaker.succeeded()
+        return result
 
-    def set(self, key: str, value: Mapping[str, Any]) -> None:
-        """Store an analysis with the configured TTL, ignoring Redis problems."""
-        try:
-            self.client.set(key, json.dumps(value, separators=(",", ":")), ex=self.ttl_seconds)
-        except redis.RedisError as error:
-            logger.warning("Redis connection error on SET: %s", redis_problem(error))
-            CACHE_EVENTS.labels("error").inc()
+    def get(self, key: str) -> str | None:
+        """The value, or None."""
+        raw = self.run("GET", lambda client: client.get(key))
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+    def set(self, key: str, value: str, ttl: float) -> None:
+        """Store a value for ``ttl`` seconds."""
+        self.run("SET", lambda client: client.set(key, value, px=max(1, int(ttl * 1000))))
+
+    def add(self, key: str, value: str, ttl: float) -> bool:
+        """Store a value only if the key is absent; True when stored."""
+        stored = self.run(
+            "SET NX", lambda client: client.set(key, value, px=max(1, int(ttl * 1000)), nx=True)
+        )
+        return bool(stored)
+
+    def delete_if(self, key: str, value: str) -> None:
+        """Delete the key if it still holds ``value``."""
+        self.run("DEL", lambda client: client.eval(COMPARE_AND_DELETE, 1, key, value))
 
     def health(self) -> str:
-        """``connected``, ``connection failed`` or ``error: <reason>``."""
+        """``connected``, ``connection failed`` or ``error: <reason>``; ignores the breaker."""
         try:
             self.client.ping()
         except redis.AuthenticationError:
@@ -768,46 +964,84 @@ class RedisCache:
             return "connection failed"
         except redis.RedisError as error:
             return f"error: {redis_problem(error)}"
+        self.breaker.succeeded()
         return "connected"
 
 
-class MemoryCache:
-    """A bounded, thread-safe LRU with per-entry expiry, for running without Redis."""
+class MemoryStore:
+    """The same operations in process: a bounded, thread-safe LRU with per-entry expiry."""
 
-    def __init__(self, max_entries: int, ttl_seconds: int) -> None:
+    def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
-        self.ttl_seconds = ttl_seconds
         self.entries: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self.lock = threading.Lock()
 
-    def get(self, key: str) -> dict[str, Any] | None:
-        """The cached analysis, or None when absent or expired."""
+    def get(self, key: str) -> str | None:
+        """The value, or None when absent or expired."""
         with self.lock:
-            entry = self.entries.get(key)
-            if entry is None:
-                return None
-            expires_at, raw = entry
-            if expires_at <= time.monotonic():
-                del self.entries[key]
-                return None
-            self.entries.move_to_end(key)
-        return decode_cached(raw)
+            return self._live(key)
 
-    def set(self, key: str, value: Mapping[str, Any]) -> None:
-        """Store an analysis, evicting the least recently used beyond the bound."""
-        raw = json.dumps(value, separators=(",", ":"))
+    def set(self, key: str, value: str, ttl: float) -> None:
+        """Store a value for ``ttl`` seconds, evicting the least recently used beyond the bound."""
         with self.lock:
-            self.entries[key] = (time.monotonic() + self.ttl_seconds, raw)
-            self.entries.move_to_end(key)
-            while len(self.entries) > self.max_entries:
-                self.entries.popitem(last=False)
+            self._store(key, value, ttl)
+
+    def add(self, key: str, value: str, ttl: float) -> bool:
+        """Store a value only if the key is absent; True when stored."""
+        with self.lock:
+            if self._live(key) is not None:
+                return False
+            self._store(key, value, ttl)
+            return True
+
+    def delete_if(self, key: str, value: str) -> None:
+        """Delete the key if it still holds ``value``."""
+        with self.lock:
+            if self._live(key) == value:
+                del self.entries[key]
 
     def health(self) -> str:
-        """The in-process cache is used only when Redis is not configured."""
+        """The in-process store stands in when Redis is not configured."""
         return "not configured"
 
+    def _live(self, key: str) -> str | None:
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= time.monotonic():
+            del self.entries[key]
+            return None
+        self.entries.move_to_end(key)
+        return entry[1]
 
-AnalysisCache = RedisCache | MemoryCache
+    def _store(self, key: str, value: str, ttl: float) -> None:
+        self.entries[key] = (time.monotonic() + ttl, value)
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.max_entries:
+            self.entries.popitem(last=False)
+
+
+Store = RedisStore | MemoryStore
+
+
+class AnalysisCache:
+    """Analyses by cache key; a store failure is a miss, never an error for the caller."""
+
+    def __init__(self, store: Store, ttl_seconds: int) -> None:
+        self.store = store
+        self.ttl_seconds = ttl_seconds
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The cached analysis, or None on a miss or any store problem."""
+        try:
+            return decode_cached(self.store.get(key))
+        except StoreUnavailable:
+            return None
+
+    def set(self, key: str, value: Mapping[str, Any]) -> None:
+        """Store an analysis with the configured TTL, ignoring store problems."""
+        with contextlib.suppress(StoreUnavailable):
+            self.store.set(key, json.dumps(value, separators=(",", ":")), self.ttl_seconds)
 
 
 def decode_cached(raw: bytes | str | None) -> dict[str, Any] | None:
@@ -859,11 +1093,75 @@ def build_redis_client(config: Config) -> redis.Redis:
     )
 
 
-def build_cache(config: Config) -> AnalysisCache:
-    """Redis when configured, else the in-process LRU."""
+def build_store(config: Config) -> Store:
+    """Redis when configured, else the in-process store."""
     if config.redis_configured:
-        return RedisCache(build_redis_client(config), config.cache_ttl_seconds)
-    return MemoryCache(config.memory_cache_entries, config.cache_ttl_seconds)
+        breaker = CircuitBreaker(config.redis_breaker_failures, config.redis_breaker_cooldown)
+        return RedisStore(build_redis_client(config), breaker)
+    return MemoryStore(config.memory_cache_entries)
+
+
+# ---------------------------------------------------------------------------------------------
+# Idempotent saves
+# ---------------------------------------------------------------------------------------------
+
+IDEMPOTENCY_PREFIX = "idempotency:"
+
+
+@dataclass(frozen=True)
+class IdempotencyClaim:
+    """What a request carrying an Idempotency-Key may do: go ahead, or replay a response."""
+
+    key: str | None
+    token: str
+    replay: dict[str, Any] | None = None
+
+
+class IdempotencyRecords:
+    """First responses of ``save=true`` requests by user and Idempotency-Key, kept for 24 h."""
+
+    def __init__(self, store: Store, pending_seconds: float) -> None:
+        self.store = store
+        self.pending_seconds = pending_seconds
+
+    def claim(self, user_id: str, idempotency_key: str, digest: str) -> IdempotencyClaim:
+        """Reserve the key for this request, or return the stored first response."""
+        scope = f"{user_id}\0{idempotency_key}".encode()
+        key = IDEMPOTENCY_PREFIX + hashlib.sha256(scope).hexdigest()
+        token = uuid.uuid4().hex
+        pending = json.dumps({"state": "pending", "digest": digest, "token": token})
+        try:
+            if self.store.add(key, pending, self.pending_seconds):
+                return IdempotencyClaim(key, token)
+            record = decode_cached(self.store.get(key))
+        except StoreUnavailable:
+            logger.warning("Idempotency-Key not enforced: the store is unavailable")
+            return IdempotencyClaim(None, token)
+        if record is None:
+            return self.claim(user_id, idempotency_key, digest)
+        if record.get("digest") != digest:
+            raise IdempotencyKeyReused("this Idempotency-Key was already used with another photo")
+        if record.get("state") != "done":
+            raise Conflict("a request with this Idempotency-Key is still being processed")
+        return IdempotencyClaim(None, token, replay=cast(dict[str, Any], record["response"]))
+
+    def complete(self, claim: IdempotencyClaim, digest: str, response: Mapping[str, Any]) -> None:
+        """Keep the response the key's retries will get."""
+        if claim.key is None:
+            return
+        record = {"state": "done", "digest": digest, "response": response}
+        try:
+            self.store.set(claim.key, json.dumps(record), IDEMPOTENCY_TTL_SECONDS)
+        except StoreUnavailable:
+            logger.warning("Idempotency-Key response not kept: the store is unavailable")
+
+    def release(self, claim: IdempotencyClaim, digest: str) -> None:
+        """Free the key after a failure, so a retry is processed afresh."""
+        if claim.key is None:
+            return
+        pending = json.dumps({"state": "pending", "digest": digest, "token": claim.token})
+        with contextlib.suppress(StoreUnavailable):
+            self.store.delete_if(claim.key, pending)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1314,10 +1612,15 @@ class Services:
     """The collaborators one app uses, kept in ``app.extensions``."""
 
     config: Config
+    store: Store
     cache: AnalysisCache
+    idempotency: IdempotencyRecords
     model_session: requests.Session
     user_session: requests.Session
+    model_slots: threading.BoundedSemaphore
+    jwt_key: Any
     started_at: float
+    openapi: dict[str, Any] = field(default_factory=dict)
 
 
 def services() -> Services:
@@ -1333,8 +1636,30 @@ bp = Blueprint("image_service", __name__)
 def analyze_food() -> Response:
     """Analyse an uploaded meal photo; with ``save=true`` also store it as a food entry."""
     save = parse_flag(request.args.get("save"), "save")
+    idempotency_key = read_idempotency_key() if save else None
     data = read_upload()
-    analysis, source, digest = analysis_for_upload(data)
+    digest = image_digest(data)
+    if idempotency_key is None:
+        return jsonify(analyze_and_save(data, digest, save=save))
+    records = services().idempotency
+    claim = records.claim(g.user_id, idempotency_key, digest)
+    if claim.replay is not None:
+        response = jsonify(claim.replay)
+        response.headers["Idempotent-Replayed"] = "true"
+        return response
+    try:
+        body = analyze_and_save(data, digest, save=True)
+    except ServiceError:
+        records.release(claim, digest)
+        raise
+    records.complete(claim, digest, body)
+    return jsonify(body)
+
+
+def analyze_and_save(data: bytes, digest: str, *, save: bool) -> dict[str, Any]:
+    """The response body: the analysis, saved as a food entry when asked, and its source."""
+    parts = services()
+    analysis, source = analysis_for_upload(data, digest)
     if save:
         entry_id = save_food_entry(
             analysis,
@@ -1342,11 +1667,21 @@ def analyze_food() -> Response:
             digest=digest,
             authorization=request.headers["Authorization"],
             request_id=g.request_id,
-            config=services().config,
-            session=services().user_session,
+            config=parts.config,
+            session=parts.user_session,
         )
         analysis = {**analysis, "entryId": entry_id}
-    return jsonify(analysis=analysis, source=source)
+    return {"analysis": analysis, "source": source}
+
+
+def read_idempotency_key() -> str | None:
+    """The ``Idempotency-Key`` header, if sent: 1 to 255 visible ASCII characters."""
+    value = request.headers.get("Idempotency-Key")
+    if value is None:
+        return None
+    if not IDEMPOTENCY_KEY_PATTERN.fullmatch(value):
+        raise BadRequest("Idempotency-Key must be 1 to 255 visible ASCII characters")
+    return value
 
 
 def parse_flag(value: str | None, name: str) -> bool:
@@ -1368,36 +1703,52 @@ def read_upload() -> bytes:
             "send the photo as multipart/form-data with a file part named image",
             code="missing_image",
         )
-    upload = request.files.get("image")
-    if upload is None:
+    uploads = request.files.getlist("image")
+    if not uploads:
         raise BadRequest("the form has no file part named image", code="missing_image")
-    data = upload.stream.read()
+    if len(uploads) > 1:
+        raise BadRequest("send exactly one file part named image, not several")
+    data = uploads[0].stream.read()
     if not data:
         raise BadRequest("the image part is empty", code="empty_image")
     return data
 
 
-def analysis_for_upload(data: bytes) -> tuple[dict[str, Any], str, str]:
-    """The analysis of an upload, from the cache or the model; with its source and digest."""
+def analysis_for_upload(data: bytes, digest: str) -> tuple[dict[str, Any], str]:
+    """The analysis of an upload, from the cache or the model, with its source."""
     parts = services()
     config = parts.config
-    digest = image_digest(data)
     key = cache_key_for(digest)
     cached = parts.cache.get(key)
     if cached is not None:
         logger.info("Cache hit for %s", key)
         CACHE_EVENTS.labels("hit").inc()
-        return cached, "cache", digest
+        return cached, "cache"
     logger.info("Cache miss for %s", key)
     CACHE_EVENTS.labels("miss").inc()
     prepared = prepare_image(data, config.image_max_side, config.image_max_pixels)
     try:
-        answer = analyze_with_model(prepared.jpeg, config, parts.model_session, g.request_id)
-    except (UpstreamError, AINotConfigured) as error:
+        with model_slot(parts):
+            answer = analyze_with_model(prepared.jpeg, config, parts.model_session, g.request_id)
+    except (UpstreamError, AINotConfigured, Overloaded) as error:
         logger.error("Error analyzing food image: %s", error.message)
         raise
     parts.cache.set(key, answer.analysis)
-    return answer.analysis, "api", digest
+    return answer.analysis, "api"
+
+
+@contextlib.contextmanager
+def model_slot(parts: Services) -> Iterator[None]:
+    """Hold one of ``MODEL_MAX_CONCURRENCY`` model-call slots, waiting briefly for one."""
+    if not parts.model_slots.acquire(timeout=parts.config.model_queue_timeout):
+        raise Overloaded(
+            "too many photos are being analysed right now; retry shortly",
+            retry_after=max(1, math.ceil(parts.config.model_queue_timeout)),
+        )
+    try:
+        yield
+    finally:
+        parts.model_slots.release()
 
 
 @bp.get("/health")
@@ -1406,9 +1757,9 @@ def health() -> tuple[Response, int]:
     parts = services()
     config = parts.config
     checks = {
-        "redis": parts.cache.health(),
+        "redis": parts.store.health(),
         "openai": "configured" if config.openai_configured else "missing credentials",
-        "jwt": "configured" if config.jwt_secret else "missing secret",
+        "jwt": "configured" if config.jwt_configured else "missing secret",
     }
     healthy = checks["redis"] in ("connected", "not configured") and config.openai_configured
     startup_mode = time.monotonic() - parts.started_at < config.startup_grace_seconds
@@ -1431,6 +1782,15 @@ def health_live() -> Response:
 def metrics() -> Response:
     """Prometheus metrics, for scrapers inside the network (keep it off the public gateway)."""
     return Response(metrics_text(), content_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+
+@bp.get("/openapi.json")
+def openapi() -> Response:
+    """The OpenAPI 3.1 description of this service, from ``openapi.yaml``."""
+    document = services().openapi
+    if not document:
+        document.update(yaml.safe_load(OPENAPI_PATH.read_text(encoding="utf-8")))
+    return jsonify(document)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1489,7 +1849,7 @@ def http_error_response(error: HTTPException) -> tuple[Response, int, dict[str, 
     """JSON instead of Werkzeug's HTML for routing and protocol errors."""
     status = error.code or 500
     if status == 413:
-        message = f"the request body is larger than {services().config.max_upload_mb:g} MB"
+        message = too_large_message(services().config)
     else:
         message = error.description or error.name
     headers = {}
@@ -1497,6 +1857,17 @@ def http_error_response(error: HTTPException) -> tuple[Response, int, dict[str, 
         headers["Allow"] = ", ".join(error.valid_methods)  # type: ignore[attr-defined]
     code = HTTP_ERROR_CODES.get(status, "http_error")
     return jsonify(error=message, code=code), status, headers
+
+
+def too_large_message(config: Config) -> str:
+    """Which of the body limits a 413 is about."""
+    limit = config.max_upload_bytes
+    if request.content_length is not None and request.content_length > limit:
+        return f"the request body is larger than {config.max_upload_mb:g} MB"
+    return (
+        f"the form is too large: at most {config.max_upload_mb:g} MB in all, "
+        f"{MAX_FORM_PARTS} parts and {MAX_FORM_FIELD_BYTES // 1024} KiB per text field"
+    )
 
 
 def unexpected_error_response(error: Exception) -> tuple[Response, int]:
@@ -1520,6 +1891,18 @@ def build_session(pool_size: int) -> requests.Session:
     return session
 
 
+def warn_about_weak_settings(config: Config) -> None:
+    """Say at start what works but should not run in production."""
+    secret = config.jwt_secret
+    if not config.uses_public_key and secret and len(secret.encode()) < MIN_HS_SECRET_BYTES:
+        logger.warning(
+            "JWT_SECRET is shorter than %d bytes; HS256 needs a longer random secret",
+            MIN_HS_SECRET_BYTES,
+        )
+    if not config.jwt_configured:
+        logger.warning("No JWT key is configured: every protected call will answer 401")
+
+
 def create_app(config: Config | None = None) -> Flask:
     """Build the service; nothing connects until a request needs it."""
     config = config or Config.from_env(os.environ)
@@ -1529,14 +1912,21 @@ def create_app(config: Config | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.config.update(
         MAX_CONTENT_LENGTH=config.max_upload_bytes,
-        MAX_FORM_MEMORY_SIZE=256 * 1024,
-        MAX_FORM_PARTS=50,
+        MAX_FORM_MEMORY_SIZE=MAX_FORM_FIELD_BYTES,
+        MAX_FORM_PARTS=MAX_FORM_PARTS,
     )
+    pillow_heif.register_heif_opener()
+    warn_about_weak_settings(config)
+    store = build_store(config)
     app.extensions[SERVICE_NAME] = Services(
         config=config,
-        cache=build_cache(config),
-        model_session=build_session(32),
-        user_session=build_session(32),
+        store=store,
+        cache=AnalysisCache(store, config.cache_ttl_seconds),
+        idempotency=IdempotencyRecords(store, config.worst_request_seconds),
+        model_session=build_session(config.model_max_concurrency),
+        user_session=build_session(config.model_max_concurrency),
+        model_slots=threading.BoundedSemaphore(config.model_max_concurrency),
+        jwt_key=jwt_verification_key(config),
         started_at=time.monotonic(),
     )
     CORS(app, origins=list(config.cors_origins), expose_headers=["X-Request-ID"])

@@ -48,6 +48,11 @@ max_requests = env_int("GUNICORN_MAX_REQUESTS", 2000)
 max_requests_jitter = env_int("GUNICORN_MAX_REQUESTS_JITTER", 200)
 # Heartbeat files in memory: a worker never blocks on a slow disk to say it is alive.
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108
+# Header limits: a header line may reach 72 KiB, so an oversized bearer token still gets the
+# service's own 401 JSON rather than gunicorn's HTML 400; fewer header lines than the default
+# keep the total per request bounded.
+limit_request_field_size = env_int("GUNICORN_LIMIT_REQUEST_FIELD_SIZE", 72 * 1024)
+limit_request_fields = env_int("GUNICORN_LIMIT_REQUEST_FIELDS", 64)
 # Gunicorn 25+ opens a control socket under $HOME by default; the image's user has no home and
 # several instances on one host would share it, so it stays off.
 control_socket_disable = True

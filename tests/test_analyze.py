@@ -13,7 +13,7 @@ import pytest
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from app import CACHE_PREFIX, Config, MemoryCache, create_app
+from app import CACHE_PREFIX, AnalysisCache, Config, MemoryStore, create_app
 from tests import images
 from tests.fakes import (
     DEFAULT_ANALYSIS,
@@ -199,20 +199,20 @@ def test_without_redis_health_says_redis_not_configured(
 
 
 def test_memory_cache_returns_what_was_stored() -> None:
-    cache = MemoryCache(max_entries=2, ttl_seconds=60)
+    cache = AnalysisCache(MemoryStore(max_entries=2), ttl_seconds=60)
     cache.set("a", DEFAULT_ANALYSIS)
     assert cache.get("a") == DEFAULT_ANALYSIS
 
 
 def test_memory_cache_evicts_the_oldest_entry_beyond_its_bound() -> None:
-    cache = MemoryCache(max_entries=2, ttl_seconds=60)
+    cache = AnalysisCache(MemoryStore(max_entries=2), ttl_seconds=60)
     for key in ("a", "b", "c"):
         cache.set(key, {"name": key})
     assert (cache.get("a"), cache.get("b"), cache.get("c")) == (None, {"name": "b"}, {"name": "c"})
 
 
 def test_memory_cache_read_keeps_an_entry_from_eviction() -> None:
-    cache = MemoryCache(max_entries=2, ttl_seconds=60)
+    cache = AnalysisCache(MemoryStore(max_entries=2), ttl_seconds=60)
     cache.set("a", {"name": "a"})
     cache.set("b", {"name": "b"})
     cache.get("a")
@@ -220,8 +220,24 @@ def test_memory_cache_read_keeps_an_entry_from_eviction() -> None:
     assert (cache.get("a"), cache.get("b")) == ({"name": "a"}, None)
 
 
+def test_memory_store_add_stores_only_when_absent() -> None:
+    store = MemoryStore(max_entries=4)
+    assert store.add("lock", "first", 60)
+    assert not store.add("lock", "second", 60)
+    assert store.get("lock") == "first"
+
+
+def test_memory_store_delete_if_leaves_a_value_it_does_not_hold() -> None:
+    store = MemoryStore(max_entries=4)
+    store.set("lock", "theirs", 60)
+    store.delete_if("lock", "mine")
+    assert store.get("lock") == "theirs"
+    store.delete_if("lock", "theirs")
+    assert store.get("lock") is None
+
+
 def test_memory_cache_entry_past_its_ttl_is_a_miss() -> None:
-    cache = MemoryCache(max_entries=2, ttl_seconds=0)
+    cache = AnalysisCache(MemoryStore(max_entries=2), ttl_seconds=0)
     cache.set("a", {"name": "a"})
     assert cache.get("a") is None
 

@@ -286,7 +286,7 @@ def test_repr_hides_a_password_inside_redis_url(secrets_dir: Path) -> None:
         ("OPENAI_MAX_ATTEMPTS", "three"),
         ("OPENAI_IMAGE_DETAIL", "ultra"),
         ("JWT_ALGORITHMS", "none"),
-        ("JWT_ALGORITHMS", "RS256"),
+        ("JWT_ALGORITHMS", "HS256,RS256"),
         ("JWT_ALGORITHMS", "HS256,none"),
         ("OPENAI_BASE_URL", "api.openai.com/v1"),
         ("USER_SERVICE_URL", "ftp://users:8082"),

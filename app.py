@@ -43,7 +43,7 @@ import yaml
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, g, has_request_context, jsonify, request
 from flask.wrappers import Request
 from flask_cors import CORS
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
@@ -56,8 +56,14 @@ from werkzeug.exceptions import HTTPException
 
 SERVICE_NAME = "image-service"
 CACHE_PREFIX = "food_analysis:"
+LOCK_PREFIX = "lock:"
+FAILURE_PREFIX = "failed:"
+FAILURE_NOTICE_SECONDS = 10
+FOLLOW_POLL_INITIAL = 0.01
+FOLLOW_POLL_MAX = 0.1
 PROMPT_VERSION = "2026-11-24"
 JPEG_QUALITY = 85
+DRAFT_SLACK = 0.9
 MIB = 1024 * 1024
 
 logger = logging.getLogger("image_service")
@@ -71,6 +77,16 @@ PUBLIC_KEY_ALGORITHMS: dict[str, tuple[type, ...]] = {
     **dict.fromkeys(("ES256", "ES384", "ES512"), (ec.EllipticCurvePublicKey,)),
     "EdDSA": (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey),
 }
+# What Pillow and pillow-heif raise for data they cannot decode (libheif reports through
+# RuntimeError, a short read through EOFError).
+DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    RuntimeError,
+    Image.DecompressionBombError,
+)
 MIN_HS_SECRET_BYTES = 32
 MAX_TOKEN_LENGTH = 8192
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,255}")
@@ -257,6 +273,7 @@ class Config:
     redis_timeout: float = 0.5
     redis_breaker_failures: int = 3
     redis_breaker_cooldown: float = 15.0
+    single_flight_lock_seconds: float = 10.0
     openai_api_key: str | None = field(default=None, repr=False)
     openai_base_url: str = "https://api.openai.com/v1"
     openai_model: str = "gpt-4.1-mini"
@@ -310,6 +327,9 @@ class Config:
             redis_timeout=reader.number("REDIS_TIMEOUT", 0.5, low=0.01, high=60),
             redis_breaker_failures=reader.integer("REDIS_BREAKER_FAILURES", 3, low=1, high=1000),
             redis_breaker_cooldown=reader.number("REDIS_BREAKER_COOLDOWN", 15.0, low=0, high=3600),
+            single_flight_lock_seconds=reader.number(
+                "SINGLE_FLIGHT_LOCK_SECONDS", 10.0, low=0.1, high=600
+            ),
             openai_api_key=reader.text("OPENAI_API_KEY"),
             openai_base_url=reader.url("OPENAI_BASE_URL", "https://api.openai.com/v1"),
             openai_model=reader.text("OPENAI_MODEL") or "gpt-4.1-mini",
@@ -611,6 +631,11 @@ MODEL_SECONDS = Histogram(
 MODEL_TOKENS = Counter(
     "image_service_model_tokens", "Tokens the vision model reported using.", ["kind"]
 )
+SINGLE_FLIGHT = Counter(
+    "image_service_single_flight",
+    "Cache misses by role: leader (called the model), follower (waited), takeover.",
+    ["role"],
+)
 USER_SERVICE_REQUESTS = Counter(
     "image_service_user_service_requests", "Food entries sent to the User Service.", ["outcome"]
 )
@@ -741,7 +766,7 @@ def prepare_image(data: bytes, max_side: int, max_pixels: int) -> PreparedImage:
         image = shrink(image, max_side)
         output = io.BytesIO()
         image.save(output, format="JPEG", quality=JPEG_QUALITY, exif=b"", icc_profile=None)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+    except DECODE_ERRORS as error:
         raise BadRequest(
             f"the image could not be decoded ({source_format})", code="invalid_image"
         ) from error
@@ -769,7 +794,7 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise BadRequest(
             "the upload is not a decodable image (JPEG, PNG, WebP or GIF)", code="invalid_image"
         ) from None
-    except (Image.DecompressionBombError, OSError, ValueError, SyntaxError):
+    except DECODE_ERRORS:
         raise BadRequest(
             "the upload is not a decodable image, or its dimensions are too large",
             code="invalid_image",
@@ -785,24 +810,25 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
 
 def identify_format(data: bytes) -> str | None:
     """Name the format of a real image the service does not take, from its header only."""
-    if len(data) >= 12 and data[4:8] == b"ftyp":
-        brand = data[8:12]
-        if brand in {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}:
-            return "HEIC"
-        if brand in {b"avif", b"avis"}:
-            return "AVIF"
+    if len(data) >= 12 and data[4:8] == b"ftyp" and data[8:12] in {b"avif", b"avis"}:
+        return "AVIF"
     try:
         with Image.open(io.BytesIO(data)) as image:
             return image.format
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except DECODE_ERRORS:
         return None
 
 
 def reduce_while_decoding(image: Image.Image, max_side: int) -> None:
-    """Let a JPEG decode at a reduced DCT scale that still covers ``max_side``."""
+    """Let a JPEG decode at the smallest DCT scale (1/2, 1/4, 1/8) that nearly covers ``max_side``.
+
+    A scale landing within ``DRAFT_SLACK`` of the target is taken as it is (a 4032-pixel photo
+    decodes at 1/4 to 1008 pixels for a 1024 target), which saves both the larger decode and the
+    resize after it.
+    """
     if image.format != "JPEG" or max(image.size) <= max_side:
         return
-    scale = max_side / max(image.size)
+    scale = max_side * DRAFT_SLACK / max(image.size)
     wanted = (max(1, math.ceil(image.width * scale)), max(1, math.ceil(image.height * scale)))
     image.draft(None, wanted)
 
@@ -861,9 +887,17 @@ def image_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def cache_key_for(digest: str) -> str:
-    """The Redis key of an image's analysis."""
-    return f"{CACHE_PREFIX}{digest}"
+def cache_key_for(digest: str, config: Config, *inputs: str) -> str:
+    """The key of an analysis: the image and everything else that changes the model's answer."""
+    parts = (
+        digest,
+        config.openai_model,
+        PROMPT_VERSION,
+        config.openai_image_detail,
+        str(config.image_max_side),
+        *inputs,
+    )
+    return CACHE_PREFIX + hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 class StoreUnavailable(Exception):
@@ -888,6 +922,7 @@ class CircuitBreaker:
         """Close the breaker."""
         with self.lock:
             self.failures = 0
+            self.open_until = 0.0
 
     def failed(self) -> bool:
         """Count a failure; True when this one opens the breaker."""
@@ -905,6 +940,11 @@ COMPARE_AND_DELETE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+# Extends a key's lifetime only while it still holds the caller's token.
+COMPARE_AND_EXPIRE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
 
 
 class RedisStore:
@@ -915,13 +955,19 @@ class RedisStore:
         self.breaker = breaker
 
     def run(self, operation: str, command: Callable[[redis.Redis], Any]) -> Any:
-        """Run one Redis command, or raise StoreUnavailable (logged, counted, never slow twice)."""
-        if not self.breaker.allows():
+        """Run one Redis command, or raise StoreUnavailable (logged and counted).
+
+        After a failure Redis is not asked again within the same request, and after
+        ``REDIS_BREAKER_FAILURES`` failures in a row not at all until the cool-off ends.
+        """
+        if not self.breaker.allows() or redis_failed_in_this_request():
             CACHE_EVENTS.labels("skipped").inc()
             raise StoreUnavailable("Redis is skipped for a cool-off")
         try:
             result = command(self.client)
         except redis.RedisError as error:
+            if has_request_context():
+                g.redis_failed = True
             CACHE_EVENTS.labels("error").inc()
             opened = self.breaker.failed()
             logger.warning(
@@ -954,6 +1000,13 @@ class RedisStore:
         """Delete the key if it still holds ``value``."""
         self.run("DEL", lambda client: client.eval(COMPARE_AND_DELETE, 1, key, value))
 
+    def extend_if(self, key: str, value: str, ttl: float) -> None:
+        """Give the key ``ttl`` more seconds if it still holds ``value``."""
+        milliseconds = max(1, int(ttl * 1000))
+        self.run(
+            "PEXPIRE", lambda client: client.eval(COMPARE_AND_EXPIRE, 1, key, value, milliseconds)
+        )
+
     def health(self) -> str:
         """``connected``, ``connection failed`` or ``error: <reason>``; ignores the breaker."""
         try:
@@ -966,6 +1019,11 @@ class RedisStore:
             return f"error: {redis_problem(error)}"
         self.breaker.succeeded()
         return "connected"
+
+
+def redis_failed_in_this_request() -> bool:
+    """Whether Redis already failed while serving this request (one timeout per request at most)."""
+    return has_request_context() and bool(g.get("redis_failed", False))
 
 
 class MemoryStore:
@@ -999,6 +1057,12 @@ class MemoryStore:
         with self.lock:
             if self._live(key) == value:
                 del self.entries[key]
+
+    def extend_if(self, key: str, value: str, ttl: float) -> None:
+        """Give the key ``ttl`` more seconds if it still holds ``value``."""
+        with self.lock:
+            if self._live(key) == value:
+                self._store(key, value, ttl)
 
     def health(self) -> str:
         """The in-process store stands in when Redis is not configured."""
@@ -1042,6 +1106,123 @@ class AnalysisCache:
         """Store an analysis with the configured TTL, ignoring store problems."""
         with contextlib.suppress(StoreUnavailable):
             self.store.set(key, json.dumps(value, separators=(",", ":")), self.ttl_seconds)
+
+
+class SingleFlight:
+    """One model call per analysis at a time, across threads, workers and replicas.
+
+    The first request for a key takes a lock (``SET NX PX`` with a token, kept alive by a
+    heartbeat while it works, released by compare-and-delete); the others poll the cache with
+    backoff and pick up the result. If the holder dies, its lock expires and a waiter takes over;
+    if it fails, the waiters get the same error instead of each calling the model in turn.
+    """
+
+    def __init__(self, store: Store, lock_seconds: float, wait_limit: float) -> None:
+        self.store = store
+        self.lock_seconds = lock_seconds
+        self.wait_limit = wait_limit
+
+    def run(
+        self,
+        key: str,
+        compute: Callable[[], dict[str, Any]],
+        read_result: Callable[[], dict[str, Any] | None],
+    ) -> tuple[dict[str, Any], bool]:
+        """The result for ``key`` and whether this request computed it."""
+        lock_key, failure_key = LOCK_PREFIX + key, FAILURE_PREFIX + key
+        deadline = time.monotonic() + self.wait_limit
+        while True:
+            token = uuid.uuid4().hex
+            try:
+                leader = self.store.add(lock_key, token, self.lock_seconds)
+            except StoreUnavailable:
+                return compute(), True
+            if leader:
+                SINGLE_FLIGHT.labels("leader").inc()
+                return self.lead(lock_key, failure_key, token, compute), True
+            SINGLE_FLIGHT.labels("follower").inc()
+            try:
+                result = self.follow(lock_key, failure_key, read_result, deadline)
+            except StoreUnavailable:
+                return compute(), True
+            if result is not None:
+                return result, False
+            if time.monotonic() >= deadline:
+                return compute(), True
+            SINGLE_FLIGHT.labels("takeover").inc()
+
+    def lead(
+        self, lock_key: str, failure_key: str, token: str, compute: Callable[[], dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Compute while holding the lock; leave a short failure notice for the waiters."""
+        stop = threading.Event()
+        heartbeat = threading.Thread(
+            target=self.keep_alive, args=(lock_key, token, stop), daemon=True
+        )
+        heartbeat.start()
+        try:
+            return compute()
+        except ServiceError as error:
+            notice = {"token": token, "status": error.status, **error.body()}
+            with contextlib.suppress(StoreUnavailable):
+                self.store.set(failure_key, json.dumps(notice), FAILURE_NOTICE_SECONDS)
+            raise
+        finally:
+            stop.set()
+            with contextlib.suppress(StoreUnavailable):
+                self.store.delete_if(lock_key, token)
+
+    def keep_alive(self, lock_key: str, token: str, stop: threading.Event) -> None:
+        """Extend the lock while its holder works, so only a dead holder's lock expires."""
+        while not stop.wait(self.lock_seconds / 3):
+            with contextlib.suppress(StoreUnavailable):
+                self.store.extend_if(lock_key, token, self.lock_seconds)
+
+    def follow(
+        self,
+        lock_key: str,
+        failure_key: str,
+        read_result: Callable[[], dict[str, Any] | None],
+        deadline: float,
+    ) -> dict[str, Any] | None:
+        """Wait for the holder's result; None when the lock is gone without one (take over)."""
+        delay = FOLLOW_POLL_INITIAL
+        holders: set[str] = set()
+        while time.monotonic() < deadline:
+            time.sleep(delay)
+            delay = min(delay * 2, FOLLOW_POLL_MAX)
+            result = read_result()
+            if result is not None:
+                return result
+            holder = self.store.get(lock_key)
+            if holder is not None:
+                holders.add(holder)
+                continue
+            result = read_result()
+            if result is not None:
+                return result
+            notice = decode_cached(self.store.get(failure_key))
+            if notice is not None and notice.get("token") in holders:
+                raise RelayedError(notice)
+            return None
+        return None
+
+
+class RelayedError(ServiceError):
+    """The error the request that held the lock got, passed on to those that waited for it."""
+
+    def __init__(self, notice: Mapping[str, Any]) -> None:
+        super().__init__(str(notice.get("error", "")), code=str(notice.get("code", "")))
+        self.status = int(notice.get("status", 502))
+        self.extra = {
+            name: value
+            for name, value in notice.items()
+            if name not in ("token", "status", "error", "code")
+        }
+
+    def body(self) -> dict[str, Any]:
+        """The holder's error body."""
+        return {**super().body(), **self.extra}
 
 
 def decode_cached(raw: bytes | str | None) -> dict[str, Any] | None:
@@ -1615,6 +1796,7 @@ class Services:
     store: Store
     cache: AnalysisCache
     idempotency: IdempotencyRecords
+    flights: SingleFlight
     model_session: requests.Session
     user_session: requests.Session
     model_slots: threading.BoundedSemaphore
@@ -1715,10 +1897,13 @@ def read_upload() -> bytes:
 
 
 def analysis_for_upload(data: bytes, digest: str) -> tuple[dict[str, Any], str]:
-    """The analysis of an upload, from the cache or the model, with its source."""
+    """The analysis of an upload, from the cache or the model, with its source.
+
+    Concurrent misses for the same key make one model call between them (``SingleFlight``);
+    those that waited answer with ``source`` ``cache``.
+    """
     parts = services()
-    config = parts.config
-    key = cache_key_for(digest)
+    key = cache_key_for(digest, parts.config)
     cached = parts.cache.get(key)
     if cached is not None:
         logger.info("Cache hit for %s", key)
@@ -1726,6 +1911,15 @@ def analysis_for_upload(data: bytes, digest: str) -> tuple[dict[str, Any], str]:
         return cached, "cache"
     logger.info("Cache miss for %s", key)
     CACHE_EVENTS.labels("miss").inc()
+    analysis, computed = parts.flights.run(
+        key, lambda: analyze_and_cache(data, key, parts), lambda: parts.cache.get(key)
+    )
+    return analysis, "api" if computed else "cache"
+
+
+def analyze_and_cache(data: bytes, key: str, parts: Services) -> dict[str, Any]:
+    """Prepare the photo, ask the model (within a concurrency slot), and cache the analysis."""
+    config = parts.config
     prepared = prepare_image(data, config.image_max_side, config.image_max_pixels)
     try:
         with model_slot(parts):
@@ -1734,7 +1928,7 @@ def analysis_for_upload(data: bytes, digest: str) -> tuple[dict[str, Any], str]:
         logger.error("Error analyzing food image: %s", error.message)
         raise
     parts.cache.set(key, answer.analysis)
-    return answer.analysis, "api"
+    return answer.analysis
 
 
 @contextlib.contextmanager
@@ -1923,6 +2117,9 @@ def create_app(config: Config | None = None) -> Flask:
         store=store,
         cache=AnalysisCache(store, config.cache_ttl_seconds),
         idempotency=IdempotencyRecords(store, config.worst_request_seconds),
+        flights=SingleFlight(
+            store, config.single_flight_lock_seconds, config.worst_request_seconds
+        ),
         model_session=build_session(config.model_max_concurrency),
         user_session=build_session(config.model_max_concurrency),
         model_slots=threading.BoundedSemaphore(config.model_max_concurrency),

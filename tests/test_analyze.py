@@ -13,7 +13,7 @@ import pytest
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from app import CACHE_PREFIX, AnalysisCache, Config, MemoryStore, create_app
+from app import CACHE_PREFIX, PROMPT_VERSION, AnalysisCache, Config, MemoryStore, create_app
 from tests import images
 from tests.fakes import (
     DEFAULT_ANALYSIS,
@@ -33,6 +33,18 @@ MEAL_DIGEST = hashlib.sha256(MEAL).hexdigest()
 ENTRY_FIELDS = ("name", "calories", "protein", "carbs", "fat", "servingSize", "ingredients")
 CONTRACT_FIELDS = {*ENTRY_FIELDS, "confidence"}
 GENERATED_REQUEST_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def meal_key(config: Config) -> str:
+    """The cache key of MEAL: the upload's digest with the inputs that change the answer."""
+    inputs = (
+        MEAL_DIGEST,
+        config.openai_model,
+        PROMPT_VERSION,
+        config.openai_image_detail,
+        str(config.image_max_side),
+    )
+    return CACHE_PREFIX + hashlib.sha256("\n".join(inputs).encode()).hexdigest()
 
 
 def post_image(
@@ -136,30 +148,33 @@ def test_different_images_are_analysed_separately(
     assert len(model.calls) == 2
 
 
-def test_cache_key_is_the_prefix_and_the_sha256_of_the_upload(
-    client: FlaskClient, redis: RedisServer, auth_headers: dict[str, str]
+def test_cache_key_is_the_prefix_and_a_sha256_of_the_upload_and_the_answer_inputs(
+    client: FlaskClient, redis: RedisServer, auth_headers: dict[str, str], config: Config
 ) -> None:
     post_image(client, auth_headers)
     with redis.client() as connection:
-        assert connection.keys("*") == [f"{CACHE_PREFIX}{MEAL_DIGEST}".encode()]
+        assert connection.keys("*") == [meal_key(config).encode()]
     assert CACHE_PREFIX == "food_analysis:"
 
 
 def test_cache_ttl_follows_config(
-    client_with: Callable[..., FlaskClient], redis: RedisServer, auth_headers: dict[str, str]
+    client_with: Callable[..., FlaskClient],
+    redis: RedisServer,
+    auth_headers: dict[str, str],
+    config: Config,
 ) -> None:
     post_image(client_with(cache_ttl_seconds=120), auth_headers)
     with redis.client() as connection:
-        assert 0 < connection.ttl(f"{CACHE_PREFIX}{MEAL_DIGEST}") <= 120
+        assert 0 < connection.ttl(meal_key(config)) <= 120
 
 
 def test_cached_value_is_the_analysis_without_entry_id(
-    client: FlaskClient, redis: RedisServer, auth_headers: dict[str, str]
+    client: FlaskClient, redis: RedisServer, auth_headers: dict[str, str], config: Config
 ) -> None:
     response = post_image(client, auth_headers, query="?save=true")
     assert "entryId" in response.get_json()["analysis"]
     with redis.client() as connection:
-        cached = json.loads(connection.get(f"{CACHE_PREFIX}{MEAL_DIGEST}"))
+        cached = json.loads(connection.get(meal_key(config)))
     assert cached == DEFAULT_ANALYSIS
 
 

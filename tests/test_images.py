@@ -221,7 +221,19 @@ def test_orientation_tag_is_gone_after_rotation() -> None:
 
 
 def test_long_side_is_shrunk_to_max_side_keeping_the_aspect() -> None:
+    image = decoded(prepare(images.png(2000, 1500), max_side=1024))
+
+    assert image.size == (1024, 768)
+
+
+def test_jpeg_decoded_at_a_reduced_scale_near_max_side_is_not_resized_again() -> None:
     image = decoded(prepare(images.jpeg(2000, 1500), max_side=1024))
+
+    assert image.size == (1000, 750)
+
+
+def test_jpeg_whose_reduced_scale_falls_short_of_max_side_is_resized_to_it() -> None:
+    image = decoded(prepare(images.jpeg(1600, 1200), max_side=1024))
 
     assert image.size == (1024, 768)
 
@@ -257,7 +269,7 @@ def test_max_pixels_is_respected() -> None:
 
 
 def test_image_at_max_pixels_is_accepted() -> None:
-    image = decoded(prepare(images.jpeg(2000, 1000), max_pixels=2_000_000))
+    image = decoded(prepare(images.png(2000, 1000), max_pixels=2_000_000))
 
     assert image.size == (1024, 512)
 
@@ -365,7 +377,7 @@ def assert_refused(
     assert cached_keys(redis) == []
 
 
-def test_model_receives_an_upright_bare_1024_jpeg(
+def test_model_receives_an_upright_bare_jpeg_within_max_side(
     client: FlaskClient, auth_headers: dict[str, str], model: ChatCompletionsServer
 ) -> None:
     data = images.jpeg(4032, 3024, orientation=6, gps=True, exif_extra=True)
@@ -375,7 +387,7 @@ def test_model_receives_an_upright_bare_1024_jpeg(
     sent = model.last_image_bytes()
     with Image.open(io.BytesIO(sent)) as image:
         assert image.format == "JPEG"
-        assert image.size == (768, 1024)
+        assert image.size == (756, 1008)
     assert response.status_code == 200
     assert not images.has_any_metadata(sent)
     assert images.exif_of(sent) == {}

@@ -83,7 +83,7 @@ def test_health_reports_connection_failed_while_redis_is_down(
     assert response.get_json()["checks"]["redis"] == "connection failed"
 
 
-def test_cache_is_used_again_once_redis_is_back(
+def test_cache_is_used_again_once_health_sees_redis_back(
     client: FlaskClient,
     auth_headers: dict[str, str],
     redis: RedisServer,
@@ -93,6 +93,7 @@ def test_cache_is_used_again_once_redis_is_back(
     redis.stop()
     analyze(client, auth_headers, images.jpeg(color=(40, 50, 60)))
     redis.start()
+    assert client.get("/health").get_json()["checks"]["redis"] == "connected"
     photo = images.jpeg(color=(70, 80, 90))
 
     first = analyze(client, auth_headers, photo)

@@ -92,10 +92,10 @@ def wait_until_live(server: Gunicorn) -> None:
         if server.process.poll() is not None:
             pytest.fail(f"gunicorn exited with {server.process.returncode}:\n{server.output()}")
         try:
-            if requests.get(f"{server.url}/health/live", timeout=0.5).status_code == 200:
+            if requests.get(f"{server.url}/health/live", timeout=2).status_code == 200:
                 return
-        except requests.ConnectionError:
-            pass  # not listening yet
+        except (requests.ConnectionError, requests.Timeout):
+            pass  # not listening yet, or its worker is still importing the app
         time.sleep(0.05)
     pytest.fail(f"gunicorn did not answer within {STARTUP_TIMEOUT} s:\n{server.output()}")
 

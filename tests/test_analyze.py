@@ -33,6 +33,16 @@ MEAL_DIGEST = hashlib.sha256(MEAL).hexdigest()
 ENTRY_FIELDS = ("name", "calories", "protein", "carbs", "fat", "servingSize", "ingredients")
 CONTRACT_FIELDS = {*ENTRY_FIELDS, "confidence"}
 GENERATED_REQUEST_ID = re.compile(r"[0-9a-f]{32}")
+# What the service answers for DEFAULT_ANALYSIS, an answer given as totals without items.
+EXPECTED_ANALYSIS = {
+    **DEFAULT_ANALYSIS,
+    "items": [],
+    "assumptions": [],
+    "suggestions": [],
+    "warnings": [],
+    "model": "gpt-4.1-mini",
+    "promptVersion": PROMPT_VERSION,
+}
 
 
 def meal_key(config: Config) -> str:
@@ -43,6 +53,8 @@ def meal_key(config: Config) -> str:
         PROMPT_VERSION,
         config.openai_image_detail,
         str(config.image_max_side),
+        "lang=en",
+        "note=",
     )
     return CACHE_PREFIX + hashlib.sha256("\n".join(inputs).encode()).hexdigest()
 
@@ -94,7 +106,8 @@ def test_success_body_holds_the_contract_fields(
 ) -> None:
     body = post_image(client, auth_headers).get_json()
     assert set(body) == {"analysis", "source"}
-    assert set(body["analysis"]) == CONTRACT_FIELDS
+    assert set(body["analysis"]) == set(EXPECTED_ANALYSIS)
+    assert set(body["analysis"]) >= CONTRACT_FIELDS
 
 
 def test_success_body_values_have_the_contract_types(
@@ -113,7 +126,7 @@ def test_success_body_values_have_the_contract_types(
 def test_success_body_carries_the_model_analysis(
     client: FlaskClient, auth_headers: dict[str, str]
 ) -> None:
-    assert post_image(client, auth_headers).get_json()["analysis"] == DEFAULT_ANALYSIS
+    assert post_image(client, auth_headers).get_json()["analysis"] == EXPECTED_ANALYSIS
 
 
 def test_first_analysis_comes_from_the_api(
@@ -175,7 +188,7 @@ def test_cached_value_is_the_analysis_without_entry_id(
     assert "entryId" in response.get_json()["analysis"]
     with redis.client() as connection:
         cached = json.loads(connection.get(meal_key(config)))
-    assert cached == DEFAULT_ANALYSIS
+    assert cached == EXPECTED_ANALYSIS
 
 
 def test_cache_in_redis_is_shared_by_a_new_app(
@@ -272,6 +285,11 @@ def test_save_posts_the_entry_to_the_user_service(
         "confidence": DEFAULT_ANALYSIS["confidence"],
         "source": "image-analysis",
         "imageHash": MEAL_DIGEST,
+        **{
+            name: EXPECTED_ANALYSIS[name]
+            for name in ("items", "assumptions", "suggestions", "warnings", "model")
+        },
+        "promptVersion": PROMPT_VERSION,
     }
 
 
@@ -362,7 +380,7 @@ def test_user_service_failure_answers_502_with_the_analysis(
     user_service.enqueue(reply)
     response = post_image(client, auth_headers, query="?save=true")
     assert_json_error(response, 502, "user_service_error")
-    assert response.get_json()["analysis"] == DEFAULT_ANALYSIS
+    assert response.get_json()["analysis"] == EXPECTED_ANALYSIS
 
 
 def test_unreachable_user_service_answers_502_with_the_analysis(
@@ -371,7 +389,7 @@ def test_unreachable_user_service_answers_502_with_the_analysis(
     client = client_with(user_service_url=f"http://127.0.0.1:{free_port()}")
     response = post_image(client, auth_headers, query="?save=true")
     assert_json_error(response, 502, "user_service_error")
-    assert response.get_json()["analysis"] == DEFAULT_ANALYSIS
+    assert response.get_json()["analysis"] == EXPECTED_ANALYSIS
 
 
 def test_slow_user_service_answers_502_with_the_analysis(
@@ -382,7 +400,7 @@ def test_slow_user_service_answers_502_with_the_analysis(
     user_service.enqueue(Reply(201, {"id": "too-late"}, delay=1.0))
     response = post_image(client_with(user_service_timeout=0.3), auth_headers, query="?save=true")
     assert_json_error(response, 502, "user_service_error")
-    assert response.get_json()["analysis"] == DEFAULT_ANALYSIS
+    assert response.get_json()["analysis"] == EXPECTED_ANALYSIS
 
 
 def test_user_service_answer_with_entry_id_instead_of_id_is_success(

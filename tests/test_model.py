@@ -19,6 +19,7 @@ from werkzeug.test import TestResponse
 
 from app import (
     CACHE_PREFIX,
+    AnalysisRequest,
     Config,
     NotFood,
     UpstreamError,
@@ -190,9 +191,12 @@ def test_model_request_schema_requires_every_property_and_forbids_others(
     post_image(client, auth_headers)
     schema = model.last_payload()["response_format"]["json_schema"]["schema"]
     assert schema["type"] == "object"
-    assert set(schema["properties"]) >= CONTRACT_FIELDS
-    assert sorted(schema["required"]) == sorted(schema["properties"])
-    assert schema["additionalProperties"] is False
+    assert set(schema["properties"]) >= CONTRACT_FIELDS - {"calories", "protein", "carbs", "fat"}
+    item = schema["properties"]["items"]["items"]
+    assert set(item["properties"]) >= {"name", "grams", "calories", "protein", "carbs", "fat"}
+    for strict in (schema, item, schema["properties"]["caloriesRange"]):
+        assert sorted(strict["required"]) == sorted(strict["properties"])
+        assert strict["additionalProperties"] is False
 
 
 def test_model_request_caps_output_tokens(
@@ -206,8 +210,8 @@ def test_model_request_caps_output_tokens(
 
 
 def test_build_model_request_embeds_the_given_jpeg(config: Config) -> None:
-    body = build_model_request(MEAL, config)
-    image_part = body["messages"][1]["content"][1]["image_url"]
+    body = build_model_request(MEAL, config, AnalysisRequest())
+    image_part = body["messages"][1]["content"][-1]["image_url"]
     prefix = "data:image/jpeg;base64,"
     assert image_part["url"].startswith(prefix)
     assert base64.b64decode(image_part["url"][len(prefix) :]) == MEAL
@@ -472,7 +476,6 @@ FAILURES = {
     **UNUSABLE_ANSWERS,
     "server error": model_error(500),
     "bad request": model_error(400, "Invalid image"),
-    "not food": answer_with(isFood=False, name="", calories=0, ingredients=[]),
 }
 
 
@@ -650,9 +653,14 @@ def test_parse_model_content_refuses_anything_but_a_json_object(content: str) ->
         parse_model_content(content)
 
 
-def test_normalise_analysis_keeps_exactly_the_contract_fields() -> None:
+def test_normalise_analysis_keeps_only_the_fields_it_knows() -> None:
     raw = {**DEFAULT_ANALYSIS, "isFood": True, "notes": "extra", "entryId": "forged"}
-    assert set(normalise_analysis(raw)) == CONTRACT_FIELDS
+    assert set(normalise_analysis(raw)) == CONTRACT_FIELDS | {
+        "items",
+        "assumptions",
+        "suggestions",
+        "warnings",
+    }
 
 
 def test_normalise_analysis_refuses_a_photo_without_food() -> None:

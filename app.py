@@ -91,6 +91,8 @@ MIN_HS_SECRET_BYTES = 32
 MAX_TOKEN_LENGTH = 8192
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,255}")
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
+# In process, locks and idempotency records have a store of their own, bounded for memory's sake.
+MEMORY_RECORD_ENTRIES = 100_000
 # Form limits beside MAX_UPLOAD_MB: a photo, a short note, nothing else is expected.
 MAX_FORM_PARTS = 16
 MAX_FORM_FIELD_BYTES = 256 * 1024
@@ -924,8 +926,14 @@ class CircuitBreaker:
         self.lock = threading.Lock()
 
     def allows(self) -> bool:
-        """Whether a call may be tried now (closed, or half-open after the cool-off)."""
-        return time.monotonic() >= self.open_until
+        """Whether a call may be tried now: closed, or the one trial call after the cool-off."""
+        with self.lock:
+            now = time.monotonic()
+            if now < self.open_until:
+                return False
+            if self.failures >= self.threshold:
+                self.open_until = now + self.cooldown
+            return True
 
     def succeeded(self) -> None:
         """Close the breaker."""
@@ -1283,12 +1291,17 @@ def build_redis_client(config: Config) -> redis.Redis:
     )
 
 
-def build_store(config: Config) -> Store:
-    """Redis when configured, else the in-process store."""
+def build_stores(config: Config) -> tuple[Store, Store]:
+    """The store for analyses and the one for locks and idempotency records.
+
+    Both are one Redis when configured. In process they are kept apart, so that a stream of new
+    photos evicting old analyses never evicts a lock or an idempotency record before its time.
+    """
     if config.redis_configured:
         breaker = CircuitBreaker(config.redis_breaker_failures, config.redis_breaker_cooldown)
-        return RedisStore(build_redis_client(config), breaker)
-    return MemoryStore(config.memory_cache_entries)
+        store = RedisStore(build_redis_client(config), breaker)
+        return store, store
+    return MemoryStore(config.memory_cache_entries), MemoryStore(MEMORY_RECORD_ENTRIES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2057,7 +2070,7 @@ def analyze_food() -> Response:
         return response
     try:
         body = analyze_and_save(data, digest, asked, save=True)
-    except ServiceError:
+    except Exception:
         records.release(claim, digest)
         raise
     records.complete(claim, digest, body)
@@ -2381,14 +2394,14 @@ def create_app(config: Config | None = None) -> Flask:
     )
     pillow_heif.register_heif_opener()
     warn_about_weak_settings(config)
-    store = build_store(config)
+    store, records = build_stores(config)
     app.extensions[SERVICE_NAME] = Services(
         config=config,
         store=store,
         cache=AnalysisCache(store, config.cache_ttl_seconds),
-        idempotency=IdempotencyRecords(store, config.worst_request_seconds),
+        idempotency=IdempotencyRecords(records, config.worst_request_seconds),
         flights=SingleFlight(
-            store, config.single_flight_lock_seconds, config.worst_request_seconds
+            records, config.single_flight_lock_seconds, config.worst_request_seconds
         ),
         model_session=build_session(config.model_max_concurrency),
         user_session=build_session(config.model_max_concurrency),

@@ -126,6 +126,8 @@ class _RecordingHandler(BaseHTTPRequestHandler):
     """Reads one request, records it and sends the server's chosen reply."""
 
     protocol_version = "HTTP/1.1"
+    # Small replies on a kept-alive connection would otherwise wait on Nagle's algorithm (~40 ms).
+    disable_nagle_algorithm = True
     server: RecordingServer
 
     def log_message(self, format: str, *args: Any) -> None:

@@ -1,0 +1,467 @@
+"""Failing neighbours: a hung or dead Redis behind a circuit breaker, a broken model, a bad User
+Service. Each is a real process or socket; what the caller gets is the contract's answer."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
+
+from app import CACHE_PREFIX, CircuitBreaker, Config, create_app
+from tests import images
+from tests.fakes import (
+    DEFAULT_ANALYSIS,
+    ChatCompletionsServer,
+    RedisServer,
+    Reply,
+    StalledServer,
+    UserServiceServer,
+    free_port,
+)
+
+# The issue's own bound: a hung Redis adds "well under a second" and /health answers "in under a
+# second". Generous on purpose: one Redis timeout (0.05 s here, 0.5 s by default) is far below.
+UNDER_A_SECOND = 1.0
+SKIPPED_METRIC = re.compile(r'^image_service_cache_events_total\{event="skipped"\} (\S+)$', re.M)
+completion = ChatCompletionsServer.completion
+model_error = ChatCompletionsServer.error
+
+
+def photo(shade: int) -> bytes:
+    """A small JPEG of its own, so every request is a cache miss unless it repeats a shade."""
+    return images.jpeg(64, 48, color=(shade, 120, 60))
+
+
+def post_image(
+    client: FlaskClient, headers: dict[str, str], data: bytes, query: str = ""
+) -> TestResponse:
+    """POST one photo to /analyze-food as a multipart upload."""
+    return client.post(
+        f"/analyze-food{query}",
+        data={"image": (io.BytesIO(data), "meal.jpg")},
+        headers=headers,
+        content_type="multipart/form-data",
+    )
+
+
+def app_for(config: Config) -> Flask:
+    """An app built from this Config, in testing mode."""
+    flask_app = create_app(config)
+    flask_app.testing = True
+    return flask_app
+
+
+def cached_keys(redis: RedisServer) -> list[bytes]:
+    """Every analysis key in the tests' Redis."""
+    with redis.client() as connection:
+        return list(connection.keys(f"{CACHE_PREFIX}*"))
+
+
+def skipped_count(client: FlaskClient) -> float:
+    """The process-wide count of Redis calls the breaker skipped, from /metrics."""
+    found = SKIPPED_METRIC.search(client.get("/metrics").get_data(as_text=True))
+    return float(found.group(1)) if found else 0.0
+
+
+def open_the_breaker(client: FlaskClient, headers: dict[str, str], failures: int = 2) -> None:
+    """Send as many requests as the breaker's threshold; each meets the failing Redis."""
+    for shade in range(200, 200 + failures):
+        assert post_image(client, headers, photo(shade)).status_code == 200
+
+
+def contract_fields(analysis: dict[str, Any]) -> dict[str, Any]:
+    """The fields the contract names (more may be added), as the model's default answer has them."""
+    return {name: analysis.get(name) for name in DEFAULT_ANALYSIS}
+
+
+def answer_with(**changes: Any) -> Reply:
+    """A completion carrying the default analysis with some fields changed."""
+    return completion(json.dumps({**DEFAULT_ANALYSIS, **changes}))
+
+
+@pytest.fixture
+def stalled() -> Iterator[StalledServer]:
+    """A port that accepts connections and never answers: a hung Redis."""
+    with StalledServer() as server:
+        yield server
+
+
+@pytest.fixture
+def hung_redis_client(
+    make_config: Callable[..., Config], stalled: StalledServer
+) -> Callable[..., FlaskClient]:
+    """A client for an app whose Redis hangs: 0.05 s timeouts, breaker opening after 2 failures."""
+
+    def build(**overrides: Any) -> FlaskClient:
+        settings: dict[str, Any] = {
+            "redis_host": stalled.host,
+            "redis_port": stalled.port,
+            "redis_timeout": 0.05,
+            "redis_breaker_failures": 2,
+            "redis_breaker_cooldown": 60.0,
+            **overrides,
+        }
+        return app_for(make_config(**settings)).test_client()
+
+    return build
+
+
+# ------------------------------------------------------------------ the breaker, through HTTP
+
+
+def test_requests_answer_200_while_redis_hangs_before_and_after_the_breaker_opens(
+    hung_redis_client: Callable[..., FlaskClient], auth_headers: dict[str, str]
+) -> None:
+    client = hung_redis_client()
+
+    statuses = [post_image(client, auth_headers, photo(shade)).status_code for shade in range(4)]
+
+    assert statuses == [200, 200, 200, 200]
+
+
+def test_open_breaker_makes_no_new_connections_to_a_hung_redis(
+    hung_redis_client: Callable[..., FlaskClient],
+    auth_headers: dict[str, str],
+    stalled: StalledServer,
+) -> None:
+    client = hung_redis_client()
+    open_the_breaker(client, auth_headers)
+    opened_at = stalled.accepted
+
+    for shade in range(2, 6):
+        post_image(client, auth_headers, photo(shade))
+
+    assert opened_at > 0
+    assert stalled.accepted == opened_at
+
+
+def test_open_breaker_counts_the_skipped_redis_calls(
+    hung_redis_client: Callable[..., FlaskClient], auth_headers: dict[str, str]
+) -> None:
+    client = hung_redis_client()
+    open_the_breaker(client, auth_headers)
+    before = skipped_count(client)
+
+    post_image(client, auth_headers, photo(2))
+
+    assert skipped_count(client) > before
+
+
+def test_hung_redis_adds_well_under_a_second_to_the_first_request_with_default_settings(
+    make_config: Callable[..., Config], auth_headers: dict[str, str], stalled: StalledServer
+) -> None:
+    client = app_for(make_config(redis_host=stalled.host, redis_port=stalled.port)).test_client()
+
+    started = time.monotonic()
+    response = post_image(client, auth_headers, photo(1))
+    elapsed = time.monotonic() - started
+
+    assert response.status_code == 200
+    # The first request pays every timeout before the breaker opens; later ones pay none.
+    assert elapsed < UNDER_A_SECOND, f"{elapsed:.2f} s"
+
+
+def test_breaker_tries_redis_again_after_the_cool_off(
+    hung_redis_client: Callable[..., FlaskClient],
+    auth_headers: dict[str, str],
+    stalled: StalledServer,
+) -> None:
+    client = hung_redis_client(redis_breaker_cooldown=0.1)
+    open_the_breaker(client, auth_headers)
+    opened_at = stalled.accepted
+    time.sleep(0.15)
+
+    response = post_image(client, auth_headers, photo(2))
+
+    assert response.status_code == 200
+    # One trial (the GET); it fails, the breaker reopens and the SET is skipped.
+    assert stalled.accepted == opened_at + 1
+
+
+def test_only_one_request_tries_redis_when_the_cool_off_ends(
+    hung_redis_client: Callable[..., FlaskClient],
+    auth_headers: dict[str, str],
+    stalled: StalledServer,
+) -> None:
+    # A 0.2 s trial leaves the other requests time to arrive while it is still under way.
+    client = hung_redis_client(
+        redis_timeout=0.2, redis_breaker_failures=1, redis_breaker_cooldown=0.1
+    )
+    open_the_breaker(client, auth_headers, failures=1)
+    opened_at = stalled.accepted
+    time.sleep(0.15)
+    flask_app = client.application
+
+    def analyse(shade: int) -> int:
+        return post_image(flask_app.test_client(), auth_headers, photo(shade)).status_code
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        statuses = list(pool.map(analyse, range(10, 14)))
+
+    assert statuses == [200] * 4
+    assert stalled.accepted == opened_at + 1, "half-open should let a single trial call through"
+
+
+def test_redis_that_comes_back_closes_the_breaker_and_the_cache_works_again(
+    make_config: Callable[..., Config], auth_headers: dict[str, str], redis: RedisServer
+) -> None:
+    config = make_config(redis_breaker_failures=2, redis_breaker_cooldown=0.2)
+    client = app_for(config).test_client()
+    redis.stop()
+    open_the_breaker(client, auth_headers)
+    redis.start()
+    time.sleep(0.25)
+    meal = photo(2)
+
+    first = post_image(client, auth_headers, meal).get_json()
+    second = post_image(client, auth_headers, meal).get_json()
+
+    assert (first["source"], second["source"]) == ("api", "cache")
+    assert len(cached_keys(redis)) == 1
+
+
+def test_health_still_pings_redis_while_the_breaker_is_open(
+    hung_redis_client: Callable[..., FlaskClient],
+    auth_headers: dict[str, str],
+    stalled: StalledServer,
+) -> None:
+    client = hung_redis_client()
+    open_the_breaker(client, auth_headers)
+    opened_at = stalled.accepted
+
+    response = client.get("/health")
+
+    assert response.status_code == 503
+    assert response.get_json()["checks"]["redis"] == "connection failed"
+    assert stalled.accepted == opened_at + 1
+
+
+def test_every_request_answers_200_with_redis_at_a_closed_port(
+    make_config: Callable[..., Config], auth_headers: dict[str, str]
+) -> None:
+    config = make_config(redis_host="127.0.0.1", redis_port=free_port())
+    client = app_for(config).test_client()
+
+    responses = [post_image(client, auth_headers, photo(shade)) for shade in range(4)]
+
+    assert [response.status_code for response in responses] == [200] * 4
+    assert {response.get_json()["source"] for response in responses} == {"api"}
+
+
+def test_redis_at_a_closed_port_is_skipped_once_the_breaker_opens(
+    make_config: Callable[..., Config], auth_headers: dict[str, str]
+) -> None:
+    config = make_config(redis_host="127.0.0.1", redis_port=free_port(), redis_breaker_failures=2)
+    client = app_for(config).test_client()
+    open_the_breaker(client, auth_headers)
+    before = skipped_count(client)
+
+    post_image(client, auth_headers, photo(2))
+
+    assert skipped_count(client) > before
+
+
+# ------------------------------------------------------------------ the breaker, alone
+
+
+def test_breaker_stays_closed_below_its_threshold() -> None:
+    breaker = CircuitBreaker(threshold=3, cooldown=60)
+
+    opened = [breaker.failed(), breaker.failed()]
+
+    assert opened == [False, False]
+    assert breaker.allows()
+
+
+def test_breaker_opens_at_its_threshold() -> None:
+    breaker = CircuitBreaker(threshold=3, cooldown=60)
+
+    opened = [breaker.failed() for _ in range(3)]
+
+    assert opened == [False, False, True]
+    assert not breaker.allows()
+
+
+def test_success_resets_the_count_of_consecutive_failures() -> None:
+    breaker = CircuitBreaker(threshold=2, cooldown=60)
+    breaker.failed()
+    breaker.succeeded()
+
+    assert breaker.failed() is False
+    assert breaker.allows()
+
+
+def test_breaker_allows_a_trial_once_the_cool_off_has_passed() -> None:
+    breaker = CircuitBreaker(threshold=1, cooldown=0.05)
+    breaker.failed()
+    time.sleep(0.06)
+
+    assert breaker.allows()
+
+
+def test_failed_trial_after_the_cool_off_reopens_the_breaker() -> None:
+    breaker = CircuitBreaker(threshold=2, cooldown=0.05)
+    breaker.failed()
+    breaker.failed()
+    time.sleep(0.06)
+    assert breaker.allows()  # the trial
+
+    reopened = breaker.failed()
+
+    assert reopened is True
+    assert not breaker.allows()
+
+
+def test_successful_trial_after_the_cool_off_closes_the_breaker() -> None:
+    breaker = CircuitBreaker(threshold=2, cooldown=0.05)
+    breaker.failed()
+    breaker.failed()
+    time.sleep(0.06)
+    assert breaker.allows()  # the trial
+    breaker.succeeded()
+
+    reopened = breaker.failed()
+
+    assert reopened is False
+    assert breaker.allows()
+
+
+# ------------------------------------------------------------------ a model that fails
+
+
+def test_rate_limit_with_retry_after_on_every_attempt_answers_502_upstream_error(
+    make_config: Callable[..., Config],
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    model.enqueue(*[model_error(429, "Rate limit reached", headers={"Retry-After": "1"})] * 3)
+    client = app_for(make_config(openai_retry_after_cap=0.01)).test_client()
+
+    response = post_image(client, auth_headers, photo(1))
+
+    assert response.status_code == 502
+    assert response.get_json()["code"] == "upstream_error"
+    assert "Retry-After" not in response.headers
+    assert len(model.calls) == 3
+
+
+def test_rate_limit_on_every_attempt_caches_nothing(
+    make_config: Callable[..., Config],
+    model: ChatCompletionsServer,
+    redis: RedisServer,
+    auth_headers: dict[str, str],
+) -> None:
+    model.enqueue(*[model_error(429, "Rate limit reached", headers={"Retry-After": "1"})] * 3)
+    client = app_for(make_config(openai_retry_after_cap=0.01)).test_client()
+
+    post_image(client, auth_headers, photo(1))
+
+    assert cached_keys(redis) == []
+
+
+def test_unreachable_model_caches_nothing(
+    make_config: Callable[..., Config], redis: RedisServer, auth_headers: dict[str, str]
+) -> None:
+    config = make_config(openai_base_url=f"http://127.0.0.1:{free_port()}/v1")
+
+    response = post_image(app_for(config).test_client(), auth_headers, photo(1))
+
+    assert response.status_code == 502
+    assert cached_keys(redis) == []
+
+
+def test_model_past_its_timeout_caches_nothing(
+    make_config: Callable[..., Config],
+    model: ChatCompletionsServer,
+    redis: RedisServer,
+    auth_headers: dict[str, str],
+) -> None:
+    model.enqueue(Reply(200, {}, delay=1.0))
+    config = make_config(openai_api_timeout=0.2, openai_max_attempts=1)
+
+    response = post_image(app_for(config).test_client(), auth_headers, photo(1))
+
+    assert response.status_code == 504
+    assert cached_keys(redis) == []
+
+
+MALFORMED_ANSWERS = {
+    "truncated json body": Reply(
+        200,
+        b'{"choices": [{"message": {"content": "{',
+        headers={"Content-Type": "application/json"},
+    ),
+    "content cut off at max tokens": completion(
+        json.dumps(DEFAULT_ANALYSIS)[:60], finish_reason="length"
+    ),
+    "refusal beside usable content": completion(
+        json.dumps(DEFAULT_ANALYSIS), refusal="I can't help with that."
+    ),
+    "absurd protein": answer_with(protein=2_500),
+    "absurd carbs": answer_with(carbs=1e9),
+    "infinite calories": completion(json.dumps({**DEFAULT_ANALYSIS, "calories": float("inf")})),
+    "nan fat": completion(json.dumps({**DEFAULT_ANALYSIS, "fat": float("nan")})),
+}
+
+
+@pytest.mark.parametrize("reply", MALFORMED_ANSWERS.values(), ids=MALFORMED_ANSWERS.keys())
+def test_malformed_or_absurd_answer_answers_502_upstream_error(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str], reply: Reply
+) -> None:
+    model.enqueue(reply)
+
+    response = post_image(client, auth_headers, photo(1))
+
+    assert response.status_code == 502
+    assert response.get_json()["code"] == "upstream_error"
+
+
+@pytest.mark.parametrize("reply", MALFORMED_ANSWERS.values(), ids=MALFORMED_ANSWERS.keys())
+def test_malformed_or_absurd_answer_caches_nothing(
+    client: FlaskClient,
+    model: ChatCompletionsServer,
+    redis: RedisServer,
+    auth_headers: dict[str, str],
+    reply: Reply,
+) -> None:
+    model.enqueue(reply)
+
+    post_image(client, auth_headers, photo(1))
+
+    assert cached_keys(redis) == []
+
+
+# ------------------------------------------------------------------ a User Service that fails
+
+
+def test_user_service_dropping_the_connection_answers_502_with_the_analysis(
+    client: FlaskClient, user_service: UserServiceServer, auth_headers: dict[str, str]
+) -> None:
+    user_service.enqueue(Reply(drop=True))
+
+    response = post_image(client, auth_headers, photo(1), query="?save=true")
+
+    assert response.status_code == 502
+    assert response.get_json()["code"] == "user_service_error"
+    assert contract_fields(response.get_json()["analysis"]) == DEFAULT_ANALYSIS
+
+
+def test_user_service_that_never_answers_gives_502_with_the_analysis(
+    make_config: Callable[..., Config], auth_headers: dict[str, str], stalled: StalledServer
+) -> None:
+    config = make_config(user_service_url=stalled.http_url, user_service_timeout=0.2)
+
+    response = post_image(app_for(config).test_client(), auth_headers, photo(1), "?save=true")
+
+    assert response.status_code == 502
+    assert response.get_json()["code"] == "user_service_error"
+    assert contract_fields(response.get_json()["analysis"]) == DEFAULT_ANALYSIS

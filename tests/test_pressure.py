@@ -1,0 +1,226 @@
+"""Bounded pressure: at most MODEL_MAX_CONCURRENCY model calls in flight per process; a request
+that cannot get a slot within MODEL_QUEUE_TIMEOUT answers 503 overloaded with Retry-After."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import re
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+from flask import Flask
+from werkzeug.test import TestResponse
+
+from app import CACHE_PREFIX, Config, create_app
+from tests import images
+from tests.fakes import (
+    DEFAULT_ANALYSIS,
+    ChatCompletionsServer,
+    RedisServer,
+    UserServiceServer,
+)
+
+SLOW_MEAL = images.jpeg(64, 48, color=(200, 120, 60))
+MEAL = images.jpeg(64, 48, color=(30, 140, 90))
+MODEL_DELAY = 0.2  # how long the first model call holds the only slot
+GUNICORN_THREADS_DEFAULT = re.compile(r'threads = env_int\("GUNICORN_THREADS", (\d+)\)')
+
+
+def post_image(
+    flask_app: Flask, headers: dict[str, str], data: bytes, query: str = ""
+) -> TestResponse:
+    """POST one photo to /analyze-food through a client of its own (one per thread)."""
+    return flask_app.test_client().post(
+        f"/analyze-food{query}",
+        data={"image": (io.BytesIO(data), "meal.jpg")},
+        headers=headers,
+        content_type="multipart/form-data",
+    )
+
+
+def one_slot_app(make_config: Callable[..., Config], queue_timeout: float) -> Flask:
+    """An app allowed a single model call at a time, waiting ``queue_timeout`` for it."""
+    flask_app = create_app(make_config(model_max_concurrency=1, model_queue_timeout=queue_timeout))
+    flask_app.testing = True
+    return flask_app
+
+
+def cached_keys(redis: RedisServer) -> list[bytes]:
+    """Every analysis key in the tests' Redis."""
+    with redis.client() as connection:
+        return list(connection.keys(f"{CACHE_PREFIX}*"))
+
+
+@contextmanager
+def only_slot_busy(
+    flask_app: Flask, headers: dict[str, str], model: ChatCompletionsServer
+) -> Iterator[Future[TestResponse]]:
+    """Within the block, one request holds the only slot, its model call answering slowly."""
+    slow = ChatCompletionsServer.completion(json.dumps(DEFAULT_ANALYSIS))
+    model.enqueue(dataclasses.replace(slow, delay=MODEL_DELAY))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        holder = pool.submit(post_image, flask_app, headers, SLOW_MEAL)
+        model.wait_for_requests(1)  # the holder's model call is under way
+        yield holder
+        assert holder.result().status_code == 200
+
+
+# ------------------------------------------------------------------ over the limit
+
+
+def test_request_beyond_the_limit_answers_503_overloaded(
+    make_config: Callable[..., Config],
+    auth_headers: dict[str, str],
+    model: ChatCompletionsServer,
+) -> None:
+    flask_app = one_slot_app(make_config, queue_timeout=0.05)
+
+    with only_slot_busy(flask_app, auth_headers, model):
+        response = post_image(flask_app, auth_headers, MEAL)
+
+    assert response.status_code == 503
+    assert response.get_json()["code"] == "overloaded"
+
+
+def test_overloaded_answer_says_when_to_retry(
+    make_config: Callable[..., Config],
+    auth_headers: dict[str, str],
+    model: ChatCompletionsServer,
+) -> None:
+    flask_app = one_slot_app(make_config, queue_timeout=0.05)
+
+    with only_slot_busy(flask_app, auth_headers, model):
+        response = post_image(flask_app, auth_headers, MEAL)
+
+    assert int(response.headers["Retry-After"]) >= 1
+
+
+def test_overloaded_request_never_reaches_the_model(
+    make_config: Callable[..., Config],
+    auth_headers: dict[str, str],
+    model: ChatCompletionsServer,
+) -> None:
+    flask_app = one_slot_app(make_config, queue_timeout=0.05)
+
+    with only_slot_busy(flask_app, auth_headers, model):
+        post_image(flask_app, auth_headers, MEAL)
+
+    assert len(model.calls) == 1
+
+
+def test_overloaded_request_caches_nothing(
+    make_config: Callable[..., Config],
+    auth_headers: dict[str, str],
+    model: ChatCompletionsServer,
+    redis: RedisServer,
+) -> None:
+    flask_app = one_slot_app(make_config, queue_timeout=0.05)
+
+    with only_slot_busy(flask_app, auth_headers, model):
+        post_image(flask_app, auth_headers, MEAL)
+
+    assert len(cached_keys(redis)) == 1  # the slow meal's analysis, nothing for the other
+    assert post_image(flask_app, auth_headers, MEAL).get_json()["source"] == "api"
+
+
+def test_overloaded_save_stores_no_entry(
+    make_config: Callable[..., Config],
+    auth_headers: dict[str, str],
+    model: ChatCompletionsServer,
+    user_service: UserServiceServer,
+) -> None:
+    flask_app = one_slot_app(make_config, queue_timeout=0.05)
+
+    with only_slot_busy(flask_app, auth_headers, model):
+        response = post_image(flask_app, auth_headers, MEAL, query="?save=true")
+
+    assert response.status_code == 503
+    assert user_service.calls == []
+
+
+# ------------------------------------------------------------------ within the limit
+
+
+def test_request_waits_for_a_slot_within_the_queue_timeout_and_succeeds(
+    make_config: Callable[..., Config],
+    auth_headers: dict[str, str],
+    model: ChatCompletionsServer,
+) -> None:
+    flask_app = one_slot_app(make_config, queue_timeout=3.0)
+
+    with only_slot_busy(flask_app, auth_headers, model):
+        response = post_image(flask_app, auth_headers, MEAL)
+
+    assert response.status_code == 200
+    assert response.get_json()["source"] == "api"
+    assert len(model.calls) == 2
+
+
+def test_waiting_request_calls_the_model_only_after_the_slot_is_free(
+    make_config: Callable[..., Config],
+    auth_headers: dict[str, str],
+    model: ChatCompletionsServer,
+) -> None:
+    flask_app = one_slot_app(make_config, queue_timeout=3.0)
+
+    with only_slot_busy(flask_app, auth_headers, model):
+        post_image(flask_app, auth_headers, MEAL)
+
+    first, second = model.calls
+    # The model answered the first call MODEL_DELAY after receiving it; with one slot the
+    # second call cannot arrive before that answer was sent (two slots: within milliseconds).
+    assert second.received_at - first.received_at >= MODEL_DELAY * 0.9
+
+
+def test_cache_hit_answers_while_the_only_slot_is_busy(
+    make_config: Callable[..., Config],
+    auth_headers: dict[str, str],
+    model: ChatCompletionsServer,
+) -> None:
+    flask_app = one_slot_app(make_config, queue_timeout=0.05)
+    post_image(flask_app, auth_headers, MEAL)  # now cached
+
+    with only_slot_busy(flask_app, auth_headers, model):
+        response = post_image(flask_app, auth_headers, MEAL)
+
+    assert response.status_code == 200
+    assert response.get_json()["source"] == "cache"
+
+
+# ------------------------------------------------------------------ the default limit
+
+
+def config_from(environ: dict[str, str], secrets_dir: Path) -> Config:
+    """A Config from this environment only."""
+    return Config.from_env(environ, secrets_dir)
+
+
+def test_limit_follows_gunicorn_threads_when_unset(tmp_path: Path) -> None:
+    config = config_from({"GUNICORN_THREADS": "8"}, tmp_path)
+
+    assert config.model_max_concurrency == 8
+
+
+def test_explicit_limit_wins_over_gunicorn_threads(tmp_path: Path) -> None:
+    config = config_from({"GUNICORN_THREADS": "8", "MODEL_MAX_CONCURRENCY": "3"}, tmp_path)
+
+    assert config.model_max_concurrency == 3
+
+
+def test_limit_defaults_to_gunicorns_own_default_thread_count(tmp_path: Path) -> None:
+    conf = (Path(__file__).resolve().parent.parent / "gunicorn.conf.py").read_text("utf-8")
+    [gunicorn_default] = GUNICORN_THREADS_DEFAULT.findall(conf)
+
+    assert config_from({}, tmp_path).model_max_concurrency == int(gunicorn_default)
+
+
+def test_queue_timeout_defaults_to_two_seconds(tmp_path: Path) -> None:
+    assert config_from({}, tmp_path).model_queue_timeout == 2.0
+
+
+def test_queue_timeout_follows_its_variable(tmp_path: Path) -> None:
+    assert config_from({"MODEL_QUEUE_TIMEOUT": "0.5"}, tmp_path).model_queue_timeout == 0.5

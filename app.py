@@ -2062,6 +2062,13 @@ def analyze_food() -> Response:
     digest = image_digest(data)
     if idempotency_key is None:
         return jsonify(analyze_and_save(data, digest, asked, save=save))
+    return idempotent(
+        idempotency_key, digest, lambda: analyze_and_save(data, digest, asked, save=True)
+    )
+
+
+def idempotent(idempotency_key: str, digest: str, work: Callable[[], dict[str, Any]]) -> Response:
+    """Do ``work`` once per user and key; a retry gets the first response again."""
     records = services().idempotency
     claim = records.claim(g.user_id, idempotency_key, digest)
     if claim.replay is not None:
@@ -2069,7 +2076,7 @@ def analyze_food() -> Response:
         response.headers["Idempotent-Replayed"] = "true"
         return response
     try:
-        body = analyze_and_save(data, digest, asked, save=True)
+        body = work()
     except Exception:
         records.release(claim, digest)
         raise

@@ -1781,6 +1781,11 @@ def normalise_analysis(raw: Mapping[str, Any]) -> dict[str, Any]:
     analysis["assumptions"] = clean_strings(raw.get("assumptions"), MAX_NOTES)
     analysis["suggestions"] = clean_strings(raw.get("suggestions"), MAX_SUGGESTIONS)
     analysis["warnings"] = consistency_warnings(totals)
+    listed = raw.get("items")
+    if isinstance(listed, list) and len(listed) > MAX_ITEMS:
+        analysis["warnings"].append(
+            f"the model listed {len(listed)} foods; the first {MAX_ITEMS} are kept and summed"
+        )
     return analysis
 
 
@@ -1897,7 +1902,7 @@ def bounded_number(value: Any, name: str, high: float) -> float:
 
 def grams(value: float) -> float | int:
     """Grams with at most one decimal; a whole number stays whole (``40``, not ``40.0``)."""
-    rounded = round(value, 1)
+    rounded = round(float(value), 1)
     return int(rounded) if rounded.is_integer() else rounded
 
 

@@ -307,7 +307,7 @@ class Config:
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
     max_upload_mb: float = 10.0
-    model_max_concurrency: int = 32
+    model_max_concurrency: int = 64
     model_queue_timeout: float = 2.0
     startup_grace_seconds: float = 30.0
     cors_origins: tuple[str, ...] = ("*",)
@@ -375,7 +375,7 @@ class Config:
             max_upload_mb=reader.number("MAX_UPLOAD_MB", 10.0, low=0.01, high=1024),
             model_max_concurrency=reader.integer(
                 "MODEL_MAX_CONCURRENCY",
-                reader.integer("GUNICORN_THREADS", 32, low=1, high=10_000),
+                reader.integer("GUNICORN_THREADS", 64, low=1, high=10_000),
                 low=1,
                 high=10_000,
             ),

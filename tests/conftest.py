@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import jwt
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
 
 from app import Config, create_app
 from tests.fakes import ChatCompletionsServer, RedisServer, UserServiceServer
@@ -129,6 +131,46 @@ def app(config: Config) -> Flask:
 def client(app: Flask) -> FlaskClient:
     """A test client for the app."""
     return app.test_client()
+
+
+@pytest.fixture
+def client_with(make_config: Callable[..., Config]) -> Callable[..., FlaskClient]:
+    """A test client for an app whose Config differs from the default by some fields."""
+
+    def build(**overrides: Any) -> FlaskClient:
+        flask_app = create_app(make_config(**overrides))
+        flask_app.testing = True
+        return flask_app.test_client()
+
+    return build
+
+
+def post_photo(
+    client: FlaskClient,
+    headers: Mapping[str, str],
+    data: bytes,
+    query: str = "",
+    form: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> TestResponse:
+    """POST one photo (and any other form fields) to /analyze-food as a multipart upload."""
+    return client.post(
+        f"/analyze-food{query}",
+        data={"image": (io.BytesIO(data), "meal.jpg"), **(form or {})},
+        headers=dict(headers),
+        content_type="multipart/form-data",
+        **options,
+    )
+
+
+def assert_json_error(response: TestResponse, status: int, code: str) -> None:
+    """The contract's error: JSON with a message and a stable code."""
+    assert response.status_code == status
+    assert response.mimetype == "application/json"
+    body = response.get_json()
+    assert body["code"] == code
+    assert isinstance(body["error"], str)
+    assert body["error"]
 
 
 @pytest.fixture

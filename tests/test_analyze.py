@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 from collections.abc import Callable
@@ -13,8 +12,9 @@ import pytest
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from app import CACHE_PREFIX, PROMPT_VERSION, AnalysisCache, Config, MemoryStore, create_app
+from app import CACHE_PREFIX, PROMPT_VERSION, AnalysisCache, Config, MemoryStore
 from tests import images
+from tests.conftest import assert_json_error, post_photo
 from tests.fakes import (
     DEFAULT_ANALYSIS,
     ChatCompletionsServer,
@@ -67,35 +67,7 @@ def post_image(
     **options: Any,
 ) -> TestResponse:
     """POST one photo to /analyze-food as a multipart upload."""
-    return client.post(
-        f"/analyze-food{query}",
-        data={"image": (io.BytesIO(data), "meal.jpg")},
-        headers=headers,
-        content_type="multipart/form-data",
-        **options,
-    )
-
-
-@pytest.fixture
-def client_with(make_config: Callable[..., Config]) -> Callable[..., FlaskClient]:
-    """A test client for an app whose Config differs from the default by some fields."""
-
-    def build(**overrides: Any) -> FlaskClient:
-        flask_app = create_app(make_config(**overrides))
-        flask_app.testing = True
-        return flask_app.test_client()
-
-    return build
-
-
-def assert_json_error(response: TestResponse, status: int, code: str) -> None:
-    """The contract's error: JSON with a message and a stable code."""
-    assert response.status_code == status
-    assert response.mimetype == "application/json"
-    body = response.get_json()
-    assert body["code"] == code
-    assert isinstance(body["error"], str)
-    assert body["error"]
+    return post_photo(client, headers, data, query, **options)
 
 
 # ------------------------------------------------------------------ the answer

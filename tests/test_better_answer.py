@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import re
 import uuid
@@ -16,8 +15,9 @@ import pytest
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from app import MAX_ITEMS, PROMPT_VERSION, SYSTEM_PROMPT, Config, create_app
+from app import MAX_ITEMS, PROMPT_VERSION, SYSTEM_PROMPT, Config
 from tests import images
+from tests.conftest import assert_json_error, post_photo
 from tests.fakes import ChatCompletionsServer, RecordedRequest, Reply, UserServiceServer
 
 MEAL = images.jpeg(64, 48)
@@ -113,12 +113,7 @@ def post_image(
     note: str | list[str] | None = None,
 ) -> TestResponse:
     """POST one photo (and a note, or several) to /analyze-food as a multipart upload."""
-    form: dict[str, Any] = {"image": (io.BytesIO(data), "meal.jpg")}
-    if note is not None:
-        form["note"] = note
-    return client.post(
-        f"/analyze-food{query}", data=form, headers=headers, content_type="multipart/form-data"
-    )
+    return post_photo(client, headers, data, query, form=None if note is None else {"note": note})
 
 
 def analysis_of(response: TestResponse) -> dict[str, Any]:
@@ -126,16 +121,6 @@ def analysis_of(response: TestResponse) -> dict[str, Any]:
     assert response.status_code == 200, response.get_json()
     analysis: dict[str, Any] = response.get_json()["analysis"]
     return analysis
-
-
-def assert_json_error(response: TestResponse, status: int, code: str) -> None:
-    """The contract's error: JSON with a message and a stable code."""
-    assert response.status_code == status
-    assert response.mimetype == "application/json"
-    body = response.get_json()
-    assert body["code"] == code
-    assert isinstance(body["error"], str)
-    assert body["error"]
 
 
 def messages_of(call: RecordedRequest) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -160,18 +145,6 @@ def note_block(text: str) -> str:
 def is_tagged(text: str, lang: str) -> bool:
     """Whether a text names this language tag as a whole word."""
     return re.search(rf"(?<![\w-]){re.escape(lang)}(?![\w-])", text) is not None
-
-
-@pytest.fixture
-def client_with(make_config: Callable[..., Config]) -> Callable[..., FlaskClient]:
-    """A test client for an app whose Config differs from the default by some fields."""
-
-    def build(**overrides: Any) -> FlaskClient:
-        flask_app = create_app(make_config(**overrides))
-        flask_app.testing = True
-        return flask_app.test_client()
-
-    return build
 
 
 @pytest.fixture

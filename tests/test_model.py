@@ -24,13 +24,13 @@ from app import (
     NotFood,
     UpstreamError,
     build_model_request,
-    create_app,
     normalise_analysis,
     parse_model_content,
     parse_number,
     retry_after_seconds,
 )
 from tests import images
+from tests.conftest import post_photo
 from tests.fakes import (
     DEFAULT_ANALYSIS,
     ChatCompletionsServer,
@@ -62,12 +62,7 @@ def post_image(
     client: FlaskClient, headers: dict[str, str], data: bytes = MEAL, query: str = ""
 ) -> TestResponse:
     """POST one photo to /analyze-food as a multipart upload."""
-    return client.post(
-        f"/analyze-food{query}",
-        data={"image": (io.BytesIO(data), "meal.jpg")},
-        headers=headers,
-        content_type="multipart/form-data",
-    )
+    return post_photo(client, headers, data, query)
 
 
 def answer_with(**changes: Any) -> Reply:
@@ -85,18 +80,6 @@ def cached_keys(redis: RedisServer) -> list[bytes]:
 def stalled(reply: Reply, seconds: float = 1.0) -> Reply:
     """The same reply, sent only after a delay."""
     return dataclasses.replace(reply, delay=seconds)
-
-
-@pytest.fixture
-def client_with(make_config: Callable[..., Config]) -> Callable[..., FlaskClient]:
-    """A test client for an app whose Config differs from the default by some fields."""
-
-    def build(**overrides: Any) -> FlaskClient:
-        flask_app = create_app(make_config(**overrides))
-        flask_app.testing = True
-        return flask_app.test_client()
-
-    return build
 
 
 def assert_upstream_error(response: TestResponse, status: int = 502) -> None:

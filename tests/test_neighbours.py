@@ -3,7 +3,6 @@ Service. Each is a real process or socket; what the caller gets is the contract'
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import time
@@ -18,6 +17,7 @@ from werkzeug.test import TestResponse
 
 from app import CACHE_PREFIX, CircuitBreaker, Config, create_app
 from tests import images
+from tests.conftest import post_photo
 from tests.fakes import (
     DEFAULT_ANALYSIS,
     ChatCompletionsServer,
@@ -45,12 +45,7 @@ def post_image(
     client: FlaskClient, headers: dict[str, str], data: bytes, query: str = ""
 ) -> TestResponse:
     """POST one photo to /analyze-food as a multipart upload."""
-    return client.post(
-        f"/analyze-food{query}",
-        data={"image": (io.BytesIO(data), "meal.jpg")},
-        headers=headers,
-        content_type="multipart/form-data",
-    )
+    return post_photo(client, headers, data, query)
 
 
 def app_for(config: Config) -> Flask:

@@ -4,7 +4,6 @@ that cannot get a slot within MODEL_QUEUE_TIMEOUT answers 503 overloaded with Re
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -17,6 +16,7 @@ from werkzeug.test import TestResponse
 
 from app import CACHE_PREFIX, Config, create_app
 from tests import images
+from tests.conftest import post_photo
 from tests.fakes import (
     DEFAULT_ANALYSIS,
     ChatCompletionsServer,
@@ -34,12 +34,7 @@ def post_image(
     flask_app: Flask, headers: dict[str, str], data: bytes, query: str = ""
 ) -> TestResponse:
     """POST one photo to /analyze-food through a client of its own (one per thread)."""
-    return flask_app.test_client().post(
-        f"/analyze-food{query}",
-        data={"image": (io.BytesIO(data), "meal.jpg")},
-        headers=headers,
-        content_type="multipart/form-data",
-    )
+    return post_photo(flask_app.test_client(), headers, data, query)
 
 
 def one_slot_app(make_config: Callable[..., Config], queue_timeout: float) -> Flask:

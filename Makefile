@@ -6,7 +6,7 @@ SECRETS_DIR ?= .local/secrets
 PORT ?= 8083
 USER_ID ?= dev-user
 
-.PHONY: run test lint token secrets clean
+.PHONY: run test lint token secrets clean bench
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ test: lint
 
 secrets:
 	sh tools/make-secrets.sh
+
+bench: $(VENV)/.dev
+	$(BIN)/python bench/run.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -43,7 +43,7 @@ def _photo(width: int, height: int, color: RGB, seed: int, noise: int = 25) -> I
     """A phone-like scene: lit gradient, a plate with food blobs, sensor noise (deterministic).
 
     `noise` is the amplitude of each of the two uniform luma layers (0..noise grey levels each;
-    their sum has a standard deviation of about 10.4 grey levels at 25, 3.4 at 8; 0: no noise).
+    their sum has a standard deviation of about 10.5 grey levels at 25, 3.3 at 8; 0: no noise).
     """
     rng = random.Random(seed)
     # The smooth scene is drawn small and scaled up; only the noise needs every pixel.
@@ -147,7 +147,7 @@ def jpeg(
     food blobs and sensor noise, about the size a phone produces); `seed` varies the photo.
     `noise` (photo only, 0 to 127) is the amplitude of each of the two uniform noise layers: the
     default 25 (standard deviation about 10 grey levels) is like an un-denoised high-ISO shot, 8
-    (about 3.4) like a phone's denoised daylight shot, 0 adds none.
+    (about 3.3) like a phone's denoised daylight shot, 0 adds none.
     """
     if not 0 <= noise <= 127:
         raise ValueError(f"noise must be from 0 to 127, not {noise}")

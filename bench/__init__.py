@@ -1,0 +1,1 @@
+"""Benchmark harness of the Image Service: `make bench` runs `bench/run.py`."""

@@ -1,0 +1,324 @@
+"""The real stack on loopback: a Redis of its own, the fake model and User Service, gunicorns.
+
+Everything is started by `Stack` and stopped by `Stack.close()` (also on failure: use it in a
+`with` block). Gunicorn masters get SIGTERM from Linux if the harness dies without cleaning up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import jwt
+
+from tests.fakes import (
+    ChatCompletionsServer,
+    RecordedRequest,
+    RedisServer,
+    Reply,
+    UserServiceServer,
+    free_port,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+STARTUP_TIMEOUT = 30.0
+SHUTDOWN_TIMEOUT = 10.0
+INHERITED_VARIABLES = ("PATH", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV")
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL("libc.so.6", use_errno=True) if sys.platform == "linux" else None
+
+
+def die_with_parent() -> None:
+    """In the child before exec: Linux sends SIGTERM when the harness goes away."""
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class DelayedModel(ChatCompletionsServer):
+    """The tests' Chat Completions server, answering every call after `delay` seconds."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        super().__init__()
+
+    def default_reply(self, request: RecordedRequest) -> Reply:
+        """The usual analysis, late by the model delay."""
+        reply = super().default_reply(request)
+        reply.delay = self.delay
+        return reply
+
+
+@dataclass
+class Gunicorn:
+    """One gunicorn master started by the harness."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    last_workers: list[int] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """Where it answers."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def worker_pids(self) -> list[int]:
+        """The master's children (its workers), read from /proc."""
+        pids: list[int] = []
+        for children in Path(f"/proc/{self.process.pid}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                pids.extend(int(pid) for pid in children.read_text().split())
+        return sorted(set(pids))
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The end of its output, for error messages."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def wait_until_live(self, deadline: float) -> None:
+        """Poll /health/live until it answers 200, or raise with the log."""
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"gunicorn {self.name} exited with {self.process.returncode}:\n"
+                    f"{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(f"{self.url}/health/live", timeout=1) as answer:
+                    if answer.status == 200 and len(self.worker_pids()) > 0:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass  # not listening yet
+            time.sleep(0.1)
+        raise RuntimeError(f"gunicorn {self.name} did not start in time:\n{self.log_tail()}")
+
+    def wait_until_idle(self, deadline: float, window: float = 0.3) -> None:
+        """Wait until the workers have finished importing: almost no CPU over `window` s."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        while time.monotonic() < deadline:
+            before = cpu_ticks(self.worker_pids())
+            time.sleep(window)
+            if (cpu_ticks(self.worker_pids()) - before) / ticks < 0.05 * window:
+                return
+
+    def terminate(self) -> None:
+        """Send SIGTERM, remembering the workers in case they must be killed."""
+        self.last_workers = self.worker_pids()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def wait_stopped(self) -> None:
+        """Wait for the exit; SIGKILL master and workers if they outlive SHUTDOWN_TIMEOUT."""
+        try:
+            self.process.wait(timeout=SHUTDOWN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            for pid in self.last_workers:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def cpu_ticks(pids: list[int]) -> int:
+    """User plus system CPU time of these processes, in clock ticks."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total
+
+
+class Stack:
+    """Redis, the fake model, the fake User Service and any number of gunicorns."""
+
+    def __init__(self, model_delay: float) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="image-service-bench-"))
+        self.jwt_secret = secrets.token_hex(32)
+        self.redis_password = secrets.token_hex(16)
+        self.openai_key = "bench-" + secrets.token_hex(12)
+        self.gunicorns: dict[str, Gunicorn] = {}
+        self.redis: RedisServer | None = None
+        self.model: DelayedModel | None = None
+        self.user_service: UserServiceServer | None = None
+        try:
+            self.redis = RedisServer(password=self.redis_password)
+            self.model = DelayedModel(model_delay)
+            self.user_service = UserServiceServer()
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> Self:
+        """Use the stack in a with block; it is closed on the way out."""
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Stop everything."""
+        self.close()
+
+    def token(self) -> str:
+        """An access token the service accepts for the next hour."""
+        now = int(time.time())
+        claims = {"sub": "bench-user", "type": "access", "iat": now, "exp": now + 3600}
+        return jwt.encode(claims, self.jwt_secret, algorithm="HS256")
+
+    def environment(self, name: str, port: int, overrides: dict[str, str]) -> dict[str, str]:
+        """The environment of one gunicorn: the collaborators, plus the overrides.
+
+        Whatever the overrides do not name keeps gunicorn.conf.py's default.
+        """
+        assert self.redis is not None
+        assert self.model is not None
+        assert self.user_service is not None
+        folder = self.workdir / name
+        (folder / "secrets").mkdir(parents=True)
+        inherited = {key: os.environ[key] for key in INHERITED_VARIABLES if key in os.environ}
+        return {
+            **inherited,
+            "HOME": str(folder),
+            "SECRETS_DIR": str(folder / "secrets"),
+            "PROMETHEUS_MULTIPROC_DIR": str(folder / "metrics"),
+            "GUNICORN_BIND": f"127.0.0.1:{port}",
+            "REDIS_HOST": "127.0.0.1",
+            "REDIS_PORT": str(self.redis.port),
+            "REDIS_PASSWORD": self.redis_password,
+            "OPENAI_API_KEY": self.openai_key,
+            "OPENAI_BASE_URL": self.model.base_url,
+            "USER_SERVICE_URL": self.user_service.url,
+            "JWT_SECRET": self.jwt_secret,
+            "PYTHONUNBUFFERED": "1",
+            **overrides,
+        }
+
+    def start_gunicorn(self, name: str, target: str, **overrides: str) -> Gunicorn:
+        """Start `gunicorn <target>` from the repository root without waiting for it."""
+        port = free_port()
+        env = self.environment(name, port, overrides)
+        log_path = self.workdir / name / "gunicorn.log"
+        with open(log_path, "wb") as output:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", target],
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,  # only calls prctl: fork-safe
+            )
+        server = Gunicorn(name=name, process=process, port=port, log_path=log_path)
+        self.gunicorns[name] = server
+        return server
+
+    def wait_until_ready(self, *servers: Gunicorn) -> None:
+        """Wait for every server to answer and its workers to settle, within one deadline."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        for server in servers:
+            server.wait_until_live(deadline)
+        for server in servers:
+            server.wait_until_idle(deadline)
+
+    def flush_redis(self) -> None:
+        """Forget every cached analysis."""
+        assert self.redis is not None
+        self.redis.flush()
+
+    def close(self) -> None:
+        """Stop gunicorns, fakes and Redis; remove the work folder. Safe to call twice."""
+        servers, self.gunicorns = list(self.gunicorns.values()), {}
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            server.wait_stopped()
+        for fake in (self.model, self.user_service):
+            if fake is not None:
+                fake.close()
+        if self.redis is not None:
+            self.redis.stop()
+        self.model = self.user_service = self.redis = None
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class PeakMemory:
+    """Samples the workers' peak resident memory (VmHWM) while a block runs.
+
+    On entry each current worker's peak is reset to its present size (``5 > clear_refs``), so
+    the peak belongs to the block; workers that start during the block are sampled too.
+    """
+
+    def __init__(self, server: Gunicorn, interval: float = 0.1) -> None:
+        self.server = server
+        self.interval = interval
+        self.peak_kb = 0
+        self.workers_seen: set[int] = set()
+        self.reset_ok = True
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample_until_stopped, daemon=True)
+
+    def __enter__(self) -> Self:
+        """Reset the workers' peaks and start sampling."""
+        for pid in self.server.worker_pids():
+            try:
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
+            except OSError:
+                self.reset_ok = False
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Stop sampling, after one last sample."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sample()
+
+    def sample(self) -> None:
+        """Read every worker's VmHWM once."""
+        for pid in self.server.worker_pids():
+            peak = status_kb(pid, "VmHWM")
+            if peak is not None:
+                self.workers_seen.add(pid)
+                self.peak_kb = max(self.peak_kb, peak)
+
+    def _sample_until_stopped(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+
+def status_kb(pid: int, name: str) -> int | None:
+    """A ``kB`` field of /proc/<pid>/status, such as VmHWM or VmRSS."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{name}:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

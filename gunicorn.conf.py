@@ -7,11 +7,10 @@ line). A request spends seconds waiting on the vision model, so each worker runs
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
-
-from prometheus_client import multiprocess
 
 
 def env_int(name: str, default: int) -> int:
@@ -65,9 +64,12 @@ accesslog = "-"
 errorlog = "-"
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms "%({x-request-id}o)s"'
 
-# Workers write their metrics to files in one folder; /metrics sums them. A fresh folder per
-# start keeps counts from an earlier run out.
-if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+# Workers write their metrics to files in one folder; /metrics sums them. prometheus_client
+# chooses between in-process and per-file values when it is first imported, so the folder is
+# set before anything imports it (nothing above does). A fresh folder per start keeps counts from
+# an earlier run out; one made here is removed when gunicorn exits.
+OWN_METRICS_DIR = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if OWN_METRICS_DIR:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="image-service-metrics-")
 else:
     metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
@@ -78,4 +80,12 @@ else:
 
 def child_exit(server: Any, worker: Any) -> None:
     """Drop a dead worker's live metrics so they are not summed forever."""
+    from prometheus_client import multiprocess
+
     multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+
+def on_exit(server: Any) -> None:
+    """Remove the metrics folder this configuration made."""
+    if OWN_METRICS_DIR:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

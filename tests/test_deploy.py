@@ -75,7 +75,16 @@ def test_metrics_count_requests_cache_and_model_across_two_workers(
     tmp_path: Path,
 ) -> None:
     photo = images.jpeg(color=(140, 70, 20))
-    with running_gunicorn(redis, model, user_service, tmp_path, GUNICORN_WORKERS="2") as server:
+    # No PROMETHEUS_MULTIPROC_DIR given: gunicorn.conf.py makes the folder, as in a container.
+    with running_gunicorn(
+        redis,
+        model,
+        user_service,
+        tmp_path,
+        GUNICORN_WORKERS="2",
+        PROMETHEUS_MULTIPROC_DIR=None,
+        TMPDIR=str(tmp_path),
+    ) as server:
         before = requests.get(f"{server.url}/metrics", timeout=5)
         statuses = [analyze(server, photo).status_code for _ in range(6)]
         statuses.append(analyze(server, photo, save="true").status_code)

@@ -67,6 +67,10 @@ DRAFT_SLACK = 0.9
 MIB = 1024 * 1024
 
 logger = logging.getLogger("image_service")
+# Log lines stay single lines (a caller's path or an upstream message cannot start a forged one).
+CONTROL_CHARACTERS = {code: f"\\x{code:02x}" for code in (*range(32), 127)}
+MAX_LOG_MESSAGE = 1000
+MIN_SECRET_FRAGMENT = 4
 
 # Formats Pillow may open (HEIF through pillow-heif: iPhones take HEIC photos).
 ACCEPTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "HEIF")
@@ -117,6 +121,9 @@ MAX_SUGGESTIONS = 3
 MAX_NOTE_LENGTH = 200
 MAX_ENERGY_GAP = 0.25
 MAX_USER_NOTE = 500
+# Answers from the model and the User Service are a few kilobytes; anything past this is refused.
+MAX_UPSTREAM_BYTES = 1024 * 1024
+UPSTREAM_CHUNK_BYTES = 64 * 1024
 
 
 # ---------------------------------------------------------------------------------------------
@@ -574,16 +581,26 @@ class RequestContextFilter(logging.Filter):
         self.secrets = tuple(secret for secret in secrets if len(secret) >= 4)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        """Add ``request_id``; redact secrets from the rendered message."""
+        """Add ``request_id``; keep the message one line, short, and free of secrets."""
         record.request_id = request_id_or_dash()
-        if self.secrets:
-            message = record.getMessage()
-            redacted = message
-            for secret in self.secrets:
-                redacted = redacted.replace(secret, "[redacted]")
-            if redacted != message:
-                record.msg, record.args = redacted, None
+        message = record.getMessage()
+        cleaned = message.translate(CONTROL_CHARACTERS)
+        if len(cleaned) > MAX_LOG_MESSAGE:
+            cleaned = cleaned[:MAX_LOG_MESSAGE] + "…"
+        for secret in self.secrets:
+            cleaned = cleaned.replace(secret, "[redacted]")
+            cleaned = redact_cut_secret(cleaned, secret)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
         return True
+
+
+def redact_cut_secret(text: str, secret: str) -> str:
+    """Redact the start of a secret left at the end of a shortened line."""
+    for length in range(min(len(secret), len(text)) - 1, MIN_SECRET_FRAGMENT - 1, -1):
+        if text.endswith(secret[:length]) or text.endswith(secret[:length] + "…"):
+            return text[: text.rfind(secret[:length])] + "[redacted]"
+    return text
 
 
 def request_id_or_dash() -> str:
@@ -1165,7 +1182,7 @@ class SingleFlight:
             if result is not None:
                 return result, False
             if time.monotonic() >= deadline:
-                return compute(), True
+                raise UpstreamTimeout("the analysis of this photo by another request is overdue")
             SINGLE_FLIGHT.labels("takeover").inc()
 
     def lead(
@@ -1180,7 +1197,12 @@ class SingleFlight:
         try:
             return compute()
         except ServiceError as error:
-            notice = {"token": token, "status": error.status, **error.body()}
+            notice = {
+                "token": token,
+                "status": error.status,
+                "headers": error.headers(),
+                **error.body(),
+            }
             with contextlib.suppress(StoreUnavailable):
                 self.store.set(failure_key, json.dumps(notice), FAILURE_NOTICE_SECONDS)
             raise
@@ -1231,15 +1253,21 @@ class RelayedError(ServiceError):
     def __init__(self, notice: Mapping[str, Any]) -> None:
         super().__init__(str(notice.get("error", "")), code=str(notice.get("code", "")))
         self.status = int(notice.get("status", 502))
+        headers = notice.get("headers")
+        self.extra_headers = {str(k): str(v) for k, v in (headers or {}).items()}
         self.extra = {
             name: value
             for name, value in notice.items()
-            if name not in ("token", "status", "error", "code")
+            if name not in ("token", "status", "headers", "error", "code")
         }
 
     def body(self) -> dict[str, Any]:
         """The holder's error body."""
         return {**super().body(), **self.extra}
+
+    def headers(self) -> dict[str, str]:
+        """The holder's error headers (``Retry-After``, ``WWW-Authenticate``)."""
+        return self.extra_headers
 
 
 def decode_cached(raw: bytes | str | None) -> dict[str, Any] | None:
@@ -1247,8 +1275,8 @@ def decode_cached(raw: bytes | str | None) -> dict[str, Any] | None:
     if raw is None:
         return None
     try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        value = parse_json(raw)
+    except ValueError:
         logger.warning("Ignoring an unreadable cache entry")
         return None
     return value if isinstance(value, dict) else None
@@ -1333,15 +1361,19 @@ class IdempotencyRecords:
         key = IDEMPOTENCY_PREFIX + hashlib.sha256(scope).hexdigest()
         token = uuid.uuid4().hex
         pending = json.dumps({"state": "pending", "digest": digest, "token": token})
-        try:
-            if self.store.add(key, pending, self.pending_seconds):
-                return IdempotencyClaim(key, token)
-            record = decode_cached(self.store.get(key))
-        except StoreUnavailable:
+        record = None
+        for _attempt in range(2):  # a record that expires between the two calls: try again
+            try:
+                if self.store.add(key, pending, self.pending_seconds):
+                    return IdempotencyClaim(key, token)
+                record = decode_cached(self.store.get(key))
+            except StoreUnavailable:
+                break
+            if record is not None:
+                break
+        if record is None:
             logger.warning("Idempotency-Key not enforced: the store is unavailable")
             return IdempotencyClaim(None, token)
-        if record is None:
-            return self.claim(user_id, idempotency_key, digest)
         if record.get("digest") != digest:
             raise IdempotencyKeyReused("this Idempotency-Key was already used with another photo")
         if record.get("state") != "done":
@@ -1365,6 +1397,70 @@ class IdempotencyRecords:
         pending = json.dumps({"state": "pending", "digest": digest, "token": claim.token})
         with contextlib.suppress(StoreUnavailable):
             self.store.delete_if(claim.key, pending)
+
+
+# ---------------------------------------------------------------------------------------------
+# Outbound HTTP (the model and the User Service)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpstreamReply:
+    """An upstream's whole answer, read within one deadline."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        """The body as JSON; ValueError when it is not JSON (or absurdly nested)."""
+        return parse_json(self.body)
+
+
+class AnswerTooSlow(requests.Timeout):
+    """The answer kept trickling in past its deadline."""
+
+
+class AnswerTooLarge(requests.RequestException):
+    """The answer is larger than any sensible one."""
+
+
+def post_json(
+    session: requests.Session,
+    url: str,
+    body: Mapping[str, Any],
+    headers: Mapping[str, str],
+    timeout: float,
+) -> UpstreamReply:
+    """POST JSON and read the whole answer within ``timeout`` seconds (each read, and in all).
+
+    ``requests`` bounds each socket read, not the answer, so a server dripping one byte at a
+    time could hold a request forever; the body is read here against a deadline instead, and
+    capped in size.
+    """
+    deadline = time.monotonic() + timeout
+    with session.post(
+        url, json=body, headers=dict(headers), timeout=(min(timeout, 10.0), timeout), stream=True
+    ) as response:
+        chunks: list[bytes] = []
+        size = 0
+        # read1 returns what one socket read brings, so the deadline is checked as bytes arrive.
+        while chunk := response.raw.read1(UPSTREAM_CHUNK_BYTES, decode_content=True):
+            size += len(chunk)
+            if size > MAX_UPSTREAM_BYTES:
+                raise AnswerTooLarge(f"the answer is larger than {MAX_UPSTREAM_BYTES} bytes")
+            chunks.append(chunk)
+            if time.monotonic() > deadline:
+                raise AnswerTooSlow(f"no complete answer within {timeout:g}s")
+        return UpstreamReply(response.status_code, response.headers, b"".join(chunks))
+
+
+def parse_json(data: bytes | str) -> Any:
+    """JSON, with absurd nesting reported as the ValueError any other bad JSON is."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1590,22 +1686,23 @@ def send_model_request(
 ) -> dict[str, Any]:
     """POST the request and classify any failure as transient or final."""
     try:
-        response = session.post(
+        response = post_json(
+            session,
             f"{config.openai_base_url}/chat/completions",
-            json=body,
-            headers={
-                "Authorization": f"Bearer {config.openai_api_key}",
-                "X-Client-Request-Id": request_id,
-            },
-            timeout=(min(config.openai_api_timeout, 10.0), config.openai_api_timeout),
+            body,
+            {"Authorization": f"Bearer {config.openai_api_key}", "X-Client-Request-Id": request_id},
+            config.openai_api_timeout,
         )
     except requests.Timeout:
         logger.warning("OpenAI API request failed: no answer within %gs", config.openai_api_timeout)
         raise UpstreamTimeout("the vision model did not answer in time") from None
+    except AnswerTooLarge:
+        logger.warning("OpenAI API request failed: the answer is too large")
+        raise UpstreamError("the vision model's answer is too large") from None
     except requests.RequestException as error:
         logger.warning("OpenAI API request failed: %s", type(error).__name__)
         raise TransientUpstreamError("the vision model could not be reached") from None
-    if response.status_code != 200:
+    if response.status != 200:
         raise model_http_error(response)
     try:
         payload = response.json()
@@ -1617,13 +1714,13 @@ def send_model_request(
     return payload
 
 
-def model_http_error(response: requests.Response) -> UpstreamError:
+def model_http_error(response: UpstreamReply) -> UpstreamError:
     """Classify a non-200 answer from the model."""
-    status = response.status_code
+    status = response.status
     error_code, message, param = openai_error_details(response)
-    logger.warning(
-        "OpenAI API request failed: HTTP %s %s %s", status, error_code or "", message[:200]
-    )
+    # The whole message is logged (answers are capped in size): the log filter redacts secrets,
+    # and a message cut short here could hold a part of one that it would not recognise.
+    logger.warning("OpenAI API request failed: HTTP %s %s %s", status, error_code or "", message)
     if status == 429 and error_code == "insufficient_quota":
         return UpstreamError("the vision model's account has no quota left")
     if status in RETRYABLE_STATUSES or status >= 500:
@@ -1635,7 +1732,7 @@ def model_http_error(response: requests.Response) -> UpstreamError:
     return rejected
 
 
-def openai_error_details(response: requests.Response) -> tuple[str | None, str, str | None]:
+def openai_error_details(response: UpstreamReply) -> tuple[str | None, str, str | None]:
     """The ``error.code`` (or ``error.type``), message and ``param`` of an OpenAI error body."""
     try:
         error = response.json().get("error")
@@ -1652,7 +1749,7 @@ def openai_error_details(response: requests.Response) -> tuple[str | None, str, 
     )
 
 
-def retry_after_seconds(response: requests.Response) -> float | None:
+def retry_after_seconds(response: UpstreamReply | requests.Response) -> float | None:
     """The wait a server asked for in ``retry-after-ms`` or ``Retry-After``."""
     milliseconds = response.headers.get("retry-after-ms")
     if milliseconds:
@@ -1724,7 +1821,10 @@ def parse_model_payload(payload: Mapping[str, Any], requested_model: str) -> Mod
     tokens = {
         name: int(value)
         for name, value in cast(dict[str, Any], usage).items()
-        if name in ("prompt_tokens", "completion_tokens", "total_tokens") and isinstance(value, int)
+        if name in ("prompt_tokens", "completion_tokens", "total_tokens")
+        and isinstance(value, int)
+        and not isinstance(value, bool)
+        and value >= 0
     }
     answered_by = payload.get("model")
     analysis = normalise_analysis(raw)
@@ -1740,7 +1840,7 @@ def parse_model_content(content: str) -> dict[str, Any]:
     if fenced:
         text = fenced.group(1).strip()
     try:
-        value = json.loads(text)
+        value = parse_json(text)
     except ValueError:
         raise UpstreamError("the vision model did not answer with JSON") from None
     if not isinstance(value, dict):
@@ -1878,14 +1978,17 @@ def parse_number(value: Any) -> float | None:
     """A number from a number or a string such as ``"450 kcal"`` or ``"1,200"``."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)):
-        number = float(value)
-    elif isinstance(value, str):
-        found = NUMBER_PATTERN.search(value)
-        if not found:
+    try:
+        if isinstance(value, (int, float)):
+            number = float(value)
+        elif isinstance(value, str):
+            found = NUMBER_PATTERN.search(value)
+            if not found:
+                return None
+            number = float(found.group().replace(",", ""))
+        else:
             return None
-        number = float(found.group().replace(",", ""))
-    else:
+    except OverflowError:
         return None
     return number if math.isfinite(number) else None
 
@@ -1965,11 +2068,12 @@ def save_food_entry(
         **{name: analysis[name] for name in ENTRY_DETAIL_FIELDS if name in analysis},
     }
     try:
-        response = session.post(
+        response = post_json(
+            session,
             f"{config.user_service_url}/food-entries",
-            json=entry,
-            headers={"Authorization": authorization, "X-Request-ID": request_id},
-            timeout=config.user_service_timeout,
+            entry,
+            {"Authorization": authorization, "X-Request-ID": request_id},
+            config.user_service_timeout,
         )
     except requests.RequestException as error:
         logger.error("Error saving food entry to user service: %s", type(error).__name__)
@@ -1978,9 +2082,9 @@ def save_food_entry(
     entry_id = created_entry_id(response)
     USER_SERVICE_REQUESTS.labels("error" if entry_id is None else "ok").inc()
     if entry_id is None:
-        logger.error("Error saving food entry to user service: HTTP %s", response.status_code)
+        logger.error("Error saving food entry to user service: HTTP %s", response.status)
         raise UserServiceError(
-            f"the User Service did not store the entry (HTTP {response.status_code})", analysis
+            f"the User Service did not store the entry (HTTP {response.status})", analysis
         )
     return entry_id
 
@@ -2009,9 +2113,9 @@ ENTRY_DETAIL_FIELDS = (
 )
 
 
-def created_entry_id(response: requests.Response) -> str | None:
+def created_entry_id(response: UpstreamReply) -> str | None:
     """The ``id`` (or ``entryId``) of a 200/201 answer, else None."""
-    if response.status_code not in (200, 201):
+    if response.status not in (200, 201):
         return None
     try:
         body = response.json()
@@ -2312,7 +2416,8 @@ def finish_request(response: Response) -> Response:
     response.headers["X-Request-ID"] = g.get("request_id", "-")
     seconds = time.perf_counter() - g.get("started", time.perf_counter())
     endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-    REQUESTS.labels(endpoint, request.method, str(response.status_code)).inc()
+    method = request.method if request.method in KNOWN_METHODS else "other"
+    REQUESTS.labels(endpoint, method, str(response.status_code)).inc()
     REQUEST_SECONDS.labels(endpoint).observe(seconds)
     logger.info(
         "%s %s %s %.1fms", request.method, request.path, response.status_code, seconds * 1000
@@ -2324,6 +2429,9 @@ def error_response(error: ServiceError) -> tuple[Response, int, dict[str, str]]:
     """The contract's JSON for a ServiceError."""
     return jsonify(error.body()), error.status, error.headers()
 
+
+# Methods counted by name in the metrics; any other a caller invents is counted as "other".
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 HTTP_ERROR_CODES = {
     400: "bad_request",
@@ -2421,7 +2529,11 @@ def create_app(config: Config | None = None) -> Flask:
         jwt_key=jwt_verification_key(config),
         started_at=time.monotonic(),
     )
-    CORS(app, origins=list(config.cors_origins), expose_headers=["X-Request-ID"])
+    CORS(
+        app,
+        origins=list(config.cors_origins),
+        expose_headers=["X-Request-ID", "Retry-After", "Idempotent-Replayed"],
+    )
     app.before_request(start_request)
     app.after_request(finish_request)
     app.register_error_handler(ServiceError, error_response)

@@ -5,9 +5,10 @@ Chat Completions API, caches the answer in Redis by image and, when asked, saves
 in the User Service. ``GET /health`` and ``GET /health/live`` serve the probes.
 
 Errors are ``ServiceError`` values carrying an HTTP status and a stable ``code``: ``BadRequest``,
-``Unauthorized``, ``Conflict``, ``PayloadTooLarge``, ``NotFood``, ``IdempotencyKeyReused``,
-``UpstreamError``, ``UpstreamTimeout``, ``UserServiceError``, ``AINotConfigured``, ``Overloaded``
-and ``InternalError``; one handler turns them into JSON.
+``Unauthorized``, ``Conflict``, ``NotFood``, ``IdempotencyKeyReused``, ``UpstreamError``,
+``UpstreamTimeout``, ``UserServiceError``, ``AINotConfigured``, ``Overloaded`` and
+``InternalError``; one handler turns them into JSON, and another turns Werkzeug's HTTP errors
+(404, 405, 413 ``payload_too_large``) into the same shape.
 """
 
 from __future__ import annotations
@@ -175,13 +176,6 @@ class Conflict(ServiceError):
 
     status = 409
     code = "idempotency_key_in_progress"
-
-
-class PayloadTooLarge(ServiceError):
-    """The body is over ``MAX_UPLOAD_MB`` (413)."""
-
-    status = 413
-    code = "payload_too_large"
 
 
 class IdempotencyKeyReused(ServiceError):
@@ -777,15 +771,12 @@ class PreparedImage:
     width: int
     height: int
     source_format: str
-    source_width: int
-    source_height: int
 
 
 def prepare_image(data: bytes, max_side: int, max_pixels: int) -> PreparedImage:
     """Decode an upload, orient it, flatten it to RGB, shrink it, and re-encode it bare."""
     image = open_image(data, max_pixels)
     source_format = image.format or "unknown"
-    source_size = image.size
     try:
         reduce_while_decoding(image, max_side)
         image.load()
@@ -803,8 +794,6 @@ def prepare_image(data: bytes, max_side: int, max_pixels: int) -> PreparedImage:
         width=image.width,
         height=image.height,
         source_format=source_format,
-        source_width=source_size[0],
-        source_height=source_size[1],
     )
 
 
@@ -1749,7 +1738,7 @@ def openai_error_details(response: UpstreamReply) -> tuple[str | None, str, str 
     )
 
 
-def retry_after_seconds(response: UpstreamReply | requests.Response) -> float | None:
+def retry_after_seconds(response: UpstreamReply) -> float | None:
     """The wait a server asked for in ``retry-after-ms`` or ``Retry-After``."""
     milliseconds = response.headers.get("retry-after-ms")
     if milliseconds:

@@ -12,9 +12,9 @@ from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any
 
 import pytest
-import requests
 from flask.testing import FlaskClient
 from PIL import Image
+from requests.structures import CaseInsensitiveDict
 from werkzeug.test import TestResponse
 
 from app import (
@@ -23,6 +23,7 @@ from app import (
     Config,
     NotFood,
     UpstreamError,
+    UpstreamReply,
     build_model_request,
     normalise_analysis,
     parse_model_content,
@@ -678,12 +679,9 @@ def test_normalise_analysis_drops_non_text_and_repeated_ingredients() -> None:
     assert normalise_analysis(raw)["ingredients"] == ["salmon", "lemon"]
 
 
-def response_with(headers: dict[str, str]) -> requests.Response:
-    """A 429 response carrying these headers."""
-    response = requests.Response()
-    response.status_code = 429
-    response.headers.update(headers)
-    return response
+def response_with(headers: dict[str, str]) -> UpstreamReply:
+    """A 429 answer carrying these headers."""
+    return UpstreamReply(429, CaseInsensitiveDict(headers), b"")
 
 
 @pytest.mark.parametrize(

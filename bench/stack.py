@@ -28,6 +28,7 @@ import jwt
 
 from tests.fakes import (
     ChatCompletionsServer,
+    ClosesOnExit,
     RecordedRequest,
     RedisServer,
     Reply,
@@ -148,7 +149,7 @@ def cpu_ticks(pids: list[int]) -> int:
     return total
 
 
-class Stack:
+class Stack(ClosesOnExit):
     """Redis, the fake model, the fake User Service and any number of gunicorns."""
 
     def __init__(self, model_delay: float) -> None:
@@ -167,19 +168,6 @@ class Stack:
         except BaseException:
             self.close()
             raise
-
-    def __enter__(self) -> Self:
-        """Use the stack in a with block; it is closed on the way out."""
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        """Stop everything."""
-        self.close()
 
     def token(self) -> str:
         """An access token the service accepts for the next hour."""

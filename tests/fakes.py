@@ -60,6 +60,27 @@ def free_port() -> int:
         return port
 
 
+class ClosesOnExit:
+    """A with block closes it: ``with Server() as server: ...`` calls ``server.close()``."""
+
+    def close(self) -> None:
+        """Release everything it holds."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        """Use it in a with block."""
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Close it."""
+        self.close()
+
+
 # ---------------------------------------------------------------- recorded requests and replies
 
 
@@ -201,7 +222,7 @@ class _RecordingHandler(BaseHTTPRequestHandler):
         return b"".join(chunks)
 
 
-class RecordingServer(ThreadingHTTPServer):
+class RecordingServer(ClosesOnExit, ThreadingHTTPServer):
     """A loopback HTTP/1.1 server in a daemon thread that records requests and plays replies."""
 
     daemon_threads = True
@@ -278,19 +299,6 @@ class RecordingServer(ThreadingHTTPServer):
             with contextlib.suppress(OSError):  # the client may have hung up already
                 connection.shutdown(socket.SHUT_RDWR)
         self._serving.join(timeout=5)
-
-    def __enter__(self) -> Self:
-        """Use the running server in a with block."""
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        """Close the server."""
-        self.close()
 
     # -- what subclasses define
 
@@ -483,7 +491,7 @@ class UserServiceServer(RecordingServer):
 # ---------------------------------------------------------------- a port that never answers
 
 
-class StalledServer:
+class StalledServer(ClosesOnExit):
     """A TCP listener that accepts connections and never writes: a hung Redis or HTTP peer."""
 
     def __init__(self) -> None:
@@ -538,19 +546,6 @@ class StalledServer:
         for connection in connections:
             connection.close()
 
-    def __enter__(self) -> Self:
-        """Use the listener in a with block."""
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        """Close the listener."""
-        self.close()
-
 
 # ---------------------------------------------------------------- a real Redis
 
@@ -577,7 +572,7 @@ class _PortInUseError(RuntimeError):
     """redis-server could not bind its port."""
 
 
-class RedisServer:
+class RedisServer(ClosesOnExit):
     """A throwaway `redis-server` on 127.0.0.1, no persistence, started by the constructor.
 
     Call stop() (fixtures do, in a finally or after yield); a server forgotten anyway is stopped
@@ -710,6 +705,10 @@ class RedisServer:
         """The pid of the running redis-server."""
         return self._process.pid if self._process is not None else None
 
+    def close(self) -> None:
+        """Stop the server (what a with block does on the way out)."""
+        self.stop()
+
     def stop(self) -> None:
         """Terminate the server and wait for it; safe to call twice."""
         process, self._process = self._process, None
@@ -725,16 +724,3 @@ class RedisServer:
             self._last_log = self.log()
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
-
-    def __enter__(self) -> Self:
-        """Use the running server in a with block."""
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        """Stop the server."""
-        self.stop()

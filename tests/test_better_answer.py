@@ -372,33 +372,6 @@ def test_two_note_fields_answer_400_without_calling_the_model(
     assert model.calls == []
 
 
-def test_same_photo_with_a_different_note_asks_the_model_again(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
-) -> None:
-    post_image(client, auth_headers, note="half portion")
-    response = post_image(client, auth_headers, note="double portion")
-    assert response.get_json()["source"] == "api"
-    assert len(model.calls) == 2
-
-
-def test_same_photo_with_the_same_note_comes_from_the_cache(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
-) -> None:
-    post_image(client, auth_headers, note="half portion")
-    response = post_image(client, auth_headers, note="half portion")
-    assert response.get_json()["source"] == "cache"
-    assert len(model.calls) == 1
-
-
-def test_note_and_no_note_are_cached_apart(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
-) -> None:
-    post_image(client, auth_headers)
-    response = post_image(client, auth_headers, note="half portion")
-    assert response.get_json()["source"] == "api"
-    assert len(model.calls) == 2
-
-
 # ------------------------------------------------------------------ the answer's language
 
 
@@ -450,22 +423,32 @@ def test_lang_wins_over_accept_language(
     assert not is_tagged(text, "de-DE")
 
 
-def test_different_lang_asks_the_model_again(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
-) -> None:
-    post_image(client, auth_headers, query="?lang=en")
-    response = post_image(client, auth_headers, query="?lang=es")
-    assert response.get_json()["source"] == "api"
-    assert len(model.calls) == 2
+# Each case: the first request's (query, note), the second's, and where the second answer
+# comes from. note and lang are part of the cache key; the same photo is sent both times.
+CACHE_KEY_CASES = {
+    "different note": (("", "half portion"), ("", "double portion"), "api"),
+    "same note": (("", "half portion"), ("", "half portion"), "cache"),
+    "note after none": (("", None), ("", "half portion"), "api"),
+    "different lang": (("?lang=en", None), ("?lang=es", None), "api"),
+    "same lang": (("?lang=es", None), ("?lang=es", None), "cache"),
+}
 
 
-def test_same_lang_comes_from_the_cache(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+@pytest.mark.parametrize(
+    ("first", "second", "source"), CACHE_KEY_CASES.values(), ids=CACHE_KEY_CASES.keys()
+)
+def test_note_and_lang_are_part_of_the_cache_key(
+    client: FlaskClient,
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+    first: tuple[str, str | None],
+    second: tuple[str, str | None],
+    source: str,
 ) -> None:
-    post_image(client, auth_headers, query="?lang=es")
-    response = post_image(client, auth_headers, query="?lang=es")
-    assert response.get_json()["source"] == "cache"
-    assert len(model.calls) == 1
+    post_image(client, auth_headers, query=first[0], note=first[1])
+    response = post_image(client, auth_headers, query=second[0], note=second[1])
+    assert response.get_json()["source"] == source
+    assert len(model.calls) == (1 if source == "cache" else 2)
 
 
 # ------------------------------------------------------------------ consistency warnings

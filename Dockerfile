@@ -1,13 +1,18 @@
-# syntax=docker/dockerfile:1
 # Image Service: `gunicorn app:app` on port 8083, as the non-root user 10001, under tini.
 #   docker build -t image-service .
+#   docker build --build-arg PYTHON_IMAGE=registry.example.com/python:3.11.15-slim-bookworm .
 #   docker run -p 8083:8083 -v "$PWD/secrets-dir:/run/secrets:ro" image-service
-# Requires BuildKit (the default builder since Docker 23) for RUN --mount and COPY --chmod.
+# Requires BuildKit (the default builder since Docker 23) for RUN --mount and COPY --chmod; its
+# built-in frontend has both, so no `# syntax=` line makes the build pull one from a registry.
+
+# The base of both stages; name a mirror of the same image at build time if Docker Hub is out of
+# reach.
+ARG PYTHON_IMAGE=python:3.11.15-slim-bookworm
 
 # ---------------------------------------------------------------- build: requirements -> wheels
 # Every runtime dependency ships manylinux wheels for CPython 3.11, so no compiler is installed;
 # a dependency that ever needs one fails here, loudly, instead of growing the runtime image.
-FROM python:3.11.15-slim-bookworm AS build
+FROM ${PYTHON_IMAGE} AS build
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
@@ -18,7 +23,7 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels -r requirements.txt \
     && cp requirements.txt /wheels/
 
 # ---------------------------------------------------------------- runtime
-FROM python:3.11.15-slim-bookworm AS runtime
+FROM ${PYTHON_IMAGE} AS runtime
 
 LABEL org.opencontainers.image.title="image-service" \
       org.opencontainers.image.description="Turns a photo of a meal into nutrition facts."

@@ -1,7 +1,8 @@
-"""docker-entrypoint.sh and tools/user_service_stub.py, each run as the real process it is."""
+"""docker-entrypoint.sh and the stubs in tools/, each run as the real process it is."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,16 +15,21 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from flask.testing import FlaskClient
+
+from tests import images
+from tests.conftest import post_photo
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINT = ROOT / "docker-entrypoint.sh"
 STUB = ROOT / "tools" / "user_service_stub.py"
+MODEL_STUB = ROOT / "tools" / "model_stub.py"
 # Far above every bound the tests set (1-10 s), so a wait that is not bounded fails the test.
 PROCESS_TIMEOUT = 30
 SECRET_VARIABLES = {
@@ -425,7 +431,7 @@ def test_no_command_is_refused(secrets_dir: Path, no_secrets_needed: dict[str, s
 
 @dataclass
 class Stub:
-    """A running tools/user_service_stub.py."""
+    """A running stub from tools/."""
 
     process: subprocess.Popen[bytes]
     base_url: str
@@ -446,12 +452,25 @@ def call(method: str, url: str, body: bytes | None = None) -> tuple[int, Any]:
 
 @pytest.fixture
 def stub(tmp_path: Path) -> Iterator[Stub]:
-    """The stub on a free port, ready to answer; stopped with SIGTERM afterwards."""
+    """The User Service stub on a free port, ready to answer; stopped with SIGTERM afterwards."""
+    with running_stub(STUB, tmp_path / "stub.log") as running:
+        yield running
+
+
+@pytest.fixture
+def model_stub(tmp_path: Path) -> Iterator[Stub]:
+    """The model stub on a free port, ready to answer; stopped with SIGTERM afterwards."""
+    with running_stub(MODEL_STUB, tmp_path / "model-stub.log") as running:
+        yield running
+
+
+@contextlib.contextmanager
+def running_stub(script: Path, log: Path) -> Iterator[Stub]:
+    """The stub `script` on a free port, ready to answer; stopped with SIGTERM afterwards."""
     port = free_port()
-    log = tmp_path / "stub.log"
     with log.open("wb") as output:
         process = subprocess.Popen(
-            [sys.executable, str(STUB)],
+            [sys.executable, str(script)],
             env={**os.environ, "PORT": str(port)},
             stdout=output,
             stderr=subprocess.STDOUT,
@@ -517,3 +536,38 @@ def test_stub_logs_each_request_and_stops_cleanly_on_sigterm(stub: Stub) -> None
     log = stub.log.read_text()
     assert '"GET /health HTTP/1.1" 200' in log
     assert "stopped" in log
+
+
+def test_model_stub_answers_the_service_with_an_analysis(
+    model_stub: Stub,
+    client_with: Callable[..., FlaskClient],
+    auth_headers: dict[str, str],
+) -> None:
+    client = client_with(openai_base_url=f"{model_stub.base_url}/v1")
+
+    response = post_photo(client, auth_headers, images.jpeg(color=(200, 120, 60)))
+
+    assert response.status_code == 200
+    analysis = response.get_json()["analysis"]
+    assert analysis["name"] == "Grilled Salmon with Asparagus"
+    assert analysis["calories"] == 390
+    assert len(analysis["items"]) == 2
+    assert call("GET", f"{model_stub.base_url}/stats") == (200, {"completions": 1})
+
+
+def test_model_stub_knows_any_model_and_refuses_a_body_that_is_not_json(model_stub: Stub) -> None:
+    status, model = call("GET", f"{model_stub.base_url}/v1/models/gpt-4.1-mini")
+    refused, error = call("POST", f"{model_stub.base_url}/v1/chat/completions", b"not json")
+
+    assert (status, model["id"], model["object"]) == (200, "gpt-4.1-mini", "model")
+    assert refused == 400
+    assert error["error"]["message"]
+
+
+def test_model_stub_stops_cleanly_on_sigterm(model_stub: Stub) -> None:
+    call("GET", f"{model_stub.base_url}/health")
+
+    model_stub.process.send_signal(signal.SIGTERM)
+
+    assert model_stub.process.wait(timeout=10) == 0
+    assert "model-stub: stopped" in model_stub.log.read_text()

@@ -1,21 +1,41 @@
-"""The service as deployed: gunicorn.conf.py under a slow model, and /metrics across workers."""
+"""The service as deployed: gunicorn, /metrics, the image, the compose stack and its gateway."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import re
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import pytest
 import requests
+import yaml
 from flask.testing import FlaskClient
 
+from app import REQUEST_ID_PATTERN, Config
 from tests import images
 from tests.fakes import ChatCompletionsServer, RedisServer, UserServiceServer
 from tests.test_gunicorn import analyze, bearer, running_gunicorn
 
 MODEL_DELAY = 2.0
+ROOT = Path(__file__).resolve().parents[1]
+ESCAPES = {"n": "\n", "r": "\r", "t": "\t"}
+NGINX_CONF = ROOT / "deploy" / "nginx.conf"
+# The errors the gateway answers itself: nginx's status, the status sent, the code in the body.
+GATEWAY_ERRORS = [
+    (400, 400, "bad_request"),
+    (408, 408, "request_timeout"),
+    (413, 413, "payload_too_large"),
+    (414, 414, "uri_too_long"),
+    (494, 431, "header_too_large"),
+    (500, 500, "internal_error"),
+    (502, 502, "bad_gateway"),
+    (504, 504, "gateway_timeout"),
+]
 
 
 def metric_total(text: str, name: str, **labels: str) -> float:
@@ -114,3 +134,231 @@ def test_metrics_need_no_token(client: FlaskClient) -> None:
     response = client.get("/metrics")
     assert response.status_code == 200
     assert "image_service_requests_total" in response.get_data(as_text=True)
+
+
+# ---------------------------------------------------------------- the gateway, the image, compose
+
+
+@dataclasses.dataclass
+class Block:
+    """One nginx block (or the whole file): its directives in order, and the blocks it holds."""
+
+    name: str
+    args: tuple[str, ...] = ()
+    directives: list[tuple[str, tuple[str, ...]]] = dataclasses.field(default_factory=list)
+    blocks: list[Block] = dataclasses.field(default_factory=list)
+
+    def values(self, name: str) -> list[tuple[str, ...]]:
+        """The arguments of every directive `name` directly in this block."""
+        return [args for directive, args in self.directives if directive == name]
+
+    def value(self, name: str) -> str:
+        """The single argument of the one directive `name` directly in this block."""
+        (args,) = self.values(name)
+        (value,) = args
+        return value
+
+    def value_pair(self, name: str) -> tuple[str, str]:
+        """The two arguments of the one directive `name` directly in this block."""
+        (args,) = self.values(name)
+        first, second = args
+        return first, second
+
+    def block(self, name: str, *args: str) -> Block:
+        """The one block directly in this one with that name and arguments."""
+        (found,) = [block for block in self.blocks if (block.name, block.args) == (name, args)]
+        return found
+
+
+def parse_nginx(text: str) -> Block:
+    """nginx's configuration syntax: words, quoted strings, `;`, `{`, `}`, `#` comments."""
+    tokens = re.findall(
+        r"'((?:[^'\\]|\\.)*)'|\"((?:[^\"\\]|\\.)*)\"|([;{}])|#[^\n]*|([^\s;{}#'\"]+)", text
+    )
+    root = Block("main")
+    stack = [root]
+    words: list[str] = []
+    for single, double, punctuation, word in tokens:
+        if single or double:
+            words.append(re.sub(r"\\(.)", lambda m: ESCAPES.get(m[1], m[1]), single or double))
+        elif word:
+            words.append(word)
+        elif punctuation == ";":
+            stack[-1].directives.append((words[0], tuple(words[1:])))
+            words = []
+        elif punctuation == "{":
+            block = Block(words[0], tuple(words[1:]))
+            stack[-1].blocks.append(block)
+            stack.append(block)
+            words = []
+        elif punctuation == "}":
+            stack.pop()
+    assert len(stack) == 1, "unbalanced braces"
+    assert not words, "a directive without its semicolon at the end"
+    return root
+
+
+def seconds(value: str) -> float:
+    """An nginx time: 5s, 3m, 180."""
+    number, unit = re.fullmatch(r"(\d+)(ms|s|m|h)?", value).groups()  # type: ignore[union-attr]
+    return int(number) * {"ms": 0.001, None: 1, "s": 1, "m": 60, "h": 3600}[unit]
+
+
+def size_bytes(value: str) -> int:
+    """An nginx size: 10m, 72k, 512."""
+    number, unit = re.fullmatch(r"(\d+)([kKmMgG]?)", value).groups()  # type: ignore[union-attr]
+    return int(number) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit.lower()]
+
+
+def gateway_error_body(nginx: Block, page: str) -> tuple[int, dict[str, Any]]:
+    """The status and JSON body of one of the gateway's own error pages."""
+    errors = nginx.block("http").block("server").block("location", "/_gateway_errors/")
+    status, body = errors.block("location", "=", page).value_pair("return")
+    return int(status), json.loads(body)
+
+
+def gunicorn_settings(tmp_path: Path) -> dict[str, Any]:
+    """gunicorn.conf.py's values with the default environment, read in a process of its own."""
+    script = (
+        "import json, runpy; settings = runpy.run_path('gunicorn.conf.py');"
+        " settings['on_exit'](None);"
+        " print(json.dumps({name: settings[name] for name in"
+        " ('timeout', 'limit_request_field_size', 'bind')}))"
+    )
+    environment = {"PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)}
+    output = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=environment, capture_output=True,
+        text=True, check=True, timeout=30,
+    ).stdout  # fmt: skip
+    settings: dict[str, Any] = json.loads(output)
+    return settings
+
+
+@pytest.fixture(scope="module")
+def nginx() -> Block:
+    """deploy/nginx.conf, parsed."""
+    return parse_nginx(NGINX_CONF.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    """docker-compose.yml, parsed."""
+    parsed: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return parsed
+
+
+def test_gateway_takes_bodies_up_to_max_upload_mb(nginx: Block) -> None:
+    http = nginx.block("http")
+    limit = size_bytes(http.value("client_max_body_size"))
+
+    assert limit == Config().max_upload_bytes
+    _, answer = gateway_error_body(nginx, "/_gateway_errors/413")
+    assert f"larger than {Config().max_upload_mb:g} MB" in answer["error"]
+
+
+def test_gateway_waits_for_the_longest_request_gunicorn_allows(
+    nginx: Block, tmp_path: Path
+) -> None:
+    proxy = nginx.block("http").block("server").block("location", "/")
+    read_timeout = seconds(proxy.value("proxy_read_timeout"))
+
+    assert read_timeout > Config().worst_request_seconds
+    assert read_timeout > gunicorn_settings(tmp_path)["timeout"]
+
+
+def test_gateway_reads_each_request_whole_within_a_few_seconds(nginx: Block) -> None:
+    http = nginx.block("http")
+    proxy = http.block("server").block("location", "/")
+
+    assert proxy.value("proxy_request_buffering") == "on"
+    assert proxy.value("proxy_buffering") == "on"
+    assert 1 <= seconds(http.value("client_header_timeout")) <= 10
+    assert 1 <= seconds(http.value("client_body_timeout")) <= 10
+    assert "proxy_intercept_errors" not in [name for name, _ in proxy.directives]
+
+
+def test_gateway_header_lines_reach_gunicorn_up_to_its_own_limit(
+    nginx: Block, tmp_path: Path
+) -> None:
+    (args,) = nginx.block("http").values("large_client_header_buffers")
+
+    assert size_bytes(args[1]) == gunicorn_settings(tmp_path)["limit_request_field_size"]
+
+
+def test_gateway_passes_a_sane_request_id_and_makes_one_otherwise(nginx: Block) -> None:
+    http = nginx.block("http")
+    request_id_map = http.block("map", "$http_x_request_id", "$gateway_request_id")
+    proxy = http.block("server").block("location", "/")
+
+    patterns = dict(request_id_map.directives)
+    assert patterns == {
+        f"~^{REQUEST_ID_PATTERN.pattern}$": ("$http_x_request_id",),
+        "default": ("$request_id",),
+    }
+    assert ("X-Request-ID", "$gateway_request_id") in proxy.values("proxy_set_header")
+
+
+@pytest.mark.parametrize(("nginx_status", "status", "code"), GATEWAY_ERRORS)
+def test_gateway_answers_its_own_errors_as_json(
+    nginx: Block, nginx_status: int, status: int, code: str
+) -> None:
+    server = nginx.block("http").block("server")
+    pages = {args[0]: args[1:] for args in server.values("error_page")}
+    errors = server.block("location", "/_gateway_errors/")
+
+    returned_status, answer = gateway_error_body(nginx, pages[str(nginx_status)][-1])
+    assert returned_status == status
+    assert answer["code"] == code
+    assert answer["error"]
+    assert errors.values("internal") == [()]
+    assert ("X-Request-ID", "$gateway_request_id", "always") in errors.values("add_header")
+
+
+def test_gateway_keeps_metrics_off_the_public_side(nginx: Block) -> None:
+    metrics = nginx.block("http").block("server").block("location", "=", "/metrics")
+
+    status, body = metrics.value_pair("return")
+    assert (int(status), json.loads(body)["code"]) == (404, "not_found")
+    assert ("X-Request-ID", "$gateway_request_id", "always") in metrics.values("add_header")
+
+
+def test_gateway_listens_where_compose_publishes_it_and_proxies_to_the_service(
+    nginx: Block, compose: dict[str, Any], tmp_path: Path
+) -> None:
+    server = nginx.block("http").block("server")
+    gateway = compose["services"]["gateway"]
+    service_port = gunicorn_settings(tmp_path)["bind"].rsplit(":", 1)[1]
+
+    assert re.fullmatch(r"nginx:\d+\.\d+\.\d+(-[a-z0-9.]+)?", gateway["image"])
+    assert server.values("listen") == [("8080", "default_server")]
+    assert gateway["ports"] == ["${GATEWAY_PORT:-8080}:8080"]
+    assert "./deploy/nginx.conf:/etc/nginx/nginx.conf:ro" in gateway["volumes"]
+    assert server.values("set") == [("$image_service", f"http://image-service:{service_port}")]
+    assert server.block("location", "/").value("proxy_pass") == "$image_service"
+
+
+def test_only_the_gateway_is_published(compose: dict[str, Any]) -> None:
+    published = [name for name, service in compose["services"].items() if "ports" in service]
+
+    assert published == ["gateway"]
+
+
+def test_every_container_has_exactly_one_init(compose: dict[str, Any]) -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    (entrypoint,) = re.findall(r"^ENTRYPOINT (.*)$", dockerfile, flags=re.MULTILINE)
+    image_has_tini = json.loads(entrypoint)[0].endswith("/tini")
+
+    for name, service in compose["services"].items():
+        own_image = "build" in service
+        assert service.get("init", False) is not (own_image and image_has_tini), name
+    assert image_has_tini
+
+
+def test_dockerfile_builds_without_a_remote_frontend_and_names_its_base_once() -> None:
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    instructions = [line for line in lines if line and not line.startswith(("#", " "))]
+
+    assert not any(re.match(r"#\s*syntax\s*=", line, flags=re.IGNORECASE) for line in lines)
+    assert instructions[0] == "ARG PYTHON_IMAGE=python:3.11.15-slim-bookworm"
+    stages = [line for line in instructions if line.startswith("FROM ")]
+    assert stages == ["FROM ${PYTHON_IMAGE} AS build", "FROM ${PYTHON_IMAGE} AS runtime"]

@@ -6,7 +6,7 @@ SECRETS_DIR ?= .local/secrets
 PORT ?= 8083
 USER_ID ?= dev-user
 
-.PHONY: run test lint token secrets clean bench
+.PHONY: run test lint token secrets clean bench image-test
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ secrets:
 
 bench: $(VENV)/.dev
 	$(BIN)/python bench/run.py
+
+# The image and the compose stack, built and run (needs Docker with Compose v2); not part of test.
+image-test: $(VENV)/.runtime
+	$(BIN)/python tools/image_test.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

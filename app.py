@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import io
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import IO, Any, TypeVar, cast
+from urllib.parse import quote, urlencode, urlsplit
 
 import jwt
 import pillow_heif
@@ -40,6 +42,7 @@ import prometheus_client
 import redis
 import requests
 import tenacity
+import urllib3
 import yaml
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
@@ -215,6 +218,21 @@ class UpstreamTimeout(TransientUpstreamError):
     code = "upstream_timeout"
 
 
+class UpstreamRateLimited(ServiceError):
+    """The model's server asked to wait longer than the service waits for it (503)."""
+
+    status = 503
+    code = "upstream_rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, math.ceil(retry_after))
+
+    def headers(self) -> dict[str, str]:
+        """The server's wait, in whole seconds."""
+        return {"Retry-After": str(self.retry_after)}
+
+
 class UserServiceError(ServiceError):
     """The User Service did not store the entry; the analysis travels with the error (502)."""
 
@@ -293,6 +311,13 @@ class Config:
     openai_max_attempts: int = 3
     openai_image_detail: str = "auto"
     openai_max_output_tokens: int = 800
+    openai_reasoning_max_output_tokens: int = 16_000
+    openai_reasoning_effort: str | None = None
+    openai_strict_schema: bool = True
+    openai_extra_body: dict[str, Any] = field(default_factory=dict, hash=False)
+    openai_api_version: str | None = None
+    openai_api_key_header: str = "Authorization"
+    openai_probe_seconds: float = 300.0
     openai_retry_initial_wait: float = 0.5
     openai_retry_max_wait: float = 8.0
     openai_retry_after_cap: float = 20.0
@@ -353,6 +378,20 @@ class Config:
             openai_max_output_tokens=reader.integer(
                 "OPENAI_MAX_OUTPUT_TOKENS", 800, low=100, high=16_384
             ),
+            openai_reasoning_max_output_tokens=reader.integer(
+                "OPENAI_REASONING_MAX_OUTPUT_TOKENS",
+                16_000,
+                low=1000,
+                high=MAX_REASONING_OUTPUT_TOKENS,
+            ),
+            openai_reasoning_effort=reader.optional_choice(
+                "OPENAI_REASONING_EFFORT", ("none", "minimal", "low", "medium", "high")
+            ),
+            openai_strict_schema=reader.flag("OPENAI_STRICT_SCHEMA", True),
+            openai_extra_body=reader.json_object("OPENAI_EXTRA_BODY"),
+            openai_api_version=reader.text("OPENAI_API_VERSION"),
+            openai_api_key_header=reader.header_name("OPENAI_API_KEY_HEADER", "Authorization"),
+            openai_probe_seconds=reader.number("OPENAI_PROBE_SECONDS", 300.0, low=0, high=86400),
             openai_retry_initial_wait=reader.number(
                 "OPENAI_RETRY_INITIAL_WAIT", 0.5, low=0, high=60
             ),
@@ -418,17 +457,17 @@ class Config:
         return bool(self.jwt_public_key if self.uses_public_key else self.jwt_secret)
 
     @property
-    def worst_request_seconds(self) -> float:
-        """The longest a request may legitimately take: every model attempt, the waits, a save."""
+    def model_budget_seconds(self) -> float:
+        """The longest one analysis may spend on the model: every attempt and the waits between."""
         waits = (self.openai_max_attempts - 1) * max(
             self.openai_retry_max_wait, self.openai_retry_after_cap
         )
-        return (
-            self.openai_max_attempts * self.openai_api_timeout
-            + waits
-            + self.model_queue_timeout
-            + self.user_service_timeout
-        )
+        return self.openai_max_attempts * self.openai_api_timeout + waits
+
+    @property
+    def worst_request_seconds(self) -> float:
+        """The longest a request may legitimately take: the model's budget, a slot, a save."""
+        return self.model_budget_seconds + self.model_queue_timeout + self.user_service_timeout
 
 
 def jwt_problems(config: Config) -> list[str]:
@@ -514,6 +553,49 @@ class EnvReader:
             return default
         return value
 
+    def optional_choice(self, name: str, allowed: tuple[str, ...]) -> str | None:
+        """One of a fixed set of words, or None when unset."""
+        if self.text(name) is None:
+            return None
+        return self.choice(name, "", allowed) or None
+
+    def flag(self, name: str, default: bool) -> bool:
+        """A boolean: true/false, 1/0, yes/no, on/off in any case."""
+        raw = self.text(name)
+        if raw is None:
+            return default
+        word = raw.lower()
+        if word in (*TRUE_WORDS, "on"):
+            return True
+        if word in (*FALSE_WORDS, "off"):
+            return False
+        self.problems.append(f"{name} must be true or false, got {raw!r}")
+        return default
+
+    def json_object(self, name: str) -> dict[str, Any]:
+        """A JSON object, empty when unset."""
+        raw = self.text(name)
+        if raw is None:
+            return {}
+        try:
+            value = parse_json(raw)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            self.problems.append(f'{name} must be a JSON object such as {{"top_k": 20}}')
+            return {}
+        return value
+
+    def header_name(self, name: str, default: str) -> str:
+        """An HTTP header name."""
+        raw = self.text(name)
+        if raw is None:
+            return default
+        if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}", raw):
+            self.problems.append(f"{name} must be an HTTP header name such as api-key, got {raw!r}")
+            return default
+        return raw
+
     def url(self, name: str, default: str) -> str:
         """An http(s) URL without a trailing slash."""
         raw = self.text(name) or default
@@ -581,12 +663,18 @@ class RequestContextFilter(logging.Filter):
         cleaned = message.translate(CONTROL_CHARACTERS)
         if len(cleaned) > MAX_LOG_MESSAGE:
             cleaned = cleaned[:MAX_LOG_MESSAGE] + "…"
-        for secret in self.secrets:
-            cleaned = cleaned.replace(secret, "[redacted]")
-            cleaned = redact_cut_secret(cleaned, secret)
+        cleaned = redact(cleaned, self.secrets)
         if cleaned != message:
             record.msg, record.args = cleaned, None
         return True
+
+
+def redact(text: str, secrets: tuple[str, ...]) -> str:
+    """The text with every secret, and the start of one cut off at its end, blanked out."""
+    for secret in secrets:
+        if len(secret) >= MIN_SECRET_FRAGMENT:
+            text = redact_cut_secret(text.replace(secret, "[redacted]"), secret)
+    return text
 
 
 def redact_cut_secret(text: str, secret: str) -> str:
@@ -1414,34 +1502,50 @@ class AnswerTooLarge(requests.RequestException):
     """The answer is larger than any sensible one."""
 
 
-def post_json(
+def http_json(
     session: requests.Session,
+    method: str,
     url: str,
-    body: Mapping[str, Any],
+    *,
     headers: Mapping[str, str],
     timeout: float,
+    body: Mapping[str, Any] | None = None,
 ) -> UpstreamReply:
-    """POST JSON and read the whole answer within ``timeout`` seconds (each read, and in all).
+    """Send a request (with a JSON body, if any) and read the whole answer within ``timeout``.
 
     ``requests`` bounds each socket read, not the answer, so a server dripping one byte at a
     time could hold a request forever; the body is read here against a deadline instead, and
-    capped in size.
+    capped in size. A connection that fails mid-answer, whichever layer notices, is a
+    ``requests.ConnectionError`` like any other.
     """
     deadline = time.monotonic() + timeout
-    with session.post(
-        url, json=body, headers=dict(headers), timeout=(min(timeout, 10.0), timeout), stream=True
-    ) as response:
-        chunks: list[bytes] = []
-        size = 0
-        # read1 returns what one socket read brings, so the deadline is checked as bytes arrive.
-        while chunk := response.raw.read1(UPSTREAM_CHUNK_BYTES, decode_content=True):
-            size += len(chunk)
-            if size > MAX_UPSTREAM_BYTES:
-                raise AnswerTooLarge(f"the answer is larger than {MAX_UPSTREAM_BYTES} bytes")
-            chunks.append(chunk)
-            if time.monotonic() > deadline:
-                raise AnswerTooSlow(f"no complete answer within {timeout:g}s")
-        return UpstreamReply(response.status_code, response.headers, b"".join(chunks))
+    try:
+        with session.request(
+            method,
+            url,
+            json=body,
+            headers=dict(headers),
+            timeout=(min(timeout, 10.0), timeout),
+            stream=True,
+        ) as response:
+            chunks: list[bytes] = []
+            size = 0
+            # read1 returns what one socket read brings, so the deadline is checked as bytes
+            # arrive.
+            while chunk := response.raw.read1(UPSTREAM_CHUNK_BYTES, decode_content=True):
+                size += len(chunk)
+                if size > MAX_UPSTREAM_BYTES:
+                    raise AnswerTooLarge(f"the answer is larger than {MAX_UPSTREAM_BYTES} bytes")
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    raise AnswerTooSlow(f"no complete answer within {timeout:g}s")
+            return UpstreamReply(response.status_code, response.headers, b"".join(chunks))
+    except urllib3.exceptions.ReadTimeoutError as error:
+        raise requests.ReadTimeout(f"no answer within {timeout:g}s") from error
+    except urllib3.exceptions.HTTPError as error:
+        raise requests.ConnectionError(
+            f"the connection failed mid-answer ({type(error).__name__})"
+        ) from error
 
 
 def parse_json(data: bytes | str) -> Any:
@@ -1531,8 +1635,25 @@ TOTAL_FIELDS = ("calories", "protein", "carbs", "fat")
 NOT_FOOD_VERDICT: dict[str, Any] = {"isFood": False}
 
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
-# Models that answered that they take no temperature (reasoning models), learnt at run time.
-MODELS_WITHOUT_TEMPERATURE: set[str] = set()
+TOKEN_CAP_FIELDS = ("max_tokens", "max_completion_tokens")
+# Request fields a server may refuse: the output cap goes under its other name, the rest are left
+# out. Nothing else is changed behind the caller's back.
+ADJUSTABLE_FIELDS = (*TOKEN_CAP_FIELDS, "temperature", "reasoning_effort")
+# Reasoning models known by name (the last path segment, so "openai/o4-mini" counts too); others
+# show it in their answers: a refused max_tokens, or reasoning tokens in the usage.
+REASONING_MODEL_PATTERN = re.compile(r"(?:gpt-5(?!-chat)|o[134])(?![a-z0-9])", re.IGNORECASE)
+PROFILE_PREFIX = "model_profile:"
+PROFILE_TTL_SECONDS = 30 * 86400
+MAX_TOKEN_COUNT = 10**9
+MAX_UPSTREAM_WORDS = 300
+MAX_MODEL_NAME = 200
+REASONING_CAP_GROWTH = 2
+MAX_REASONING_OUTPUT_TOKENS = 128_000
+PROBE_TIMEOUT_SECONDS = 5.0
+DURATION_PART_PATTERN = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+DURATION_PATTERN = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|h|m|s))+")
+DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+QUOTED_NAME = "(?:^|[^A-Za-z0-9_]){}(?![A-Za-z0-9_])"
 
 
 @dataclass(frozen=True)
@@ -1555,9 +1676,457 @@ class AnalysisRequest:
         return (f"lang={self.lang.lower()}", f"note={self.note or ''}")
 
 
-def build_model_request(
-    jpeg: bytes, config: Config, asked: AnalysisRequest, *, temperature: bool = True
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ServerProfile:
+    """What one server takes for one model: the output cap's field, a temperature, an effort."""
+
+    cap_field: str = "max_tokens"
+    temperature: bool = True
+    reasoning_effort: bool = True
+    reasoning: bool = False
+
+    @classmethod
+    def assumed(cls, model: str) -> ServerProfile:
+        """What is assumed before the server has said anything: reasoning models by name."""
+        if REASONING_MODEL_PATTERN.match(model.rsplit("/", 1)[-1]):
+            return cls(cap_field="max_completion_tokens", temperature=False, reasoning=True)
+        return cls()
+
+    @classmethod
+    def from_json(cls, raw: str | None) -> ServerProfile | None:
+        """A stored profile, or None when absent or unreadable."""
+        stored = decode_cached(raw)
+        if stored is None or stored.get("cap_field") not in TOKEN_CAP_FIELDS:
+            return None
+        flags = ("temperature", "reasoning_effort", "reasoning")
+        return cls(stored["cap_field"], *(stored.get(name) is True for name in flags))
+
+    def to_json(self) -> str:
+        """The profile as stored."""
+        return json.dumps(dataclasses.asdict(self))
+
+    def without(self, field_name: str) -> ServerProfile | None:
+        """The profile once the server refused this field; None when nothing is left to try."""
+        if field_name == self.cap_field:
+            other = TOKEN_CAP_FIELDS[1 - TOKEN_CAP_FIELDS.index(field_name)]
+            # OpenAI refuses max_tokens for its reasoning models only.
+            reasoning = self.reasoning or field_name == "max_tokens"
+            return dataclasses.replace(self, cap_field=other, reasoning=reasoning)
+        if field_name == "temperature" and self.temperature:
+            return dataclasses.replace(self, temperature=False)
+        if field_name == "reasoning_effort" and self.reasoning_effort:
+            return dataclasses.replace(self, reasoning_effort=False)
+        return None
+
+
+@dataclass(frozen=True)
+class UpstreamProblem:
+    """An error as a server reported it, whatever its shape: its words, code and field."""
+
+    message: str
+    code: str | None = None
+    param: str | None = None
+    status: int | None = None
+
+
+class VisionModel:
+    """The Chat Completions server, one client per app.
+
+    It owns its session and its one ``Retrying`` (bounded by attempts and by the call's time
+    budget), adapts the request to what the server has shown it takes (kept per model and base
+    URL, shared with the other workers through the store) and probes the server for ``/health``.
+    """
+
+    def __init__(self, config: Config, session: requests.Session, store: Store) -> None:
+        self.config = config
+        self.session = session
+        self.store = store
+        identity = f"{config.openai_base_url}\n{config.openai_model}"
+        self.profile_key = PROFILE_PREFIX + hashlib.sha256(identity.encode()).hexdigest()
+        self.learnt = ServerProfile.assumed(config.openai_model)
+        self.retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(config.openai_max_attempts) | StopAtDeadline(),
+            wait=RetryAfterWait(config),
+            retry=tenacity.retry_if_exception_type(TransientUpstreamError),
+            before_sleep=log_model_retry,
+            reraise=True,
+        )
+        self.probe_lock = threading.Lock()
+        self.probe_verdict = "checking" if config.openai_probe_seconds else "disabled"
+        self.probe_due = 0.0 if config.openai_probe_seconds else math.inf
+        self.probing = False
+
+    # -- the analysis
+
+    def analyze(self, jpeg: bytes, asked: AnalysisRequest, request_id: str) -> ModelAnswer:
+        """Ask about one photo and normalise the answer, adapting the request to the server.
+
+        A refused field is renamed or left out and the photo asked about again; a reasoning
+        model whose answer was cut short while reasoning gets one more try with a larger cap.
+        All of it stays within the time budget of ``OPENAI_MAX_ATTEMPTS`` attempts.
+        """
+        if not self.config.openai_configured:
+            raise AINotConfigured(
+                "image analysis is not configured: set OPENAI_API_KEY or the openai_api_key secret"
+            )
+        deadline = time.monotonic() + self.config.model_budget_seconds
+        base = build_model_request(jpeg, self.config, asked)
+        profile = self.profile()
+        cap = self.output_cap(profile)
+        grown = False
+        refused: set[str] = set()
+        while True:
+            body = self.request_body(base, profile, cap)
+            try:
+                payload: dict[str, Any] = self.retrying(
+                    self.attempt, body, request_id, deadline=deadline
+                )
+            except UpstreamError as error:
+                field_name = error.rejected_parameter or ""
+                revised = None if field_name in refused else profile.without(field_name)
+                if revised is None or revised.cap_field in refused:
+                    raise
+                if time.monotonic() >= deadline:
+                    raise
+                refused.add(field_name)
+                profile = self.learn(revised, f"refused {field_name}")
+                cap = max(cap, self.output_cap(profile))
+                continue
+            usage = token_usage(payload)
+            count_tokens(usage)
+            if usage.get("reasoning_tokens") and not profile.reasoning:
+                profile = self.learn(
+                    dataclasses.replace(profile, reasoning=True), "reported reasoning tokens"
+                )
+            finish = finish_reason(payload)
+            if finish == "content_filter":
+                logger.warning("OpenAI API request failed: the provider filtered the answer")
+                raise UpstreamError(
+                    "the model provider filtered the answer (finish_reason content_filter); "
+                    "nothing usable came back for this photo"
+                )
+            try:
+                return parse_model_payload(payload, self.config.openai_model)
+            except UpstreamError:
+                if finish != "length":
+                    raise
+            bigger = self.larger_cap(profile, cap, usage)
+            if grown or bigger is None or deadline - time.monotonic() < self.attempt_seconds:
+                raise self.out_of_tokens(profile, cap, usage)
+            logger.info(
+                "The vision model reasoned through its %d output tokens; asking once more with %d",
+                cap,
+                bigger,
+            )
+            cap, grown = bigger, True
+
+    def request_body(
+        self, base: Mapping[str, Any], profile: ServerProfile, cap: int
+    ) -> dict[str, Any]:
+        """The request for this server: the output cap under the field it takes, and so on."""
+        body: dict[str, Any] = {**base, profile.cap_field: cap}
+        if profile.temperature:
+            body["temperature"] = 0
+        if self.config.openai_reasoning_effort and profile.reasoning_effort:
+            body["reasoning_effort"] = self.config.openai_reasoning_effort
+        body.update(self.config.openai_extra_body)
+        return body
+
+    def output_cap(self, profile: ServerProfile) -> int:
+        """The output-token cap: reasoning models need room to reason before they answer."""
+        if profile.reasoning:
+            return self.config.openai_reasoning_max_output_tokens
+        return self.config.openai_max_output_tokens
+
+    def larger_cap(self, profile: ServerProfile, cap: int, usage: Mapping[str, int]) -> int | None:
+        """A cap worth one more try: only when reasoning spent what the answer needed."""
+        if not (profile.reasoning and usage.get("reasoning_tokens")):
+            return None
+        bigger = max(
+            self.output_cap(profile), min(cap * REASONING_CAP_GROWTH, MAX_REASONING_OUTPUT_TOKENS)
+        )
+        return bigger if bigger > cap else None
+
+    def out_of_tokens(
+        self, profile: ServerProfile, cap: int, usage: Mapping[str, int]
+    ) -> UpstreamError:
+        """The error for an answer cut short, naming the setting to raise."""
+        reasoning = usage.get("reasoning_tokens", 0)
+        spent = f"{cap} output tokens" + (f", {reasoning} of them reasoning" if reasoning else "")
+        logger.warning("OpenAI API request failed: the answer ran out of output tokens (%s)", spent)
+        if profile.reasoning:
+            setting = (
+                "raise OPENAI_REASONING_MAX_OUTPUT_TOKENS (the cap for reasoning models; "
+                "OPENAI_MAX_OUTPUT_TOKENS is the cap for the others) or lower "
+                "OPENAI_REASONING_EFFORT"
+            )
+        else:
+            setting = "raise OPENAI_MAX_OUTPUT_TOKENS"
+        return UpstreamError(
+            f"the vision model's answer ran out of output tokens before its JSON was complete "
+            f"({spent}); {setting}"
+        )
+
+    # -- one attempt
+
+    @property
+    def attempt_seconds(self) -> float:
+        """The longest one attempt may take."""
+        return self.config.openai_api_timeout
+
+    def attempt(
+        self, body: Mapping[str, Any], request_id: str, *, deadline: float
+    ) -> dict[str, Any]:
+        """One POST, timed and counted by outcome, its failure classed as transient or final."""
+        started = time.perf_counter()
+        timeout = max(0.1, min(self.attempt_seconds, deadline - time.monotonic()))
+        try:
+            reply = http_json(
+                self.session,
+                "POST",
+                self.url("chat/completions"),
+                body=body,
+                headers=self.headers(request_id),
+                timeout=timeout,
+            )
+            payload = self.read_reply(reply, body, time.perf_counter() - started)
+        except (requests.RequestException, ServiceError) as error:
+            failure = connection_failure(error, timeout)
+            MODEL_REQUESTS.labels(attempt_outcome(failure)).inc()
+            raise failure from None
+        else:
+            MODEL_REQUESTS.labels("ok").inc()
+            return payload
+        finally:
+            MODEL_SECONDS.observe(time.perf_counter() - started)
+
+    def url(self, path: str) -> str:
+        """A URL on the model's server, with Azure's ``api-version`` when configured."""
+        url = f"{self.config.openai_base_url}/{path}"
+        if self.config.openai_api_version:
+            url += "?" + urlencode({"api-version": self.config.openai_api_version})
+        return url
+
+    def headers(self, request_id: str | None = None) -> dict[str, str]:
+        """The API key (as a bearer token, or in Azure's ``api-key`` header) and the request id."""
+        key = self.config.openai_api_key or ""
+        name = self.config.openai_api_key_header
+        headers = {name: f"Bearer {key}" if name.lower() == "authorization" else key}
+        if request_id:
+            headers["X-Client-Request-Id"] = request_id
+        return headers
+
+    def read_reply(
+        self, reply: UpstreamReply, body: Mapping[str, Any], seconds: float
+    ) -> dict[str, Any]:
+        """The completion in a reply, or the error it holds, in the server's own words."""
+        where = upstream_request_note(reply)
+        try:
+            payload = reply.json()
+        except ValueError:
+            payload = None
+        if reply.status == 200 and isinstance(payload, dict) and "choices" in payload:
+            logger.info("The vision model answered HTTP 200 in %.2fs%s", seconds, where)
+            return payload
+        problem = upstream_problem(payload, reply.body)
+        if reply.status == 200:
+            if problem is None:
+                logger.warning("OpenAI API request failed: the answer is not a completion%s", where)
+                if payload is None:
+                    raise UpstreamError("the vision model answered something that is not JSON")
+                raise UpstreamError("the vision model answered an unexpected shape")
+            if problem.status is None:
+                words = self.redacted(problem.message)
+                logger.warning("OpenAI API request failed: HTTP 200 error %s%s", words, where)
+                raise UpstreamError(
+                    f"the vision model answered an error instead of a completion: {words}"
+                )
+            status = problem.status
+        else:
+            status = reply.status
+            problem = problem or UpstreamProblem("")
+        raise self.http_error(status, problem, reply, body)
+
+    def http_error(
+        self,
+        status: int,
+        problem: UpstreamProblem,
+        reply: UpstreamReply,
+        body: Mapping[str, Any],
+    ) -> ServiceError:
+        """Class an error answer: retried, refused for good, or a wait the caller should make."""
+        words = self.redacted(problem.message)
+        logger.warning(
+            "OpenAI API request failed: HTTP %s %s %s%s",
+            status,
+            problem.code or "",
+            words,
+            upstream_request_note(reply),
+        )
+        detail = f"HTTP {status}: {words}" if words else f"HTTP {status}"
+        if status == 429 and problem.code == "insufficient_quota":
+            return UpstreamError(f"the vision model's account has no quota left ({detail})")
+        retryable = status in RETRYABLE_STATUSES or status >= 500
+        advice = reply.headers.get("x-should-retry", "").strip().lower()
+        retryable = {"true": True, "false": False}.get(advice, retryable)
+        wait = retry_after_seconds(reply)
+        too_long = wait is not None and wait > self.config.openai_retry_after_cap
+        if wait is not None and (status == 429 or retryable) and (too_long or not retryable):
+            return UpstreamRateLimited(
+                f"the vision model's server asks to wait {math.ceil(wait)}s before the next "
+                f"request ({detail})",
+                retry_after=wait,
+            )
+        if retryable:
+            return TransientUpstreamError(f"the vision model failed ({detail})", retry_after=wait)
+        if status == 401:
+            return UpstreamError(
+                f"the vision model's server rejected the API key ({detail}); check OPENAI_API_KEY"
+            )
+        if status == 403:
+            return UpstreamError(
+                f"the vision model's server refused this API key access ({detail}); check that "
+                f"the key may use {self.config.openai_model}"
+            )
+        if status == 404:
+            return UpstreamError(self.not_found_message(detail))
+        if status == 429 or status >= 500:
+            return UpstreamError(
+                f"the vision model failed ({detail}); its server asked not to retry"
+            )
+        rejected = UpstreamError(f"the vision model rejected the request ({detail})")
+        if status in (400, 422):
+            rejected.rejected_parameter = rejected_field(problem, body)
+        return rejected
+
+    def not_found_message(self, detail: str) -> str:
+        """What a 404 usually means: the model's name, or a base URL without ``/v1``."""
+        base = public_url(self.config.openai_base_url)
+        message = (
+            f"the vision model's server has no such model or path ({detail}); check "
+            f"OPENAI_MODEL ({self.config.openai_model}) and OPENAI_BASE_URL ({base})"
+        )
+        if not self.config.openai_api_version and not re.search(r"/v\d+(?:beta)?(?:/|$)", base):
+            message += ": OpenAI-compatible servers serve under /v1, so the base URL likely "
+            message += "needs to end in /v1"
+        return message
+
+    def redacted(self, text: str) -> str:
+        """The server's words on one short line, with no part of the API key."""
+        line = " ".join(text.split())
+        if len(line) > MAX_UPSTREAM_WORDS:
+            line = line[:MAX_UPSTREAM_WORDS] + "…"
+        return redact(line, (self.config.openai_api_key or "",))
+
+    # -- what the server takes
+
+    def profile(self) -> ServerProfile:
+        """What the workers have learnt about the server, or this one's own when the store fails."""
+        try:
+            shared = ServerProfile.from_json(self.store.get(self.profile_key))
+        except StoreUnavailable:
+            return self.learnt
+        if shared is not None:
+            self.learnt = shared
+        return self.learnt
+
+    def learn(self, profile: ServerProfile, reason: str) -> ServerProfile:
+        """Keep a new profile for this process and the others, and say so once."""
+        logger.info(
+            "The vision model's server %s for %s: now sending %s%s%s",
+            reason,
+            self.config.openai_model,
+            profile.cap_field,
+            "" if profile.temperature else ", no temperature",
+            ", as a reasoning model" if profile.reasoning else "",
+        )
+        self.learnt = profile
+        with contextlib.suppress(StoreUnavailable):
+            self.store.set(self.profile_key, profile.to_json(), PROFILE_TTL_SECONDS)
+        return profile
+
+    # -- the /health probe
+
+    def reachability(self) -> str:
+        """The latest probe's verdict; a stale one starts a new probe beside the request."""
+        if not self.config.openai_configured:
+            return "not configured"
+        with self.probe_lock:
+            due = not self.probing and time.monotonic() >= self.probe_due
+            self.probing = self.probing or due
+            verdict = self.probe_verdict
+        if due:
+            threading.Thread(target=self.probe, name="openai-probe", daemon=True).start()
+        return verdict
+
+    def probe(self) -> None:
+        """``GET /models/{model}``: is the server there, is the key good, is the model known."""
+        verdict = "unreachable"
+        try:
+            reply = http_json(
+                self.session,
+                "GET",
+                self.url(f"models/{quote(self.config.openai_model, safe='')}"),
+                headers=self.headers(),
+                timeout=min(self.attempt_seconds, PROBE_TIMEOUT_SECONDS),
+            )
+            verdict = probe_verdict(reply.status)
+        except requests.RequestException as error:
+            logger.info(
+                "The vision model's server did not answer the probe: %s", type(error).__name__
+            )
+        finally:
+            with self.probe_lock:
+                self.probe_verdict = verdict
+                self.probe_due = time.monotonic() + self.config.openai_probe_seconds
+                self.probing = False
+
+
+def connection_failure(error: Exception, timeout: float) -> ServiceError:
+    """The service's error for a failed attempt; a ServiceError stays as it is."""
+    if isinstance(error, ServiceError):
+        return error
+    if isinstance(error, requests.Timeout):
+        logger.warning("OpenAI API request failed: no answer within %gs", timeout)
+        return UpstreamTimeout("the vision model did not answer in time")
+    if isinstance(error, AnswerTooLarge):
+        logger.warning("OpenAI API request failed: the answer is too large")
+        return UpstreamError("the vision model's answer is too large")
+    logger.warning("OpenAI API request failed: %s", type(error).__name__)
+    return TransientUpstreamError("the vision model could not be reached")
+
+
+def attempt_outcome(error: ServiceError) -> str:
+    """The outcome label of a failed attempt."""
+    if isinstance(error, UpstreamTimeout):
+        return "timeout"
+    if isinstance(error, TransientUpstreamError):
+        return "retryable_error"
+    if isinstance(error, UpstreamRateLimited):
+        return "rate_limited"
+    return "error"
+
+
+class StopAtDeadline(tenacity.stop.stop_base):
+    """Stop retrying when the next attempt could not start before the call's deadline."""
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        deadline = float(retry_state.kwargs["deadline"])
+        return time.monotonic() + (retry_state.upcoming_sleep or 0.0) >= deadline
+
+
+def probe_verdict(status: int) -> str:
+    """What a ``GET /models/{model}`` answer says about the server."""
+    if status == 200:
+        return "reachable"
+    if status in (401, 403):
+        return "key rejected"
+    if status == 404:
+        return "model not found"
+    return f"error (HTTP {status})"
+
+
+def build_model_request(jpeg: bytes, config: Config, asked: AnalysisRequest) -> dict[str, Any]:
     """The Chat Completions body for one photo; the user's note travels only as quoted data."""
     data_url = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
     content: list[dict[str, Any]] = [
@@ -1568,7 +2137,7 @@ def build_model_request(
     content.append(
         {"type": "image_url", "image_url": {"url": data_url, "detail": config.openai_image_detail}}
     )
-    body: dict[str, Any] = {
+    return {
         "model": config.openai_model,
         "messages": [
             {"role": "system", "content": SYSTEM_PROMPT},
@@ -1576,13 +2145,13 @@ def build_model_request(
         ],
         "response_format": {
             "type": "json_schema",
-            "json_schema": {"name": "food_analysis", "strict": True, "schema": ANALYSIS_SCHEMA},
+            "json_schema": {
+                "name": "food_analysis",
+                "strict": config.openai_strict_schema,
+                "schema": ANALYSIS_SCHEMA,
+            },
         },
-        "max_tokens": config.openai_max_output_tokens,
     }
-    if temperature:
-        body["temperature"] = 0
-    return body
 
 
 def language_instruction(lang: str) -> str:
@@ -1603,143 +2172,134 @@ def user_note_block(note: str) -> str:
     )
 
 
-def analyze_with_model(
-    jpeg: bytes,
-    config: Config,
-    session: requests.Session,
-    request_id: str,
-    asked: AnalysisRequest | None = None,
-) -> ModelAnswer:
-    """Ask the model about one photo, retrying transient failures, and normalise its answer."""
-    if not config.openai_configured:
-        raise AINotConfigured(
-            "image analysis is not configured: set OPENAI_API_KEY or the openai_api_key secret"
-        )
-    asked = asked or AnalysisRequest()
-    temperature = config.openai_model not in MODELS_WITHOUT_TEMPERATURE
-    body = build_model_request(jpeg, config, asked, temperature=temperature)
-    try:
-        payload = call_model(body, config, session, request_id)
-    except UpstreamError as error:
-        if not (temperature and error.rejected_parameter == "temperature"):
-            raise
-        # Reasoning models take no temperature; remember that and ask again without it.
-        MODELS_WITHOUT_TEMPERATURE.add(config.openai_model)
-        body.pop("temperature")
-        payload = call_model(body, config, session, request_id)
-    answer = parse_model_payload(payload, config.openai_model)
-    for kind in ("prompt", "completion"):
-        MODEL_TOKENS.labels(kind).inc(answer.usage.get(f"{kind}_tokens", 0))
-    return answer
+def upstream_problem(payload: Any, raw: bytes) -> UpstreamProblem | None:
+    """The error in any shape compatible servers send, or None when the body holds none.
 
-
-def call_model(
-    body: Mapping[str, Any], config: Config, session: requests.Session, request_id: str
-) -> dict[str, Any]:
-    """POST the request with tenacity's retries for transient failures."""
-    retrying = tenacity.Retrying(
-        stop=tenacity.stop_after_attempt(config.openai_max_attempts),
-        wait=RetryAfterWait(config),
-        retry=tenacity.retry_if_exception_type(TransientUpstreamError),
-        before_sleep=log_model_retry,
-        reraise=True,
-    )
-    payload: dict[str, Any] = retrying(post_to_model, body, config, session, request_id)
-    return payload
-
-
-def post_to_model(
-    body: Mapping[str, Any], config: Config, session: requests.Session, request_id: str
-) -> dict[str, Any]:
-    """One attempt, timed and counted by outcome."""
-    started = time.perf_counter()
-    outcome = "ok"
-    try:
-        return send_model_request(body, config, session, request_id)
-    except UpstreamTimeout:
-        outcome = "timeout"
-        raise
-    except TransientUpstreamError:
-        outcome = "retryable_error"
-        raise
-    except UpstreamError:
-        outcome = "error"
-        raise
-    finally:
-        MODEL_SECONDS.observe(time.perf_counter() - started)
-        MODEL_REQUESTS.labels(outcome).inc()
-
-
-def send_model_request(
-    body: Mapping[str, Any], config: Config, session: requests.Session, request_id: str
-) -> dict[str, Any]:
-    """POST the request and classify any failure as transient or final."""
-    try:
-        response = post_json(
-            session,
-            f"{config.openai_base_url}/chat/completions",
-            body,
-            {"Authorization": f"Bearer {config.openai_api_key}", "X-Client-Request-Id": request_id},
-            config.openai_api_timeout,
-        )
-    except requests.Timeout:
-        logger.warning("OpenAI API request failed: no answer within %gs", config.openai_api_timeout)
-        raise UpstreamTimeout("the vision model did not answer in time") from None
-    except AnswerTooLarge:
-        logger.warning("OpenAI API request failed: the answer is too large")
-        raise UpstreamError("the vision model's answer is too large") from None
-    except requests.RequestException as error:
-        logger.warning("OpenAI API request failed: %s", type(error).__name__)
-        raise TransientUpstreamError("the vision model could not be reached") from None
-    if response.status != 200:
-        raise model_http_error(response)
-    try:
-        payload = response.json()
-    except ValueError:
-        logger.warning("OpenAI API request failed: the answer is not JSON")
-        raise UpstreamError("the vision model answered something that is not JSON") from None
+    OpenAI's ``{"error": {...}}``; vLLM's and Mistral's top-level ``{"object": "error",
+    "message": ...}`` (the message may be an object); Gemini's ``[{"error": {...}}]``; LM
+    Studio's ``{"error": "text"}``; and plain text.
+    """
+    if isinstance(payload, list) and payload and isinstance(payload[0], dict):
+        payload = payload[0]
     if not isinstance(payload, dict):
-        raise UpstreamError("the vision model answered an unexpected shape")
-    return payload
-
-
-def model_http_error(response: UpstreamReply) -> UpstreamError:
-    """Classify a non-200 answer from the model."""
-    status = response.status
-    error_code, message, param = openai_error_details(response)
-    # The whole message is logged (answers are capped in size): the log filter redacts secrets,
-    # and a message cut short here could hold a part of one that it would not recognise.
-    logger.warning("OpenAI API request failed: HTTP %s %s %s", status, error_code or "", message)
-    if status == 429 and error_code == "insufficient_quota":
-        return UpstreamError("the vision model's account has no quota left")
-    if status in RETRYABLE_STATUSES or status >= 500:
-        return TransientUpstreamError(
-            f"the vision model failed (HTTP {status})", retry_after=retry_after_seconds(response)
-        )
-    rejected = UpstreamError(f"the vision model rejected the request (HTTP {status})")
-    rejected.rejected_parameter = param if status == 400 else None
-    return rejected
-
-
-def openai_error_details(response: UpstreamReply) -> tuple[str | None, str, str | None]:
-    """The ``error.code`` (or ``error.type``), message and ``param`` of an OpenAI error body."""
-    try:
-        error = response.json().get("error")
-    except (ValueError, AttributeError):
-        return None, "", None
-    if not isinstance(error, dict):
-        return None, "", None
-    code = error.get("code") or error.get("type")
-    param = error.get("param")
-    return (
-        (str(code) if code else None),
-        str(error.get("message") or ""),
-        (str(param) if param else None),
+        text = raw.decode("utf-8", "replace").strip()
+        return UpstreamProblem(text) if text else None
+    error = payload.get("error")
+    if isinstance(error, str):
+        return UpstreamProblem(error)
+    if isinstance(error, dict):
+        fields = error
+    elif payload.get("object") == "error" or "message" in payload or "detail" in payload:
+        fields = payload
+    else:
+        return None
+    message = fields.get("message", fields.get("detail"))
+    code = fields.get("code")
+    status = code if isinstance(code, int) and 400 <= code <= 599 else None
+    kind = fields.get("status") or fields.get("type")
+    param = fields.get("param")
+    return UpstreamProblem(
+        message=problem_words(message),
+        code=str(code) if isinstance(code, str) and code else (str(kind) if kind else None),
+        param=str(param) if param else None,
+        status=status,
     )
+
+
+def problem_words(message: Any) -> str:
+    """An error message as text; a validation list reads ``body.field: what is wrong``."""
+    if isinstance(message, str):
+        return message
+    if isinstance(message, dict) and "detail" in message:
+        return problem_words(message["detail"])
+    if isinstance(message, list):
+        parts = []
+        for entry in message:
+            if isinstance(entry, dict) and "msg" in entry:
+                where = ".".join(str(part) for part in entry.get("loc") or ())
+                parts.append(f"{where}: {entry['msg']}" if where else str(entry["msg"]))
+            else:
+                parts.append(problem_words(entry))
+        return "; ".join(parts)
+    return "" if message is None else json.dumps(message)
+
+
+def rejected_field(problem: UpstreamProblem, body: Mapping[str, Any]) -> str | None:
+    """Which adjustable field of the request a 400 or 422 refuses, if it names one."""
+    sent = [name for name in ADJUSTABLE_FIELDS if name in body]
+    if problem.param in sent:
+        return problem.param
+    text = problem.message
+    named = [
+        (found.start(), name)
+        for name in sent
+        if (found := re.search(QUOTED_NAME.format(re.escape(name)), text))
+    ]
+    return min(named)[1] if named else None
+
+
+def upstream_request_note(reply: UpstreamReply) -> str:
+    """`` (upstream request id …)`` for the log line, when the server sent a usable one."""
+    value = reply.headers.get("x-request-id") or reply.headers.get("request-id") or ""
+    return f" (upstream request id {value})" if REQUEST_ID_PATTERN.fullmatch(value) else ""
+
+
+def public_url(url: str) -> str:
+    """A URL without user information or query, fit for a message."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return f"{parts.scheme}://{netloc}{parts.path}"
+
+
+def token_usage(payload: Mapping[str, Any]) -> dict[str, int]:
+    """The token counts a completion reports, each a whole number within reason."""
+    usage = payload.get("usage")
+    if not isinstance(usage, dict):
+        return {}
+    found = {
+        "prompt_tokens": usage.get("prompt_tokens"),
+        "completion_tokens": usage.get("completion_tokens"),
+        "total_tokens": usage.get("total_tokens"),
+    }
+    details = usage.get("completion_tokens_details")
+    if isinstance(details, dict):
+        found["reasoning_tokens"] = details.get("reasoning_tokens")
+    details = usage.get("prompt_tokens_details")
+    if isinstance(details, dict):
+        found["cached_tokens"] = details.get("cached_tokens")
+    return {
+        name: value
+        for name, value in found.items()
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKEN_COUNT
+    }
+
+
+TOKEN_KINDS = {
+    "prompt_tokens": "prompt",
+    "completion_tokens": "completion",
+    "reasoning_tokens": "reasoning",
+    "cached_tokens": "cached_prompt",
+}
+
+
+def count_tokens(usage: Mapping[str, int]) -> None:
+    """Add a completion's tokens to the metrics (reasoning and cached tokens by themselves)."""
+    for name, kind in TOKEN_KINDS.items():
+        MODEL_TOKENS.labels(kind).inc(usage.get(name, 0))
+
+
+def finish_reason(payload: Mapping[str, Any]) -> str | None:
+    """Why the model stopped writing: ``stop``, ``length``, ``content_filter``…"""
+    try:
+        reason = payload["choices"][0]["finish_reason"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return reason if isinstance(reason, str) else None
 
 
 def retry_after_seconds(response: UpstreamReply) -> float | None:
-    """The wait a server asked for in ``retry-after-ms`` or ``Retry-After``."""
+    """The wait a server asked for: ``retry-after-ms``, ``Retry-After``, or a rate-limit reset."""
     milliseconds = response.headers.get("retry-after-ms")
     if milliseconds:
         try:
@@ -1750,7 +2310,7 @@ def retry_after_seconds(response: UpstreamReply) -> float | None:
             return value
     header = response.headers.get("Retry-After")
     if not header:
-        return None
+        return rate_limit_reset_seconds(response.headers)
     try:
         value = float(header)
     except ValueError:
@@ -1759,6 +2319,32 @@ def retry_after_seconds(response: UpstreamReply) -> float | None:
         except (TypeError, ValueError, IndexError, OverflowError):
             return None
     return max(0.0, value) if math.isfinite(value) else None
+
+
+def rate_limit_reset_seconds(headers: Mapping[str, str]) -> float | None:
+    """When an exhausted limit resets, from OpenAI's ``x-ratelimit-reset-*`` (``6m0s``)."""
+    waits = []
+    for kind in ("requests", "tokens"):
+        remaining = headers.get(f"x-ratelimit-remaining-{kind}")
+        reset = duration_seconds(headers.get(f"x-ratelimit-reset-{kind}", ""))
+        if reset is not None and remaining in (None, "0"):
+            waits.append(reset)
+    return max(waits) if waits else None
+
+
+def duration_seconds(text: str) -> float | None:
+    """Seconds in a Go-style duration (``1h2m3.5s``, ``20ms``) or a plain number of seconds."""
+    text = text.strip()
+    try:
+        value = float(text)
+    except ValueError:
+        if not DURATION_PATTERN.fullmatch(text):
+            return None
+        value = sum(
+            float(amount) * DURATION_UNITS[unit]
+            for amount, unit in DURATION_PART_PATTERN.findall(text)
+        )
+    return value if math.isfinite(value) and value >= 0 else None
 
 
 class RetryAfterWait(tenacity.wait.wait_base):
@@ -1806,20 +2392,15 @@ def parse_model_payload(payload: Mapping[str, Any], requested_model: str) -> Mod
     if not isinstance(content, str) or not content.strip():
         raise UpstreamError("the vision model's answer is empty")
     raw = parse_model_content(content)
-    usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
-    tokens = {
-        name: int(value)
-        for name, value in cast(dict[str, Any], usage).items()
-        if name in ("prompt_tokens", "completion_tokens", "total_tokens")
-        and isinstance(value, int)
-        and not isinstance(value, bool)
-        and value >= 0
-    }
     answered_by = payload.get("model")
     analysis = normalise_analysis(raw)
-    analysis["model"] = answered_by if isinstance(answered_by, str) else requested_model
+    analysis["model"] = (
+        clean_text(answered_by, MAX_MODEL_NAME)
+        if isinstance(answered_by, str) and answered_by.strip()
+        else requested_model
+    )
     analysis["promptVersion"] = PROMPT_VERSION
-    return ModelAnswer(analysis=analysis, usage=tokens)
+    return ModelAnswer(analysis=analysis, usage=token_usage(payload))
 
 
 def parse_model_content(content: str) -> dict[str, Any]:
@@ -2057,12 +2638,13 @@ def save_food_entry(
         **{name: analysis[name] for name in ENTRY_DETAIL_FIELDS if name in analysis},
     }
     try:
-        response = post_json(
+        response = http_json(
             session,
+            "POST",
             f"{config.user_service_url}/food-entries",
-            entry,
-            {"Authorization": authorization, "X-Request-ID": request_id},
-            config.user_service_timeout,
+            body=entry,
+            headers={"Authorization": authorization, "X-Request-ID": request_id},
+            timeout=config.user_service_timeout,
         )
     except requests.RequestException as error:
         logger.error("Error saving food entry to user service: %s", type(error).__name__)
@@ -2132,7 +2714,7 @@ class Services:
     cache: AnalysisCache
     idempotency: IdempotencyRecords
     flights: SingleFlight
-    model_session: requests.Session
+    model: VisionModel
     user_session: requests.Session
     model_slots: threading.BoundedSemaphore
     jwt_key: Any
@@ -2306,9 +2888,7 @@ def analyze_and_cache(
     prepared = prepare_image(data, config.image_max_side, config.image_max_pixels)
     try:
         with model_slot(parts):
-            answer = analyze_with_model(
-                prepared.jpeg, config, parts.model_session, g.request_id, asked
-            )
+            answer = parts.model.analyze(prepared.jpeg, asked, g.request_id)
     except NotFood:
         parts.cache.set(key, NOT_FOOD_VERDICT)
         raise
@@ -2342,6 +2922,7 @@ def health() -> tuple[Response, int]:
         "redis": parts.store.health(),
         "openai": "configured" if config.openai_configured else "missing credentials",
         "jwt": "configured" if config.jwt_configured else "missing secret",
+        "openai_probe": parts.model.reachability(),
     }
     healthy = checks["redis"] in ("connected", "not configured") and config.openai_configured
     startup_mode = time.monotonic() - parts.started_at < config.startup_grace_seconds
@@ -2512,7 +3093,7 @@ def create_app(config: Config | None = None) -> Flask:
         flights=SingleFlight(
             records, config.single_flight_lock_seconds, config.worst_request_seconds
         ),
-        model_session=build_session(config.model_max_concurrency),
+        model=VisionModel(config, build_session(config.model_max_concurrency), records),
         user_session=build_session(config.model_max_concurrency),
         model_slots=threading.BoundedSemaphore(config.model_max_concurrency),
         jwt_key=jwt_verification_key(config),

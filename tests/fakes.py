@@ -353,14 +353,86 @@ def _openai_error_type(status: int, code: str | None) -> str:
     return "server_error" if status >= 500 else "invalid_request_error"
 
 
+# What OpenAI answers a reasoning model (gpt-5, o-series) about the fields it refuses.
+MAX_TOKENS_UNSUPPORTED: dict[str, Any] = {
+    "error": {
+        "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+        "Use 'max_completion_tokens' instead.",
+        "type": "invalid_request_error",
+        "param": "max_tokens",
+        "code": "unsupported_parameter",
+    }
+}
+TEMPERATURE_UNSUPPORTED: dict[str, Any] = {
+    "error": {
+        "message": "Unsupported value: 'temperature' does not support 0 with this model. "
+        "Only the default (1) value is supported.",
+        "type": "invalid_request_error",
+        "param": "temperature",
+        "code": "unsupported_value",
+    }
+}
+# The fields Mistral's chat completions endpoint knows; any other is a 422.
+MISTRAL_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "stream",
+        "stop",
+        "random_seed",
+        "response_format",
+        "tools",
+        "tool_choice",
+        "presence_penalty",
+        "frequency_penalty",
+        "n",
+        "prediction",
+        "parallel_tool_calls",
+        "safe_prompt",
+    }
+)
+
+
+def mistral_extra_field(name: str, value: Any) -> Reply:
+    """Mistral's 422 for a field it does not know."""
+    detail = {
+        "type": "extra_forbidden",
+        "loc": ["body", name],
+        "msg": "Extra inputs are not permitted",
+        "input": value,
+    }
+    body = {
+        "object": "error",
+        "message": {"detail": [detail]},
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
+    return Reply(422, body)
+
+
 class ChatCompletionsServer(RecordingServer):
-    """An OpenAI-compatible Chat Completions endpoint that answers with `self.analysis`."""
+    """An OpenAI-compatible Chat Completions endpoint that answers with `self.analysis`.
+
+    By default it takes any field, as OpenAI does for gpt-4.1. `reasoning_tokens` makes it a
+    GPT-5-style server: it refuses `max_tokens` and a temperature other than 1, and spends that
+    many reasoning tokens out of `max_completion_tokens` before the answer (an empty answer with
+    `finish_reason: "length"` when they do not fit). `known_fields` makes it refuse, as Mistral
+    does, every field outside the set with a 422. `GET /v1/models/{id}` answers `model_status`.
+    """
 
     routes = frozenset({("POST", "/v1/chat/completions"), ("POST", "/chat/completions")})
+    answer_tokens = 300  # what the visible answer costs out of the output cap
 
     def restore_defaults(self) -> None:
-        """Answer with the sample salmon analysis again."""
+        """Answer with the sample salmon analysis again, taking any field."""
         self.analysis: dict[str, Any] = copy.deepcopy(DEFAULT_ANALYSIS)
+        self.reasoning_tokens: int | None = None
+        self.known_fields: frozenset[str] | None = None
+        self.model_status = 200
 
     @property
     def base_url(self) -> str:
@@ -373,13 +445,73 @@ class ChatCompletionsServer(RecordingServer):
         with self._lock:
             return [r for r in self.requests if (r.method, r.route) in self.routes]
 
+    @property
+    def probes(self) -> list[RecordedRequest]:
+        """The requests made to GET /v1/models/{id}."""
+        with self._lock:
+            return [r for r in self.requests if self._is_probe(r)]
+
+    def reply_to(self, request: RecordedRequest) -> Reply:
+        """Answer a model probe with `model_status`; anything else as a recording server does."""
+        if not self._is_probe(request):
+            return super().reply_to(request)
+        with self._arrived:
+            self.requests.append(request)
+            self._arrived.notify_all()
+        model_id = request.route.rsplit("/", 1)[-1]
+        if self.model_status == 200:
+            return Reply(200, {"id": model_id, "object": "model", "owned_by": "system"})
+        return self.error(self.model_status, f"The model '{model_id}' does not exist")
+
+    @staticmethod
+    def _is_probe(request: RecordedRequest) -> bool:
+        return request.method == "GET" and request.route.startswith("/v1/models/")
+
     def default_reply(self, request: RecordedRequest) -> Reply:
         """A chat.completion whose content is `self.analysis` as JSON, for the requested model."""
         try:
-            model = request.json().get("model", DEFAULT_MODEL)
+            body = request.json()
+            model = body.get("model", DEFAULT_MODEL)
         except (ValueError, AttributeError):
             return self.error(400, "We could not parse the JSON body of your request.")
-        return self.completion(json.dumps(self.analysis), model=model)
+        if self.known_fields is not None:
+            unknown = [name for name in body if name not in self.known_fields]
+            if unknown:
+                return mistral_extra_field(unknown[0], body[unknown[0]])
+        if self.reasoning_tokens is None:
+            return self.completion(json.dumps(self.analysis), model=model)
+        return self._reasoned_completion(body, model)
+
+    def _reasoned_completion(self, body: dict[str, Any], model: str) -> Reply:
+        """How a GPT-5-style model answers: refusals first, then reasoning out of the cap."""
+        if "max_tokens" in body:
+            return Reply(400, copy.deepcopy(MAX_TOKENS_UNSUPPORTED))
+        if body.get("temperature", 1) != 1:
+            return Reply(400, copy.deepcopy(TEMPERATURE_UNSUPPORTED))
+        cap = body.get("max_completion_tokens")
+        reasoning = self.reasoning_tokens or 0
+        needed = reasoning + self.answer_tokens
+        if isinstance(cap, int) and cap < needed:
+            spent = min(cap, reasoning)
+            reply = self.completion("", model=model, finish_reason="length")
+            usage = {"completion_tokens": cap, "reasoning_tokens": spent}
+        else:
+            reply = self.completion(json.dumps(self.analysis), model=model)
+            usage = {"completion_tokens": needed, "reasoning_tokens": reasoning}
+        assert isinstance(reply.body, dict)
+        reply.body["usage"] = {
+            "prompt_tokens": 900,
+            "completion_tokens": usage["completion_tokens"],
+            "total_tokens": 900 + usage["completion_tokens"],
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": usage["reasoning_tokens"],
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
+        }
+        return reply
 
     @staticmethod
     def completion(
@@ -406,6 +538,7 @@ class ChatCompletionsServer(RecordingServer):
                 ],
                 "usage": {"prompt_tokens": 900, "completion_tokens": 80, "total_tokens": 980},
             },
+            headers={"x-request-id": f"req_{uuid.uuid4().hex}"},
         )
 
     @staticmethod

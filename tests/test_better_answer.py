@@ -548,7 +548,8 @@ def test_other_rejected_parameter_is_not_asked_again(
 ) -> None:
     rejected = copy.deepcopy(TEMPERATURE_REJECTED)
     assert isinstance(rejected.body, dict)
-    rejected.body["error"]["param"] = "max_tokens"
+    rejected.body["error"]["param"] = "response_format"
+    rejected.body["error"]["message"] = "Invalid schema for response_format 'food_analysis'."
     model.enqueue(rejected)
     response = post_image(client_with(openai_model=fresh_model_name), auth_headers)
     assert_json_error(response, 502, "upstream_error")

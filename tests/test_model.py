@@ -228,15 +228,17 @@ def test_rate_limit_retry_waits_the_requested_retry_after_ms(
     assert second.received_at - first.received_at >= 0.2
 
 
-def test_retry_after_beyond_the_cap_waits_only_the_cap(
+def test_retry_after_beyond_the_cap_answers_503_at_once_with_the_servers_wait(
     client_with: Callable[..., FlaskClient],
     model: ChatCompletionsServer,
     auth_headers: dict[str, str],
 ) -> None:
     model.enqueue(model_error(429, "Rate limit reached", headers={"Retry-After": "3600"}))
     response = post_image(client_with(openai_retry_after_cap=0.05), auth_headers)
-    assert response.status_code == 200
-    assert len(model.calls) == 2
+    assert response.status_code == 503
+    assert response.get_json()["code"] == "upstream_rate_limited"
+    assert response.headers["Retry-After"] == "3600"
+    assert len(model.calls) == 1
 
 
 def test_server_error_on_every_attempt_answers_502_after_max_attempts(

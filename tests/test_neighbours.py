@@ -338,7 +338,7 @@ def test_rate_limit_with_retry_after_on_every_attempt_answers_502_upstream_error
     model: ChatCompletionsServer,
     auth_headers: dict[str, str],
 ) -> None:
-    model.enqueue(*[model_error(429, "Rate limit reached", headers={"Retry-After": "1"})] * 3)
+    model.enqueue(*[model_error(429, "Rate limit reached", headers={"retry-after-ms": "5"})] * 3)
     client = app_for(make_config(openai_retry_after_cap=0.01)).test_client()
 
     response = post_image(client, auth_headers, photo(1))
@@ -355,7 +355,7 @@ def test_rate_limit_on_every_attempt_caches_nothing(
     redis: RedisServer,
     auth_headers: dict[str, str],
 ) -> None:
-    model.enqueue(*[model_error(429, "Rate limit reached", headers={"Retry-After": "1"})] * 3)
+    model.enqueue(*[model_error(429, "Rate limit reached", headers={"retry-after-ms": "5"})] * 3)
     client = app_for(make_config(openai_retry_after_cap=0.01)).test_client()
 
     post_image(client, auth_headers, photo(1))

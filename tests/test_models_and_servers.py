@@ -1,0 +1,703 @@
+"""Today's models and OpenAI-compatible servers: what each takes, learnt from what each answers."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from flask.testing import FlaskClient
+
+from app import Config, ConfigError, create_app
+from tests import images
+from tests.conftest import OPENAI_API_KEY, assert_json_error, post_photo
+from tests.fakes import (
+    MISTRAL_FIELDS,
+    ChatCompletionsServer,
+    Reply,
+    StalledServer,
+    free_port,
+)
+
+if TYPE_CHECKING:
+    from tests.conftest import RecordHandler
+
+completion = ChatCompletionsServer.completion
+model_error = ChatCompletionsServer.error
+
+
+def photo(shade: int) -> bytes:
+    """A distinct small photo, so that each upload misses the cache."""
+    return images.jpeg(48, 32, color=(shade * 41 % 256, 90, 255 - shade * 23 % 256))
+
+
+def analyse(client: FlaskClient, headers: dict[str, str], shade: int = 1) -> dict[str, Any]:
+    """POST a photo, expect 200, and give the body."""
+    response = post_photo(client, headers, photo(shade))
+    assert response.status_code == 200, response.get_json()
+    body: dict[str, Any] = response.get_json()
+    return body
+
+
+def model_tokens(client: FlaskClient, kind: str) -> float:
+    """The token counter of one kind, as /metrics shows it."""
+    text = client.get("/metrics").get_data(as_text=True)
+    found = re.search(rf'^image_service_model_tokens_total{{kind="{kind}"}} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+@pytest.fixture
+def gpt5(model: ChatCompletionsServer) -> ChatCompletionsServer:
+    """A server that answers as OpenAI does for gpt-5-mini: reasoning out of the output cap."""
+    model.reasoning_tokens = 1500
+    return model
+
+
+@pytest.fixture
+def mistral(model: ChatCompletionsServer) -> ChatCompletionsServer:
+    """A server that refuses, as Mistral's does, every field it does not know with a 422."""
+    model.known_fields = MISTRAL_FIELDS
+    return model
+
+
+# ------------------------------------------------------------------ reasoning models
+
+
+def test_gpt5_mini_with_the_defaults_answers_200_in_one_call(
+    client_with: Callable[..., FlaskClient],
+    gpt5: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    client = client_with(openai_model="gpt-5-mini")
+    analyse(client, auth_headers, 1)
+    assert len(gpt5.calls) == 1
+    analyse(client, auth_headers, 2)
+    assert len(gpt5.calls) == 2
+    sent = gpt5.last_payload()
+    assert sent["max_completion_tokens"] == Config().openai_reasoning_max_output_tokens
+    assert "max_tokens" not in sent
+    assert "temperature" not in sent
+
+
+@pytest.mark.parametrize("name", ["gpt-5", "gpt-5-nano", "o3", "o4-mini", "o1", "openai/gpt-5"])
+def test_reasoning_models_are_known_by_name(
+    client_with: Callable[..., FlaskClient],
+    gpt5: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+    name: str,
+) -> None:
+    analyse(client_with(openai_model=name), auth_headers)
+    assert len(gpt5.calls) == 1
+
+
+def test_a_reasoning_model_unknown_by_name_is_learnt_from_its_refusals(
+    client_with: Callable[..., FlaskClient],
+    gpt5: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+    logs: RecordHandler,
+) -> None:
+    client = client_with(openai_model="food-photos-deployment")
+    analyse(client, auth_headers, 1)
+    first, second, third = (call.json() for call in gpt5.calls)
+    assert first["max_tokens"] == Config().openai_max_output_tokens
+    assert second["max_completion_tokens"] == Config().openai_reasoning_max_output_tokens
+    assert "max_tokens" not in second
+    assert "temperature" not in third
+    learnt = [line for line in logs.lines if "The vision model's server" in line]
+    assert len(learnt) == 2
+    assert all(line.startswith("INFO") for line in learnt)
+
+    analyse(client, auth_headers, 2)
+    assert len(gpt5.calls) == 4
+    assert len([line for line in logs.lines if "The vision model's server" in line]) == 2
+
+
+def test_what_one_worker_learnt_is_used_by_another(
+    make_config: Callable[..., Config], gpt5: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    config = make_config(openai_model="food-photos-deployment")
+    first_worker, second_worker = (create_app(config).test_client() for _ in range(2))
+    analyse(first_worker, auth_headers, 1)
+    assert len(gpt5.calls) == 3
+    analyse(second_worker, auth_headers, 2)
+    assert len(gpt5.calls) == 4
+
+
+def test_without_redis_a_worker_keeps_what_it_learnt(
+    make_config: Callable[..., Config], gpt5: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    client = create_app(make_config(with_redis=False, openai_model="my-o-model")).test_client()
+    analyse(client, auth_headers, 1)
+    analyse(client, auth_headers, 2)
+    assert len(gpt5.calls) == 4
+
+
+def test_what_was_learnt_is_kept_per_base_url(
+    make_config: Callable[..., Config],
+    gpt5: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    config = make_config(openai_model="food-photos-deployment")
+    analyse(create_app(config).test_client(), auth_headers, 1)
+    assert len(gpt5.calls) == 3
+    other_url = make_config(
+        openai_model="food-photos-deployment",
+        openai_base_url=gpt5.base_url.replace("127.0.0.1", "localhost"),
+    )
+    analyse(create_app(other_url).test_client(), auth_headers, 2)
+    assert len(gpt5.calls) == 6
+
+
+def test_reasoning_effort_is_sent_when_configured(
+    client_with: Callable[..., FlaskClient],
+    gpt5: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    analyse(client_with(openai_model="gpt-5-mini", openai_reasoning_effort="low"), auth_headers)
+    assert gpt5.last_payload()["reasoning_effort"] == "low"
+
+
+def test_reasoning_effort_is_not_sent_unless_configured(
+    client_with: Callable[..., FlaskClient],
+    gpt5: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    analyse(client_with(openai_model="gpt-5-mini"), auth_headers)
+    assert "reasoning_effort" not in gpt5.last_payload()
+
+
+def test_an_answer_cut_short_by_reasoning_is_asked_again_with_a_larger_cap(
+    client_with: Callable[..., FlaskClient],
+    gpt5: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    cap = Config().openai_reasoning_max_output_tokens
+    gpt5.reasoning_tokens = cap + 1000
+    analyse(client_with(openai_model="gpt-5-mini"), auth_headers)
+    first, second = (call.json()["max_completion_tokens"] for call in gpt5.calls)
+    assert first == cap
+    assert second > gpt5.reasoning_tokens + gpt5.answer_tokens
+
+
+def test_an_answer_cut_short_twice_names_the_setting_to_raise(
+    client_with: Callable[..., FlaskClient],
+    gpt5: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    gpt5.reasoning_tokens = 120_000
+    response = post_photo(client_with(openai_model="gpt-5-mini"), auth_headers, photo(1))
+    assert_json_error(response, 502, "upstream_error")
+    message = response.get_json()["error"]
+    assert "ran out of output tokens" in message
+    assert "OPENAI_MAX_OUTPUT_TOKENS" in message
+    assert "OPENAI_REASONING_MAX_OUTPUT_TOKENS" in message
+    assert len(gpt5.calls) == 2
+
+
+def test_a_model_that_reports_reasoning_tokens_is_given_the_reasoning_cap(
+    client_with: Callable[..., FlaskClient],
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    cut = completion("", finish_reason="length")
+    assert isinstance(cut.body, dict)
+    cut.body["usage"]["completion_tokens_details"] = {"reasoning_tokens": 800}
+    model.enqueue(cut)
+    analyse(client_with(openai_model="qwen3-vl"), auth_headers)
+    first, second = (call.json()["max_tokens"] for call in model.calls)
+    assert first == Config().openai_max_output_tokens
+    assert second == Config().openai_reasoning_max_output_tokens
+
+
+# ------------------------------------------------------------------ finish_reason
+
+
+def test_answer_cut_short_names_openai_max_output_tokens(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.enqueue(completion('{"isFood": true, "name": "Sal', finish_reason="length"))
+    response = post_photo(client, auth_headers, photo(1))
+    assert_json_error(response, 502, "upstream_error")
+    assert "ran out of output tokens" in response.get_json()["error"]
+    assert "OPENAI_MAX_OUTPUT_TOKENS" in response.get_json()["error"]
+    assert len(model.calls) == 1
+
+
+def test_a_complete_answer_that_says_length_is_used(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.enqueue(completion(json.dumps(model.analysis), finish_reason="length"))
+    assert analyse(client, auth_headers)["analysis"]["name"] == model.analysis["name"]
+
+
+def test_filtered_answer_says_the_provider_filtered_it(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.enqueue(completion(None, finish_reason="content_filter"))
+    response = post_photo(client, auth_headers, photo(1))
+    assert_json_error(response, 502, "upstream_error")
+    assert "filtered" in response.get_json()["error"]
+    assert len(model.calls) == 1
+
+
+# ------------------------------------------------------------------ servers that refuse fields
+
+
+def test_gpt5_mini_on_a_server_that_refuses_unknown_fields_answers_200(
+    client_with: Callable[..., FlaskClient],
+    mistral: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    client = client_with(openai_model="gpt-5-mini")
+    analyse(client, auth_headers, 1)
+    first, second = (call.json() for call in mistral.calls)
+    assert "max_completion_tokens" in first
+    assert "max_completion_tokens" not in second
+    assert second["max_tokens"] == Config().openai_reasoning_max_output_tokens
+    analyse(client, auth_headers, 2)
+    assert len(mistral.calls) == 3
+
+
+def test_a_plain_model_on_a_server_that_refuses_unknown_fields_costs_one_call(
+    client_with: Callable[..., FlaskClient],
+    mistral: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    analyse(client_with(openai_model="pixtral-large-latest"), auth_headers)
+    assert len(mistral.calls) == 1
+    assert mistral.last_payload()["temperature"] == 0
+
+
+def test_a_refused_reasoning_effort_is_left_out(
+    client_with: Callable[..., FlaskClient],
+    mistral: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    analyse(
+        client_with(openai_model="magistral-medium", openai_reasoning_effort="high"), auth_headers
+    )
+    first, second = (call.json() for call in mistral.calls)
+    assert first["reasoning_effort"] == "high"
+    assert "reasoning_effort" not in second
+
+
+def test_a_server_refusing_both_cap_fields_gets_asked_twice_only(
+    client_with: Callable[..., FlaskClient],
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    model.known_fields = MISTRAL_FIELDS - {"max_tokens"}
+    response = post_photo(client_with(openai_model="gpt-5-mini"), auth_headers, photo(1))
+    assert_json_error(response, 502, "upstream_error")
+    assert "max_tokens" in response.get_json()["error"]
+    assert len(model.calls) == 2
+
+
+# ------------------------------------------------------------------ waits the server asks for
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"retry-after": "120"},
+        {"retry-after-ms": "119500"},
+        {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "2m0s"},
+    ],
+)
+def test_a_long_wait_answers_503_at_once_with_the_servers_retry_after(
+    client: FlaskClient,
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+    headers: dict[str, str],
+) -> None:
+    model.enqueue(model_error(429, "Rate limit reached for requests", headers=headers))
+    response = post_photo(client, auth_headers, photo(1))
+    assert_json_error(response, 503, "upstream_rate_limited")
+    assert response.headers["Retry-After"] == "120"
+    assert len(model.calls) == 1
+
+
+def test_a_short_wait_is_waited_and_retried(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.enqueue(model_error(429, "Rate limit reached", headers={"retry-after-ms": "10"}))
+    analyse(client, auth_headers)
+    assert len(model.calls) == 2
+
+
+def test_should_retry_false_is_not_retried(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.enqueue(model_error(500, headers={"x-should-retry": "false"}))
+    assert_json_error(post_photo(client, auth_headers, photo(1)), 502, "upstream_error")
+    assert len(model.calls) == 1
+
+
+def test_should_retry_true_is_retried(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.enqueue(model_error(400, "Try again", headers={"x-should-retry": "true"}))
+    analyse(client, auth_headers)
+    assert len(model.calls) == 2
+
+
+def test_a_rate_limit_that_asks_not_to_retry_gives_its_wait_to_the_caller(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.enqueue(
+        model_error(429, "Slow down", headers={"retry-after": "3", "x-should-retry": "false"})
+    )
+    response = post_photo(client, auth_headers, photo(1))
+    assert_json_error(response, 503, "upstream_rate_limited")
+    assert response.headers["Retry-After"] == "3"
+    assert len(model.calls) == 1
+
+
+# ------------------------------------------------------------------ every error shape
+
+
+GEMINI_ERROR = [
+    {
+        "error": {
+            "code": 400,
+            "message": 'Invalid JSON payload received. Unknown name "foo": Cannot find field.',
+            "status": "INVALID_ARGUMENT",
+        }
+    }
+]
+
+
+@pytest.mark.parametrize(
+    ("reply", "words"),
+    [
+        (
+            Reply(
+                400,
+                {
+                    "error": {
+                        "message": "Invalid image: the data URL is not a valid image.",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": "invalid_image_format",
+                    }
+                },
+            ),
+            "Invalid image: the data URL is not a valid image.",
+        ),
+        (
+            Reply(
+                400,
+                {
+                    "object": "error",
+                    "message": "This model's maximum context length is 8192 tokens.",
+                    "type": "BadRequestError",
+                    "param": None,
+                    "code": 400,
+                },
+            ),
+            "This model's maximum context length is 8192 tokens.",
+        ),
+        (
+            Reply(
+                422,
+                {
+                    "object": "error",
+                    "message": {
+                        "detail": [
+                            {
+                                "type": "missing",
+                                "loc": ["body", "messages"],
+                                "msg": "Field required",
+                                "input": {},
+                            }
+                        ]
+                    },
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": None,
+                },
+            ),
+            "body.messages: Field required",
+        ),
+        (Reply(400, GEMINI_ERROR), 'Unknown name "foo": Cannot find field.'),
+        (Reply(400, {"error": "Model does not support images"}), "Model does not support images"),
+        (Reply(400, "model 'llava' not found, try pulling it first"), "try pulling it first"),
+        (
+            Reply(200, {"error": {"message": "Provider returned error", "code": 400}}),
+            "Provider returned error",
+        ),
+        (
+            Reply(200, {"error": {"message": "No endpoints found that support image input"}}),
+            "No endpoints found that support image input",
+        ),
+    ],
+    ids=["openai", "vllm", "mistral", "gemini", "lm-studio", "text", "200-code", "200-plain"],
+)
+def test_the_servers_own_words_reach_the_caller_and_the_log(
+    client: FlaskClient,
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+    logs: RecordHandler,
+    reply: Reply,
+    words: str,
+) -> None:
+    model.enqueue(reply)
+    response = post_photo(client, auth_headers, photo(1))
+    assert_json_error(response, 502, "upstream_error")
+    assert words in response.get_json()["error"]
+    assert any("OpenAI API request failed" in line and words in line for line in logs.lines)
+    assert len(model.calls) == 1
+
+
+def test_a_long_upstream_message_is_shortened_for_the_caller(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.enqueue(model_error(400, "word " * 2000))
+    message = post_photo(client, auth_headers, photo(1)).get_json()["error"]
+    assert len(message) < 500
+
+
+def test_the_api_key_in_an_upstream_message_never_reaches_the_caller(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.enqueue(model_error(400, f"Incorrect API key provided: {OPENAI_API_KEY}."))
+    response = post_photo(client, auth_headers, photo(1))
+    assert OPENAI_API_KEY not in response.get_data(as_text=True)
+    assert "[redacted]" in response.get_json()["error"]
+
+
+def test_a_rejected_key_says_so(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.enqueue(model_error(401, "Incorrect API key provided.", "invalid_api_key"))
+    response = post_photo(client, auth_headers, photo(1))
+    assert_json_error(response, 502, "upstream_error")
+    assert "rejected the API key" in response.get_json()["error"]
+    assert "OPENAI_API_KEY" in response.get_json()["error"]
+
+
+def test_not_found_names_the_model_and_the_base_url(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.enqueue(model_error(404, "The model `gpt-4.1-mini` does not exist", "model_not_found"))
+    message = post_photo(client, auth_headers, photo(1)).get_json()["error"]
+    assert "OPENAI_MODEL" in message
+    assert model.base_url in message
+    assert "/v1" not in message.split(model.base_url, 1)[1]
+
+
+def test_not_found_on_a_base_url_without_v1_suggests_it(
+    client_with: Callable[..., FlaskClient],
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    response = post_photo(client_with(openai_base_url=model.url + "/api"), auth_headers, photo(1))
+    assert_json_error(response, 502, "upstream_error")
+    assert "end in /v1" in response.get_json()["error"]
+
+
+# ------------------------------------------------------------------ usage and provenance
+
+
+def test_reasoning_and_cached_tokens_are_counted(
+    client_with: Callable[..., FlaskClient],
+    gpt5: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    client = client_with(openai_model="gpt-5-mini")
+    before = model_tokens(client, "reasoning")
+    cached = completion(json.dumps(gpt5.analysis))
+    assert isinstance(cached.body, dict)
+    cached.body["usage"]["prompt_tokens_details"] = {"cached_tokens": 640}
+    cached_before = model_tokens(client, "cached_prompt")
+    analyse(client, auth_headers, 1)
+    gpt5.enqueue(cached)
+    analyse(client, auth_headers, 2)
+    assert model_tokens(client, "reasoning") - before == gpt5.reasoning_tokens
+    assert model_tokens(client, "cached_prompt") - cached_before == 640
+
+
+def test_the_upstream_request_id_is_logged(
+    client: FlaskClient,
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+    logs: RecordHandler,
+) -> None:
+    model.enqueue(
+        Reply(500, {"error": {"message": "boom"}}, headers={"x-request-id": "req_abc123"})
+    )
+    analyse(client, auth_headers)
+    assert any("req_abc123" in line and "failed" in line for line in logs.lines)
+    assert any(
+        re.search(r"answered HTTP 200 .*upstream request id req_", line) for line in logs.lines
+    )
+
+
+# ------------------------------------------------------------------ knobs for other servers
+
+
+def test_strict_schema_can_be_turned_off(
+    client_with: Callable[..., FlaskClient],
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    analyse(client_with(openai_strict_schema=False), auth_headers)
+    assert model.last_payload()["response_format"]["json_schema"]["strict"] is False
+
+
+def test_extra_body_is_merged_into_every_request(
+    client_with: Callable[..., FlaskClient],
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    extra = {"provider": {"order": ["openai"]}, "top_k": 20}
+    analyse(client_with(openai_extra_body=extra), auth_headers)
+    sent = model.last_payload()
+    assert sent["provider"] == {"order": ["openai"]}
+    assert sent["top_k"] == 20
+
+
+def test_azure_classic_sends_api_version_and_api_key_header(
+    client_with: Callable[..., FlaskClient],
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    client = client_with(openai_api_version="2024-10-21", openai_api_key_header="api-key")
+    analyse(client, auth_headers)
+    call = model.calls[-1]
+    assert call.path.endswith("/chat/completions?api-version=2024-10-21")
+    assert call.header("api-key") == OPENAI_API_KEY
+    assert call.header("authorization") is None
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "field", "expected"),
+    [
+        ("OPENAI_STRICT_SCHEMA", "off", "openai_strict_schema", False),
+        ("OPENAI_EXTRA_BODY", '{"top_k": 20}', "openai_extra_body", {"top_k": 20}),
+        ("OPENAI_API_VERSION", "2024-10-21", "openai_api_version", "2024-10-21"),
+        ("OPENAI_API_KEY_HEADER", "api-key", "openai_api_key_header", "api-key"),
+        ("OPENAI_REASONING_EFFORT", "minimal", "openai_reasoning_effort", "minimal"),
+        (
+            "OPENAI_REASONING_MAX_OUTPUT_TOKENS",
+            "32000",
+            "openai_reasoning_max_output_tokens",
+            32000,
+        ),
+        ("OPENAI_PROBE_SECONDS", "60", "openai_probe_seconds", 60.0),
+    ],
+)
+def test_model_settings_are_read_from_the_environment(
+    variable: str, value: str, field: str, expected: Any
+) -> None:
+    config = Config.from_env({variable: value}, "/nonexistent")
+    assert getattr(config, field) == expected
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("OPENAI_STRICT_SCHEMA", "maybe"),
+        ("OPENAI_EXTRA_BODY", "[1, 2]"),
+        ("OPENAI_EXTRA_BODY", "{not json"),
+        ("OPENAI_API_KEY_HEADER", "api key"),
+        ("OPENAI_REASONING_EFFORT", "extreme"),
+    ],
+)
+def test_bad_model_settings_are_named(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        Config.from_env({variable: value}, "/nonexistent")
+
+
+# ------------------------------------------------------------------ the /health probe
+
+
+def wait_for_probe(client: FlaskClient, expected: str, timeout: float = 5.0) -> dict[str, Any]:
+    """Ask /health until the probe's verdict shows (it runs beside the requests)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        body: dict[str, Any] = client.get("/health").get_json()
+        if body["checks"]["openai_probe"] == expected or time.monotonic() > deadline:
+            return body
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    ("status", "verdict"),
+    [
+        (200, "reachable"),
+        (401, "key rejected"),
+        (404, "model not found"),
+        (500, "error (HTTP 500)"),
+    ],
+)
+def test_health_probe_tells_what_the_model_server_says(
+    client_with: Callable[..., FlaskClient],
+    model: ChatCompletionsServer,
+    status: int,
+    verdict: str,
+) -> None:
+    model.model_status = status
+    client = client_with()
+    body = wait_for_probe(client, verdict)
+    assert body["checks"]["openai_probe"] == verdict
+    assert body["status"] == "healthy"
+    assert model.probes[-1].route == "/v1/models/gpt-4.1-mini"
+    assert model.probes[-1].header("authorization") == f"Bearer {OPENAI_API_KEY}"
+
+
+def test_health_probe_of_an_unreachable_server(
+    client_with: Callable[..., FlaskClient],
+) -> None:
+    client = client_with(openai_base_url=f"http://127.0.0.1:{free_port()}/v1")
+    body = wait_for_probe(client, "unreachable")
+    assert body["checks"]["openai_probe"] == "unreachable"
+    assert body["status"] == "healthy"
+
+
+def test_health_probes_at_most_once_per_period(
+    client_with: Callable[..., FlaskClient], model: ChatCompletionsServer
+) -> None:
+    client = client_with()
+    wait_for_probe(client, "reachable")
+    for _ in range(5):
+        client.get("/health")
+    assert len(model.probes) == 1
+
+
+def test_health_probe_is_repeated_after_its_period(
+    client_with: Callable[..., FlaskClient], model: ChatCompletionsServer
+) -> None:
+    client = client_with(openai_probe_seconds=0.05)
+    wait_for_probe(client, "reachable")
+    model.model_status = 404
+    assert wait_for_probe(client, "model not found")["checks"]["openai_probe"] == "model not found"
+
+
+def test_health_does_not_wait_for_a_stalled_probe(
+    client_with: Callable[..., FlaskClient], model: ChatCompletionsServer
+) -> None:
+    with StalledServer() as stalled:
+        client = client_with(openai_base_url=stalled.http_url + "/v1")
+        body = client.get("/health").get_json()
+        assert body["checks"]["openai_probe"] == "checking"
+        assert client.get("/health").get_json()["checks"]["openai_probe"] == "checking"
+
+
+def test_health_probe_says_not_configured_without_a_key(
+    client_with: Callable[..., FlaskClient], model: ChatCompletionsServer
+) -> None:
+    client = client_with(openai_api_key=None)
+    assert client.get("/health").get_json()["checks"]["openai_probe"] == "not configured"
+    assert model.probes == []
+
+
+def test_health_probe_can_be_disabled(
+    client_with: Callable[..., FlaskClient], model: ChatCompletionsServer
+) -> None:
+    client = client_with(openai_probe_seconds=0.0)
+    assert client.get("/health").get_json()["checks"]["openai_probe"] == "disabled"
+    assert model.probes == []

@@ -28,7 +28,6 @@ NGINX_CONF = ROOT / "deploy" / "nginx.conf"
 # The errors the gateway answers itself: nginx's status, the status sent, the code in the body.
 GATEWAY_ERRORS = [
     (400, 400, "bad_request"),
-    (408, 408, "request_timeout"),
     (413, 413, "payload_too_large"),
     (414, 414, "uri_too_long"),
     (494, 431, "header_too_large"),

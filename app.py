@@ -310,7 +310,7 @@ class Config:
     openai_api_timeout: float = 30.0
     openai_max_attempts: int = 3
     openai_image_detail: str = "auto"
-    openai_max_output_tokens: int = 800
+    openai_max_output_tokens: int = 1500
     openai_reasoning_max_output_tokens: int = 16_000
     openai_reasoning_effort: str | None = None
     openai_strict_schema: bool = True
@@ -376,7 +376,7 @@ class Config:
                 "OPENAI_IMAGE_DETAIL", "auto", ("low", "high", "auto")
             ),
             openai_max_output_tokens=reader.integer(
-                "OPENAI_MAX_OUTPUT_TOKENS", 800, low=100, high=16_384
+                "OPENAI_MAX_OUTPUT_TOKENS", 1500, low=100, high=16_384
             ),
             openai_reasoning_max_output_tokens=reader.integer(
                 "OPENAI_REASONING_MAX_OUTPUT_TOKENS",

@@ -1,27 +1,38 @@
-"""Fixtures: an app built from a test Config, and the real collaborators it talks to."""
+"""Fixtures: an app built from a test Config, the real collaborators it talks to, and the
+calls a test makes to the service (through the test client, or over gunicorn's socket)."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import io
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
+import requests
 from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from app import Config, create_app
+from app import CACHE_PREFIX, Config, create_app
+from tests import images
 from tests.fakes import ChatCompletionsServer, RedisServer, UserServiceServer
+from tests.servers import STARTUP_TIMEOUT, Gunicorn, start_gunicorn
 
 REDIS_PASSWORD = "redis-test-pw-Kq8zT3"
 OPENAI_API_KEY = "openai-test-key-Vb71Pw0x"
 JWT_SECRET = "jwt-test-secret-4f9c2a7e1b3d5f60718293a4b5c6d7e8"
+# Long enough for HS512 (64 bytes), so PyJWT does not warn about a short key.
+LONG_SECRET = "jwt-long-test-secret-" + "0123456789abcdef" * 4
+MEAL = images.jpeg(64, 48)
+REQUEST_TIMEOUT = 10.0  # seconds, one request over gunicorn's socket
 
 
 @pytest.fixture(scope="session")
@@ -119,12 +130,17 @@ def config(make_config: Callable[..., Config]) -> Config:
     return make_config()
 
 
-@pytest.fixture
-def app(config: Config) -> Flask:
-    """An app built from the test Config."""
+def app_for(config: Config) -> Flask:
+    """An app built from this Config, in testing mode."""
     flask_app = create_app(config)
     flask_app.testing = True
     return flask_app
+
+
+@pytest.fixture
+def app(config: Config) -> Flask:
+    """An app built from the test Config."""
+    return app_for(config)
 
 
 @pytest.fixture
@@ -138,9 +154,7 @@ def client_with(make_config: Callable[..., Config]) -> Callable[..., FlaskClient
     """A test client for an app whose Config differs from the default by some fields."""
 
     def build(**overrides: Any) -> FlaskClient:
-        flask_app = create_app(make_config(**overrides))
-        flask_app.testing = True
-        return flask_app.test_client()
+        return app_for(make_config(**overrides)).test_client()
 
     return build
 
@@ -161,6 +175,53 @@ def post_photo(
         content_type="multipart/form-data",
         **options,
     )
+
+
+class AnalyzeActions:
+    """What a signed-in caller does with /analyze-food, through the test client.
+
+    Like flaskr's ``AuthActions``: built on the test client and the test token, so a test reads
+    ``api.analyze(photo, save=True)``; ``client=`` sends through another app's client.
+    """
+
+    def __init__(self, client: FlaskClient, headers: Mapping[str, str]) -> None:
+        self.client = client
+        self.headers = dict(headers)
+
+    def analyze(
+        self,
+        photo: bytes = MEAL,
+        *,
+        save: bool = False,
+        query: str = "",
+        form: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        client: FlaskClient | None = None,
+        **options: Any,
+    ) -> TestResponse:
+        """POST the photo; ``save`` adds ``save=true``; ``headers`` replace the token's."""
+        if save:
+            query = f"{query}&save=true" if query else "?save=true"
+        return post_photo(
+            client or self.client,
+            self.headers if headers is None else headers,
+            photo,
+            query,
+            form,
+            **options,
+        )
+
+
+@pytest.fixture
+def api(client: FlaskClient, auth_headers: dict[str, str]) -> AnalyzeActions:
+    """/analyze-food as user-42 calls it: ``api.analyze(photo, save=..., query=..., form=...)``."""
+    return AnalyzeActions(client, auth_headers)
+
+
+def cached_keys(redis: RedisServer) -> list[bytes]:
+    """Every analysis key in the tests' Redis."""
+    with redis.client() as connection:
+        return sorted(connection.scan_iter(match=f"{CACHE_PREFIX}*"))
 
 
 def assert_json_error(response: TestResponse, status: int, code: str) -> None:
@@ -219,3 +280,94 @@ def logs(app: Flask) -> Iterator[RecordHandler]:
         yield handler
     finally:
         service_logger.removeHandler(handler)
+
+
+# ------------------------------------------------------------------ tokens built by hand
+
+
+def as_bearer(token: str) -> str:
+    """An Authorization header value for this token."""
+    return f"Bearer {token}"
+
+
+def post_with_authorization(
+    client: FlaskClient, authorization: str | None = None, query: str = ""
+) -> TestResponse:
+    """POST a small valid JPEG to /analyze-food with this Authorization header, if any."""
+    headers = {} if authorization is None else {"Authorization": authorization}
+    return post_photo(client, headers, MEAL, query)
+
+
+def unsigned_token(claims: dict[str, Any], header: dict[str, Any] | None = None) -> str:
+    """A JWT built by hand: base64url header and payload, and an empty signature."""
+
+    def part(value: dict[str, Any]) -> str:
+        raw = json.dumps(value, separators=(",", ":")).encode()
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+    return f"{part(header or {'alg': 'none', 'typ': 'JWT'})}.{part(claims)}."
+
+
+def assert_unauthorized(response: TestResponse, code: str, *never_shown: str) -> None:
+    """A contract 401: JSON error with this code, a Bearer challenge, and no token or secret."""
+    assert response.status_code == 401
+    assert response.headers.get("WWW-Authenticate") == "Bearer"
+    assert response.mimetype == "application/json"
+    body = response.get_json()
+    assert body["code"] == code
+    assert isinstance(body["error"], str)
+    assert body["error"]
+    text = response.get_data(as_text=True)
+    for value in (JWT_SECRET, LONG_SECRET, *never_shown):
+        if value:
+            assert value not in text
+
+
+# ------------------------------------------------------------------ gunicorn over a socket
+
+
+@contextmanager
+def running_gunicorn(
+    redis: RedisServer,
+    model: ChatCompletionsServer,
+    user_service: UserServiceServer,
+    workdir: Path,
+    **overrides: str | None,
+) -> Iterator[Gunicorn]:
+    """`gunicorn app:app` serving the tests' collaborators, live; it never outlives the block.
+
+    One worker with four threads unless ``overrides`` say otherwise; a None override removes
+    a variable, leaving gunicorn.conf.py's default.
+    """
+    settings = {
+        **base_environment(redis, model, user_service),
+        "GUNICORN_WORKERS": "1",
+        "GUNICORN_THREADS": "4",
+        **overrides,
+    }
+    server = start_gunicorn("app:app", workdir, settings)
+    try:
+        server.wait_until_live(time.monotonic() + STARTUP_TIMEOUT)
+        yield server
+    finally:
+        server.kill()
+
+
+def bearer(user_id: str = "user-42") -> dict[str, str]:
+    """An Authorization header with a fresh access token signed with the tests' secret."""
+    now = int(time.time())
+    claims = {"sub": user_id, "type": "access", "iat": now, "exp": now + 600}
+    return {"Authorization": as_bearer(jwt.encode(claims, JWT_SECRET, algorithm="HS256"))}
+
+
+def analyze_over_socket(
+    server: Gunicorn, photo: bytes, *, headers: dict[str, str] | None = None, **params: str
+) -> requests.Response:
+    """POST a photo to /analyze-food through gunicorn's socket."""
+    return server.session.post(
+        f"{server.url}/analyze-food",
+        params=params,
+        files={"image": ("meal.jpg", photo, "image/jpeg")},
+        headers=bearer() if headers is None else headers,
+        timeout=REQUEST_TIMEOUT,
+    )

@@ -688,7 +688,7 @@ _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL("libc.so.6", use_errno=True) if sys.platform == "linux" else None
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: have Linux send SIGTERM when the forking thread ends."""
     if _libc is not None:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -798,7 +798,7 @@ class RedisServer(ClosesOnExit):
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,  # only calls prctl: fork-safe
+                preexec_fn=die_with_parent,  # only calls prctl: fork-safe
             )
         _running_redis.add(self)
         self._wait_until_ready()

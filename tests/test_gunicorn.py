@@ -2,167 +2,31 @@
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import dataclass
 
-import jwt
 import pytest
-import requests
 
 from tests import images
-from tests.conftest import JWT_SECRET, OPENAI_API_KEY, REDIS_PASSWORD, base_environment
-from tests.fakes import ChatCompletionsServer, RedisServer, UserServiceServer, free_port
+from tests.conftest import (
+    JWT_SECRET,
+    OPENAI_API_KEY,
+    REDIS_PASSWORD,
+    REQUEST_TIMEOUT,
+    bearer,
+    running_gunicorn,
+)
+from tests.conftest import analyze_over_socket as analyze
+from tests.fakes import ChatCompletionsServer, RedisServer, UserServiceServer
+from tests.servers import Gunicorn
 
-ROOT = Path(__file__).resolve().parents[1]
-STARTUP_TIMEOUT = 20.0  # seconds until /health/live answers; a cold import takes about one
-SHUTDOWN_TIMEOUT = 15.0  # seconds after SIGTERM; our connections are closed first, so no drain
-REQUEST_TIMEOUT = 10.0
 SECRETS = {
     "OPENAI_API_KEY": OPENAI_API_KEY,
     "JWT_SECRET": JWT_SECRET,
     "REDIS_PASSWORD": REDIS_PASSWORD,
 }
-# What the child may inherit: enough to run Python, nothing the service itself reads. HOME is
-# the run's own folder, where gunicorn puts its control socket (~/.gunicorn/gunicorn.ctl).
-INHERITED_VARIABLES = ("PATH", "LANG", "LC_ALL", "TMPDIR")
-
-
-@dataclass
-class Gunicorn:
-    """One running gunicorn: where it answers, and the file that receives its output."""
-
-    process: subprocess.Popen[bytes]
-    url: str
-    output_path: Path
-    session: requests.Session = field(default_factory=requests.Session)
-
-    def output(self) -> str:
-        """Everything gunicorn, its worker and the service printed so far."""
-        return self.output_path.read_text(errors="replace")
-
-
-def gunicorn_environment(
-    redis: RedisServer,
-    model: ChatCompletionsServer,
-    user_service: UserServiceServer,
-    workdir: Path,
-    port: int,
-    overrides: Mapping[str, str | None],
-) -> dict[str, str]:
-    """The environment of a gunicorn serving the tests' collaborators on 127.0.0.1:port.
-
-    ``overrides`` replace variables; a None value removes one, leaving gunicorn.conf.py's default.
-    """
-    secrets_dir = workdir / "no-secrets"
-    metrics_dir = workdir / "metrics"
-    secrets_dir.mkdir()
-    metrics_dir.mkdir()
-    inherited = {name: os.environ[name] for name in INHERITED_VARIABLES if name in os.environ}
-    env = {
-        **inherited,
-        **base_environment(redis, model, user_service),
-        "HOME": str(workdir),
-        "SECRETS_DIR": str(secrets_dir),
-        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-        "GUNICORN_BIND": f"127.0.0.1:{port}",
-        "GUNICORN_WORKERS": "1",
-        "GUNICORN_THREADS": "4",
-        "PYTHONUNBUFFERED": "1",
-    }
-    for name, value in overrides.items():
-        if value is None:
-            env.pop(name, None)
-        else:
-            env[name] = value
-    return env
-
-
-def wait_until_live(server: Gunicorn) -> None:
-    """Poll /health/live until it answers 200; fail with gunicorn's output if it never does."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            pytest.fail(f"gunicorn exited with {server.process.returncode}:\n{server.output()}")
-        try:
-            if requests.get(f"{server.url}/health/live", timeout=2).status_code == 200:
-                return
-        except (requests.ConnectionError, requests.Timeout):
-            pass  # not listening yet, or its worker is still importing the app
-        time.sleep(0.05)
-    pytest.fail(f"gunicorn did not answer within {STARTUP_TIMEOUT} s:\n{server.output()}")
-
-
-def stop(server: Gunicorn) -> int:
-    """SIGTERM gunicorn and return its exit code; kill it if it outlives SHUTDOWN_TIMEOUT."""
-    server.session.close()
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGTERM)
-    try:
-        return server.process.wait(timeout=SHUTDOWN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait()
-        raise
-
-
-@contextmanager
-def running_gunicorn(
-    redis: RedisServer,
-    model: ChatCompletionsServer,
-    user_service: UserServiceServer,
-    workdir: Path,
-    **overrides: str | None,
-) -> Iterator[Gunicorn]:
-    """Start `gunicorn app:app` from the repository root; it never outlives the block."""
-    port = free_port()
-    env = gunicorn_environment(redis, model, user_service, workdir, port, overrides)
-    output_path = workdir / "gunicorn.log"
-    with open(output_path, "wb") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "app:app"],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-    server = Gunicorn(process=process, url=f"http://127.0.0.1:{port}", output_path=output_path)
-    try:
-        wait_until_live(server)
-        yield server
-    finally:
-        server.session.close()
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
-def bearer(user_id: str = "user-42") -> dict[str, str]:
-    """An Authorization header with a fresh access token signed with the tests' secret."""
-    now = int(time.time())
-    claims = {"sub": user_id, "type": "access", "iat": now, "exp": now + 600}
-    return {"Authorization": f"Bearer {jwt.encode(claims, JWT_SECRET, algorithm='HS256')}"}
-
-
-def analyze(
-    server: Gunicorn, photo: bytes, *, headers: dict[str, str] | None = None, **params: str
-) -> requests.Response:
-    """POST a photo to /analyze-food over the socket."""
-    return server.session.post(
-        f"{server.url}/analyze-food",
-        params=params,
-        files={"image": ("meal.jpg", photo, "image/jpeg")},
-        headers=bearer() if headers is None else headers,
-        timeout=REQUEST_TIMEOUT,
-    )
+__all__ = ["analyze", "bearer", "running_gunicorn"]  # also used by test_deploy
 
 
 def fresh_redis(redis_server: RedisServer) -> RedisServer:
@@ -217,7 +81,7 @@ def finished_run(
             "save": analyze(server, photo, save="true").status_code,
             "no_token": analyze(server, photo, headers={}).status_code,
         }
-        returncode = stop(server)
+        returncode = server.stop()
         return FinishedRun(returncode=returncode, output=server.output(), statuses=statuses)
 
 

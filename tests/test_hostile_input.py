@@ -34,9 +34,9 @@ from app import (
     prepare_image,
 )
 from tests import images
-from tests.conftest import JWT_SECRET, base_environment
+from tests.conftest import JWT_SECRET, base_environment, bearer, running_gunicorn
 from tests.fakes import ChatCompletionsServer, RedisServer, UserServiceServer
-from tests.test_gunicorn import Gunicorn, bearer, running_gunicorn
+from tests.servers import Gunicorn
 
 MIB = 1024 * 1024
 SOCKET_TIMEOUT = 10.0  # seconds to wait for an answer over the socket; never a duration check

@@ -17,8 +17,9 @@ from flask import Flask
 
 from app import LOCK_PREFIX, Config, cache_key_for, create_app, image_digest
 from tests import images
+from tests.conftest import bearer, running_gunicorn
 from tests.fakes import ChatCompletionsServer, RedisServer, Reply, UserServiceServer
-from tests.test_gunicorn import Gunicorn, bearer, running_gunicorn
+from tests.servers import Gunicorn
 
 PHOTO = images.jpeg(320, 240, color=(200, 90, 40))
 
@@ -49,13 +50,6 @@ def post_over_socket(server: Gunicorn) -> requests.Response:
         headers=bearer(),
         timeout=30,
     )
-
-
-def worker_pids(server: Gunicorn) -> list[int]:
-    """The worker processes of a gunicorn master."""
-    master = server.process.pid
-    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-    return [int(pid) for pid in children]
 
 
 def test_concurrent_misses_in_one_process_make_one_model_call(
@@ -176,7 +170,7 @@ def test_a_holder_killed_mid_call_is_taken_over_by_a_waiter_on_another_replica(
         model.wait_for_requests(1, timeout=10)
         waiting = pool.submit(post_over_socket, waiter)
         time.sleep(0.3)
-        for pid in worker_pids(holder):
+        for pid in holder.worker_pids():
             os.kill(pid, signal.SIGKILL)
         response = waiting.result(timeout=30)
         assert lost.exception(timeout=30) is not None or lost.result().status_code >= 500

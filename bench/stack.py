@@ -1,25 +1,19 @@
 """The real stack on loopback: a Redis of its own, the fake model and User Service, gunicorns.
 
 Everything is started by `Stack` and stopped by `Stack.close()` (also on failure: use it in a
-`with` block). Gunicorn masters get SIGTERM from Linux if the harness dies without cleaning up.
+`with` block). The gunicorns are started by the tests' launcher (`tests/servers.py`), so their
+masters get SIGTERM from Linux if the harness dies without cleaning up.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import secrets
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -33,21 +27,10 @@ from tests.fakes import (
     RedisServer,
     Reply,
     UserServiceServer,
-    free_port,
 )
+from tests.servers import Gunicorn, start_gunicorn
 
-ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT = 30.0
-SHUTDOWN_TIMEOUT = 10.0
-INHERITED_VARIABLES = ("PATH", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV")
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL("libc.so.6", use_errno=True) if sys.platform == "linux" else None
-
-
-def die_with_parent() -> None:
-    """In the child before exec: Linux sends SIGTERM when the harness goes away."""
-    if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class DelayedModel(ChatCompletionsServer):
@@ -64,79 +47,14 @@ class DelayedModel(ChatCompletionsServer):
         return reply
 
 
-@dataclass
-class Gunicorn:
-    """One gunicorn master started by the harness."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-    last_workers: list[int] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        """Where it answers."""
-        return f"http://127.0.0.1:{self.port}"
-
-    def worker_pids(self) -> list[int]:
-        """The master's children (its workers), read from /proc."""
-        pids: list[int] = []
-        for children in Path(f"/proc/{self.process.pid}/task").glob("*/children"):
-            with contextlib.suppress(OSError):
-                pids.extend(int(pid) for pid in children.read_text().split())
-        return sorted(set(pids))
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The end of its output, for error messages."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def wait_until_live(self, deadline: float) -> None:
-        """Poll /health/live until it answers 200, or raise with the log."""
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"gunicorn {self.name} exited with {self.process.returncode}:\n"
-                    f"{self.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(f"{self.url}/health/live", timeout=1) as answer:
-                    if answer.status == 200 and len(self.worker_pids()) > 0:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass  # not listening yet
-            time.sleep(0.1)
-        raise RuntimeError(f"gunicorn {self.name} did not start in time:\n{self.log_tail()}")
-
-    def wait_until_idle(self, deadline: float, window: float = 0.3) -> None:
-        """Wait until the workers have finished importing: almost no CPU over `window` s."""
-        ticks = os.sysconf("SC_CLK_TCK")
-        while time.monotonic() < deadline:
-            before = cpu_ticks(self.worker_pids())
-            time.sleep(window)
-            if (cpu_ticks(self.worker_pids()) - before) / ticks < 0.05 * window:
-                return
-
-    def terminate(self) -> None:
-        """Send SIGTERM, remembering the workers in case they must be killed."""
-        self.last_workers = self.worker_pids()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-
-    def wait_stopped(self) -> None:
-        """Wait for the exit; SIGKILL master and workers if they outlive SHUTDOWN_TIMEOUT."""
-        try:
-            self.process.wait(timeout=SHUTDOWN_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            for pid in self.last_workers:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
+def wait_until_idle(server: Gunicorn, deadline: float, window: float = 0.3) -> None:
+    """Wait until the workers have finished importing: almost no CPU over `window` s."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    while time.monotonic() < deadline:
+        before = cpu_ticks(server.worker_pids())
+        time.sleep(window)
+        if (cpu_ticks(server.worker_pids()) - before) / ticks < 0.05 * window:
+            return
 
 
 def cpu_ticks(pids: list[int]) -> int:
@@ -175,23 +93,15 @@ class Stack(ClosesOnExit):
         claims = {"sub": "bench-user", "type": "access", "iat": now, "exp": now + 3600}
         return jwt.encode(claims, self.jwt_secret, algorithm="HS256")
 
-    def environment(self, name: str, port: int, overrides: dict[str, str]) -> dict[str, str]:
-        """The environment of one gunicorn: the collaborators, plus the overrides.
+    def start_gunicorn(self, name: str, target: str, **overrides: str) -> Gunicorn:
+        """Start `gunicorn <target>` serving the stack, without waiting for it.
 
         Whatever the overrides do not name keeps gunicorn.conf.py's default.
         """
         assert self.redis is not None
         assert self.model is not None
         assert self.user_service is not None
-        folder = self.workdir / name
-        (folder / "secrets").mkdir(parents=True)
-        inherited = {key: os.environ[key] for key in INHERITED_VARIABLES if key in os.environ}
-        return {
-            **inherited,
-            "HOME": str(folder),
-            "SECRETS_DIR": str(folder / "secrets"),
-            "PROMETHEUS_MULTIPROC_DIR": str(folder / "metrics"),
-            "GUNICORN_BIND": f"127.0.0.1:{port}",
+        settings = {
             "REDIS_HOST": "127.0.0.1",
             "REDIS_PORT": str(self.redis.port),
             "REDIS_PASSWORD": self.redis_password,
@@ -199,26 +109,9 @@ class Stack(ClosesOnExit):
             "OPENAI_BASE_URL": self.model.base_url,
             "USER_SERVICE_URL": self.user_service.url,
             "JWT_SECRET": self.jwt_secret,
-            "PYTHONUNBUFFERED": "1",
             **overrides,
         }
-
-    def start_gunicorn(self, name: str, target: str, **overrides: str) -> Gunicorn:
-        """Start `gunicorn <target>` from the repository root without waiting for it."""
-        port = free_port()
-        env = self.environment(name, port, overrides)
-        log_path = self.workdir / name / "gunicorn.log"
-        with open(log_path, "wb") as output:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", target],
-                cwd=ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent,  # only calls prctl: fork-safe
-            )
-        server = Gunicorn(name=name, process=process, port=port, log_path=log_path)
+        server = start_gunicorn(target, self.workdir / name, settings, name=name)
         self.gunicorns[name] = server
         return server
 
@@ -228,7 +121,7 @@ class Stack(ClosesOnExit):
         for server in servers:
             server.wait_until_live(deadline)
         for server in servers:
-            server.wait_until_idle(deadline)
+            wait_until_idle(server, deadline)
 
     def flush_redis(self) -> None:
         """Forget every cached analysis."""
@@ -242,6 +135,7 @@ class Stack(ClosesOnExit):
             server.terminate()
         for server in servers:
             server.wait_stopped()
+            server.kill()
         for fake in (self.model, self.user_service):
             if fake is not None:
                 fake.close()

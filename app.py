@@ -32,6 +32,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any, TypeVar, cast
 from urllib.parse import quote, urlencode, urlsplit
@@ -135,13 +136,42 @@ UPSTREAM_CHUNK_BYTES = 64 * 1024
 # ---------------------------------------------------------------------------------------------
 
 
+class ErrorCode(StrEnum):
+    """Every stable ``code`` an error answer can carry; the README and openapi.yaml list these."""
+
+    MISSING_IMAGE = "missing_image"
+    EMPTY_IMAGE = "empty_image"
+    INVALID_IMAGE = "invalid_image"
+    UNSUPPORTED_IMAGE_TYPE = "unsupported_image_type"
+    INVALID_PARAMETER = "invalid_parameter"
+    BAD_REQUEST = "bad_request"
+    MISSING_TOKEN = "missing_token"  # noqa: S105 (codes, not secrets)
+    INVALID_TOKEN = "invalid_token"  # noqa: S105
+    TOKEN_EXPIRED = "token_expired"  # noqa: S105
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    IDEMPOTENCY_KEY_IN_PROGRESS = "idempotency_key_in_progress"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    NOT_FOOD = "not_food"
+    IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
+    HTTP_ERROR = "http_error"
+    UPSTREAM_ERROR = "upstream_error"
+    USER_SERVICE_ERROR = "user_service_error"
+    AI_NOT_CONFIGURED = "ai_not_configured"
+    OVERLOADED = "overloaded"
+    UPSTREAM_RATE_LIMITED = "upstream_rate_limited"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    INTERNAL_ERROR = "internal_error"
+
+
 class ServiceError(Exception):
     """An error with an HTTP status and a stable code, answered as the contract's JSON."""
 
     status = 500
-    code = "internal_error"
+    code = ErrorCode.INTERNAL_ERROR
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(self, message: str, *, code: ErrorCode | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
@@ -149,7 +179,7 @@ class ServiceError(Exception):
 
     def body(self) -> dict[str, Any]:
         """The JSON body callers receive."""
-        return {"error": self.message, "code": self.code}
+        return {"error": self.message, "code": str(self.code)}
 
     def headers(self) -> dict[str, str]:
         """Extra response headers."""
@@ -160,46 +190,46 @@ class BadRequest(ServiceError):
     """The request cannot be processed as sent (400)."""
 
     status = 400
-    code = "invalid_parameter"
+    code = ErrorCode.INVALID_PARAMETER
 
 
 class Unauthorized(ServiceError):
     """The bearer token is missing or not acceptable (401)."""
 
     status = 401
-    code = "invalid_token"
+    code = ErrorCode.INVALID_TOKEN
 
     def headers(self) -> dict[str, str]:
         """RFC 6750 asks for a challenge on every 401."""
         return {"WWW-Authenticate": "Bearer"}
 
 
-class Conflict(ServiceError):
+class IdempotencyKeyInProgress(ServiceError):
     """A request with the same Idempotency-Key is still being processed (409)."""
 
     status = 409
-    code = "idempotency_key_in_progress"
+    code = ErrorCode.IDEMPOTENCY_KEY_IN_PROGRESS
 
 
 class IdempotencyKeyReused(ServiceError):
     """An Idempotency-Key was sent again with a different photo (422)."""
 
     status = 422
-    code = "idempotency_key_reused"
+    code = ErrorCode.IDEMPOTENCY_KEY_REUSED
 
 
 class NotFood(ServiceError):
     """The model found no food in the photo (422)."""
 
     status = 422
-    code = "not_food"
+    code = ErrorCode.NOT_FOOD
 
 
 class UpstreamError(ServiceError):
     """The vision model failed, refused, or answered something unusable (502)."""
 
     status = 502
-    code = "upstream_error"
+    code = ErrorCode.UPSTREAM_ERROR
     rejected_parameter: str | None = None
 
 
@@ -215,14 +245,14 @@ class UpstreamTimeout(TransientUpstreamError):
     """The vision model did not answer within its deadline (504)."""
 
     status = 504
-    code = "upstream_timeout"
+    code = ErrorCode.UPSTREAM_TIMEOUT
 
 
 class UpstreamRateLimited(ServiceError):
     """The model's server asked to wait longer than the service waits for it (503)."""
 
     status = 503
-    code = "upstream_rate_limited"
+    code = ErrorCode.UPSTREAM_RATE_LIMITED
 
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)
@@ -237,7 +267,7 @@ class UserServiceError(ServiceError):
     """The User Service did not store the entry; the analysis travels with the error (502)."""
 
     status = 502
-    code = "user_service_error"
+    code = ErrorCode.USER_SERVICE_ERROR
 
     def __init__(self, message: str, analysis: Mapping[str, Any]) -> None:
         super().__init__(message)
@@ -252,14 +282,14 @@ class AINotConfigured(ServiceError):
     """No credentials for the vision model are configured (503)."""
 
     status = 503
-    code = "ai_not_configured"
+    code = ErrorCode.AI_NOT_CONFIGURED
 
 
 class Overloaded(ServiceError):
     """Too many model calls are in flight in this process; try again shortly (503)."""
 
     status = 503
-    code = "overloaded"
+    code = ErrorCode.OVERLOADED
 
     def __init__(self, message: str, *, retry_after: int) -> None:
         super().__init__(message)
@@ -275,7 +305,11 @@ class InternalError(ServiceError):
 
 
 class ConfigError(ValueError):
-    """The environment holds values the service cannot start with."""
+    """The environment holds values the service cannot start with; ``problems`` names each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration: " + "; ".join(problems))
+        self.problems = list(problems)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,56 +322,161 @@ SECRET_FILES = {
     "jwt_secret": "JWT_SECRET",
     "jwt_public_key": "JWT_PUBLIC_KEY",
 }
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+MAX_REASONING_OUTPUT_TOKENS = 128_000
+HEADER_NAME_PATTERN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")
+HTTP_URL_PATTERN = re.compile(r"^https?://[^\s/]+")
+REDIS_URL_PATTERN = re.compile(r"^(rediss?|unix)://")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one ``Config`` field is read from its variable, and the values it may take."""
+
+    variable: str
+    kind: str = "text"
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+    secret: bool = False
+    fallback: str | None = None
+    shown: str | None = None
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with a value of this setting, or None."""
+        if value is None:
+            return None
+        if self.low is not None and self.high is not None and not self.low <= value <= self.high:
+            return f"{self.variable} must be from {self.low:g} to {self.high:g}, got {value!r}"
+        if self.choices and value not in self.choices:
+            return f"{self.variable} must be one of {', '.join(self.choices)}, got {value!r}"
+        if self.kind == "url" and not HTTP_URL_PATTERN.match(value):
+            return f"{self.variable} must be an http:// or https:// URL, got {value!r}"
+        if self.kind == "header" and not HEADER_NAME_PATTERN.fullmatch(value):
+            return f"{self.variable} must be an HTTP header name such as api-key, got {value!r}"
+        if self.kind == "redis_url" and not REDIS_URL_PATTERN.match(value):
+            return f"{self.variable} must start with redis://, rediss:// or unix://"
+        return None
+
+
+def setting(variable: str, default: Any, kind: str = "text", **options: Any) -> Any:
+    """A ``Config`` field, read from ``variable``: the one place a setting is declared."""
+    declared = Setting(variable, kind, **options)
+    metadata = {"setting": declared}
+    if isinstance(default, dict):
+        return field(default_factory=dict, hash=False, metadata=metadata)
+    return field(default=default, repr=not declared.secret, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class Config:
-    """Everything the service reads from its environment, checked once at start."""
+    """Everything the service reads from its environment, checked whenever one is made.
 
-    secrets_dir: str = "/run/secrets"
-    redis_url: str | None = field(default=None, repr=False)
-    redis_host: str | None = None
-    redis_port: int = 6379
-    redis_db: int = 0
-    redis_password: str | None = field(default=None, repr=False)
-    redis_timeout: float = 0.5
-    redis_breaker_failures: int = 3
-    redis_breaker_cooldown: float = 15.0
-    single_flight_lock_seconds: float = 10.0
-    openai_api_key: str | None = field(default=None, repr=False)
-    openai_base_url: str = "https://api.openai.com/v1"
-    openai_model: str = "gpt-4.1-mini"
-    openai_api_timeout: float = 30.0
-    openai_max_attempts: int = 3
-    openai_image_detail: str = "auto"
-    openai_max_output_tokens: int = 1500
-    openai_reasoning_max_output_tokens: int = 16_000
-    openai_reasoning_effort: str | None = None
-    openai_strict_schema: bool = True
-    openai_extra_body: dict[str, Any] = field(default_factory=dict, hash=False)
-    openai_api_version: str | None = None
-    openai_api_key_header: str = "Authorization"
-    openai_probe_seconds: float = 300.0
-    openai_retry_initial_wait: float = 0.5
-    openai_retry_max_wait: float = 8.0
-    openai_retry_after_cap: float = 20.0
-    image_max_side: int = 1024
-    image_max_pixels: int = 60_000_000
-    cache_ttl_seconds: int = 3600
-    memory_cache_entries: int = 1024
-    user_service_url: str = "http://localhost:8082"
-    user_service_timeout: float = 10.0
-    jwt_secret: str | None = field(default=None, repr=False)
-    jwt_public_key: str | None = field(default=None, repr=False)
-    jwt_algorithms: tuple[str, ...] = ("HS256",)
-    jwt_audience: str | None = None
-    jwt_issuer: str | None = None
-    max_upload_mb: float = 10.0
-    model_max_concurrency: int = 64
-    model_queue_timeout: float = 2.0
-    startup_grace_seconds: float = 30.0
-    cors_origins: tuple[str, ...] = ("*",)
-    log_level: str = "INFO"
+    Each field declares its variable, default and bounds once (``setting``); ``from_env`` reads
+    them and ``__post_init__`` checks every value, so ``dataclasses.replace`` cannot make a
+    Config that ``from_env`` would refuse. Every problem is reported in one ``ConfigError``.
+    """
+
+    secrets_dir: str = setting("SECRETS_DIR", "/run/secrets")
+    redis_url: str | None = setting("REDIS_URL", None, "redis_url", secret=True)
+    redis_host: str | None = setting("REDIS_HOST", None)
+    redis_port: int = setting("REDIS_PORT", 6379, "integer", low=1, high=65535)
+    redis_db: int = setting("REDIS_DB", 0, "integer", low=0, high=1_000_000)
+    redis_password: str | None = setting("REDIS_PASSWORD", None, secret=True)
+    redis_timeout: float = setting("REDIS_TIMEOUT", 0.5, "number", low=0.01, high=60)
+    redis_breaker_failures: int = setting("REDIS_BREAKER_FAILURES", 3, "integer", low=1, high=1000)
+    redis_breaker_cooldown: float = setting(
+        "REDIS_BREAKER_COOLDOWN", 15.0, "number", low=0, high=3600
+    )
+    openai_api_key: str | None = setting("OPENAI_API_KEY", None, secret=True)
+    openai_base_url: str = setting("OPENAI_BASE_URL", "https://api.openai.com/v1", "url")
+    openai_model: str = setting("OPENAI_MODEL", "gpt-4.1-mini")
+    openai_api_timeout: float = setting("OPENAI_API_TIMEOUT", 30.0, "number", low=0.1, high=600)
+    openai_max_attempts: int = setting("OPENAI_MAX_ATTEMPTS", 3, "integer", low=1, high=10)
+    openai_image_detail: str = setting(
+        "OPENAI_IMAGE_DETAIL", "auto", "choice", choices=("low", "high", "auto")
+    )
+    openai_max_output_tokens: int = setting(
+        "OPENAI_MAX_OUTPUT_TOKENS", 1500, "integer", low=100, high=16_384
+    )
+    openai_reasoning_max_output_tokens: int = setting(
+        "OPENAI_REASONING_MAX_OUTPUT_TOKENS",
+        16_000,
+        "integer",
+        low=1000,
+        high=MAX_REASONING_OUTPUT_TOKENS,
+    )
+    openai_reasoning_effort: str | None = setting(
+        "OPENAI_REASONING_EFFORT", None, "choice", choices=REASONING_EFFORTS
+    )
+    openai_strict_schema: bool = setting("OPENAI_STRICT_SCHEMA", True, "flag")
+    # setting() gives a dict default its own default_factory.
+    openai_extra_body: dict[str, Any] = setting(  # noqa: RUF009
+        "OPENAI_EXTRA_BODY", {}, "json", shown="unset"
+    )
+    openai_api_version: str | None = setting("OPENAI_API_VERSION", None)
+    openai_api_key_header: str = setting("OPENAI_API_KEY_HEADER", "Authorization", "header")
+    openai_probe_seconds: float = setting(
+        "OPENAI_PROBE_SECONDS", 300.0, "number", low=0, high=86400
+    )
+    openai_retry_initial_wait: float = setting(
+        "OPENAI_RETRY_INITIAL_WAIT", 0.5, "number", low=0, high=60
+    )
+    openai_retry_max_wait: float = setting("OPENAI_RETRY_MAX_WAIT", 8.0, "number", low=0, high=300)
+    openai_retry_after_cap: float = setting(
+        "OPENAI_RETRY_AFTER_CAP", 20.0, "number", low=0, high=300
+    )
+    image_max_side: int = setting("IMAGE_MAX_SIDE", 1024, "integer", low=64, high=8192)
+    image_max_pixels: int = setting(
+        "IMAGE_MAX_PIXELS", 60_000_000, "integer", low=1_000_000, high=400_000_000
+    )
+    single_flight_lock_seconds: float = setting(
+        "SINGLE_FLIGHT_LOCK_SECONDS", 10.0, "number", low=0.1, high=600
+    )
+    cache_ttl_seconds: int = setting("CACHE_TTL_SECONDS", 3600, "integer", low=1, high=365 * 86400)
+    memory_cache_entries: int = setting(
+        "MEMORY_CACHE_ENTRIES", 1024, "integer", low=1, high=1_000_000
+    )
+    user_service_url: str = setting("USER_SERVICE_URL", "http://localhost:8082", "url")
+    user_service_timeout: float = setting("USER_SERVICE_TIMEOUT", 10.0, "number", low=0.1, high=600)
+    jwt_secret: str | None = setting("JWT_SECRET", None, secret=True)
+    jwt_public_key: str | None = setting("JWT_PUBLIC_KEY", None, "pem")
+    jwt_algorithms: tuple[str, ...] = setting("JWT_ALGORITHMS", ("HS256",), "algorithms")
+    jwt_audience: str | None = setting("JWT_AUDIENCE", None)
+    jwt_issuer: str | None = setting("JWT_ISSUER", None)
+    max_upload_mb: float = setting("MAX_UPLOAD_MB", 10.0, "number", low=0.01, high=1024)
+    model_max_concurrency: int = setting(
+        "MODEL_MAX_CONCURRENCY",
+        64,
+        "integer",
+        low=1,
+        high=10_000,
+        fallback="GUNICORN_THREADS",
+        shown="`GUNICORN_THREADS` (64)",
+    )
+    model_queue_timeout: float = setting("MODEL_QUEUE_TIMEOUT", 2.0, "number", low=0, high=600)
+    startup_grace_seconds: float = setting(
+        "STARTUP_GRACE_SECONDS", 30.0, "number", low=0, high=86400
+    )
+    cors_origins: tuple[str, ...] = setting("CORS_ORIGINS", ("*",), "list")
+    log_level: str = setting("LOG_LEVEL", "INFO", "choice", choices=LOG_LEVELS)
+
+    def __post_init__(self) -> None:
+        """Refuse a Config holding a value its setting does not allow, naming every one."""
+        problems = [
+            problem
+            for item in dataclasses.fields(self)
+            if (problem := item.metadata["setting"].problem(getattr(self, item.name)))
+        ]
+        problems.extend(jwt_problems(self))
+        if problems:
+            raise ConfigError(problems)
+
+    @classmethod
+    def settings(cls) -> dict[str, Setting]:
+        """Every declared setting by field name."""
+        return {item.name: item.metadata["setting"] for item in dataclasses.fields(cls)}
 
     @classmethod
     def from_env(
@@ -353,83 +492,26 @@ class Config:
             value = read_secret_file(directory / filename, problems)
             if value is not None:
                 env[variable] = value
+        env["SECRETS_DIR"] = str(directory)
         reader = EnvReader(env, problems)
-        config = cls(
-            secrets_dir=str(directory),
-            redis_url=reader.redis_url("REDIS_URL"),
-            redis_host=reader.text("REDIS_HOST"),
-            redis_port=reader.integer("REDIS_PORT", 6379, low=1, high=65535),
-            redis_db=reader.integer("REDIS_DB", 0, low=0, high=1_000_000),
-            redis_password=reader.text("REDIS_PASSWORD"),
-            redis_timeout=reader.number("REDIS_TIMEOUT", 0.5, low=0.01, high=60),
-            redis_breaker_failures=reader.integer("REDIS_BREAKER_FAILURES", 3, low=1, high=1000),
-            redis_breaker_cooldown=reader.number("REDIS_BREAKER_COOLDOWN", 15.0, low=0, high=3600),
-            single_flight_lock_seconds=reader.number(
-                "SINGLE_FLIGHT_LOCK_SECONDS", 10.0, low=0.1, high=600
-            ),
-            openai_api_key=reader.text("OPENAI_API_KEY"),
-            openai_base_url=reader.url("OPENAI_BASE_URL", "https://api.openai.com/v1"),
-            openai_model=reader.text("OPENAI_MODEL") or "gpt-4.1-mini",
-            openai_api_timeout=reader.number("OPENAI_API_TIMEOUT", 30.0, low=0.1, high=600),
-            openai_max_attempts=reader.integer("OPENAI_MAX_ATTEMPTS", 3, low=1, high=10),
-            openai_image_detail=reader.choice(
-                "OPENAI_IMAGE_DETAIL", "auto", ("low", "high", "auto")
-            ),
-            openai_max_output_tokens=reader.integer(
-                "OPENAI_MAX_OUTPUT_TOKENS", 1500, low=100, high=16_384
-            ),
-            openai_reasoning_max_output_tokens=reader.integer(
-                "OPENAI_REASONING_MAX_OUTPUT_TOKENS",
-                16_000,
-                low=1000,
-                high=MAX_REASONING_OUTPUT_TOKENS,
-            ),
-            openai_reasoning_effort=reader.optional_choice(
-                "OPENAI_REASONING_EFFORT", ("none", "minimal", "low", "medium", "high")
-            ),
-            openai_strict_schema=reader.flag("OPENAI_STRICT_SCHEMA", True),
-            openai_extra_body=reader.json_object("OPENAI_EXTRA_BODY"),
-            openai_api_version=reader.text("OPENAI_API_VERSION"),
-            openai_api_key_header=reader.header_name("OPENAI_API_KEY_HEADER", "Authorization"),
-            openai_probe_seconds=reader.number("OPENAI_PROBE_SECONDS", 300.0, low=0, high=86400),
-            openai_retry_initial_wait=reader.number(
-                "OPENAI_RETRY_INITIAL_WAIT", 0.5, low=0, high=60
-            ),
-            openai_retry_max_wait=reader.number("OPENAI_RETRY_MAX_WAIT", 8.0, low=0, high=300),
-            openai_retry_after_cap=reader.number("OPENAI_RETRY_AFTER_CAP", 20.0, low=0, high=300),
-            image_max_side=reader.integer("IMAGE_MAX_SIDE", 1024, low=64, high=8192),
-            image_max_pixels=reader.integer(
-                "IMAGE_MAX_PIXELS", 60_000_000, low=1_000_000, high=400_000_000
-            ),
-            cache_ttl_seconds=reader.integer("CACHE_TTL_SECONDS", 3600, low=1, high=365 * 86400),
-            memory_cache_entries=reader.integer(
-                "MEMORY_CACHE_ENTRIES", 1024, low=1, high=1_000_000
-            ),
-            user_service_url=reader.url("USER_SERVICE_URL", "http://localhost:8082"),
-            user_service_timeout=reader.number("USER_SERVICE_TIMEOUT", 10.0, low=0.1, high=600),
-            jwt_secret=reader.text("JWT_SECRET"),
-            jwt_public_key=reader.public_key("JWT_PUBLIC_KEY"),
-            jwt_algorithms=reader.algorithms("JWT_ALGORITHMS"),
-            jwt_audience=reader.text("JWT_AUDIENCE"),
-            jwt_issuer=reader.text("JWT_ISSUER"),
-            max_upload_mb=reader.number("MAX_UPLOAD_MB", 10.0, low=0.01, high=1024),
-            model_max_concurrency=reader.integer(
-                "MODEL_MAX_CONCURRENCY",
-                reader.integer("GUNICORN_THREADS", 64, low=1, high=10_000),
-                low=1,
-                high=10_000,
-            ),
-            model_queue_timeout=reader.number("MODEL_QUEUE_TIMEOUT", 2.0, low=0, high=600),
-            startup_grace_seconds=reader.number("STARTUP_GRACE_SECONDS", 30.0, low=0, high=86400),
-            cors_origins=reader.items("CORS_ORIGINS") or ("*",),
-            log_level=reader.choice(
-                "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), upper=True
-            ),
-        )
-        problems.extend(jwt_problems(config))
+        values = {
+            item.name: reader.read(item.metadata["setting"], cls.default_of(item))
+            for item in dataclasses.fields(cls)
+        }
+        try:
+            config = cls(**values)
+        except ConfigError as error:
+            problems.extend(error.problems)
         if problems:
-            raise ConfigError("invalid configuration: " + "; ".join(problems))
+            raise ConfigError(problems)
         return config
+
+    @staticmethod
+    def default_of(item: dataclasses.Field[Any]) -> Any:
+        """A field's default value."""
+        if item.default_factory is not dataclasses.MISSING:
+            return item.default_factory()
+        return item.default
 
     @property
     def max_upload_bytes(self) -> int:
@@ -473,6 +555,13 @@ class Config:
 def jwt_problems(config: Config) -> list[str]:
     """What is wrong with the token-verification settings, taken together."""
     algorithms = config.jwt_algorithms
+    known = (*HS_ALGORITHMS, *PUBLIC_KEY_ALGORITHMS)
+    unknown = [name for name in algorithms if name not in known]
+    if unknown or not algorithms:
+        return [
+            f"JWT_ALGORITHMS may list only {', '.join(sorted(known))}, "
+            f"got {', '.join(unknown) or 'nothing'}"
+        ]
     asymmetric = [name for name in algorithms if name in PUBLIC_KEY_ALGORITHMS]
     if asymmetric and len(asymmetric) != len(algorithms):
         return ["JWT_ALGORITHMS must not mix HS algorithms with public-key ones"]
@@ -480,7 +569,10 @@ def jwt_problems(config: Config) -> list[str]:
         return ["JWT_PUBLIC_KEY is set, so JWT_ALGORITHMS must name public-key algorithms (RS256…)"]
     if not asymmetric or not config.jwt_public_key:
         return []
-    key = load_pem_public_key(config.jwt_public_key.encode())
+    try:
+        key = load_pem_public_key(config.jwt_public_key.encode())
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return ["JWT_PUBLIC_KEY is not a PEM public key"]
     wrong = [name for name in asymmetric if not isinstance(key, PUBLIC_KEY_ALGORITHMS[name])]
     if wrong:
         return [f"JWT_PUBLIC_KEY is a {type(key).__name__}, which cannot verify {', '.join(wrong)}"]
@@ -500,148 +592,105 @@ def read_secret_file(path: Path, problems: list[str]) -> str | None:
 
 
 class EnvReader:
-    """Reads typed values from an environment mapping, collecting every problem it meets."""
+    """Reads typed values from an environment mapping, collecting every value it cannot read."""
 
     def __init__(self, env: Mapping[str, str], problems: list[str]) -> None:
         self.env = env
         self.problems = problems
+
+    def read(self, declared: Setting, default: Any) -> Any:
+        """The setting's value from its variable (or its fallback's), else the default."""
+        raw = self.text(declared.variable)
+        if raw is None and declared.fallback:
+            raw = self.text(declared.fallback)
+        if raw is None:
+            return default
+        reader: Callable[[str, str], Any] = getattr(self, f"read_{declared.kind}")
+        value = reader(declared.variable, raw)
+        return default if value is None and default is not None else value
 
     def text(self, name: str) -> str | None:
         """A string, or None when unset or blank."""
         value = self.env.get(name, "").strip()
         return value or None
 
-    def number(self, name: str, default: float, *, low: float, high: float) -> float:
-        """A finite number within [low, high]."""
-        raw = self.text(name)
-        if raw is None:
-            return default
+    def refuse(self, name: str, what: str, raw: str) -> None:
+        """Note a value that cannot be read; the caller goes on with the default."""
+        self.problems.append(f"{name} must be {what}, got {raw!r}")
+
+    def read_text(self, name: str, raw: str) -> str:
+        """Any text."""
+        return raw
+
+    def read_header(self, name: str, raw: str) -> str:
+        """An HTTP header name (checked with the other values)."""
+        return raw
+
+    def read_number(self, name: str, raw: str) -> float | None:
+        """A finite number."""
         try:
             value = float(raw)
         except ValueError:
             value = math.nan
-        if not math.isfinite(value) or not low <= value <= high:
-            self.problems.append(f"{name} must be a number from {low:g} to {high:g}, got {raw!r}")
-            return default
-        return value
-
-    def integer(self, name: str, default: int, *, low: int, high: int) -> int:
-        """A whole number within [low, high]."""
-        raw = self.text(name)
-        if raw is None:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            self.problems.append(f"{name} must be a whole number, got {raw!r}")
-            return default
-        if not low <= value <= high:
-            self.problems.append(f"{name} must be from {low} to {high}, got {value}")
-            return default
-        return value
-
-    def choice(
-        self, name: str, default: str, allowed: tuple[str, ...], *, upper: bool = False
-    ) -> str:
-        """One of a fixed set of words."""
-        raw = self.text(name)
-        if raw is None:
-            return default
-        value = raw.upper() if upper else raw.lower()
-        if value not in allowed:
-            self.problems.append(f"{name} must be one of {', '.join(allowed)}, got {raw!r}")
-            return default
-        return value
-
-    def optional_choice(self, name: str, allowed: tuple[str, ...]) -> str | None:
-        """One of a fixed set of words, or None when unset."""
-        if self.text(name) is None:
+        if not math.isfinite(value):
+            self.refuse(name, "a number", raw)
             return None
-        return self.choice(name, "", allowed) or None
+        return value
 
-    def flag(self, name: str, default: bool) -> bool:
-        """A boolean: true/false, 1/0, yes/no, on/off in any case."""
-        raw = self.text(name)
-        if raw is None:
-            return default
+    def read_integer(self, name: str, raw: str) -> int | None:
+        """A whole number."""
+        try:
+            return int(raw)
+        except ValueError:
+            self.refuse(name, "a whole number", raw)
+            return None
+
+    def read_choice(self, name: str, raw: str) -> str:
+        """A word, in the case its choices use (checked with the other values)."""
+        return raw.upper() if name == "LOG_LEVEL" else raw.lower()
+
+    def read_flag(self, name: str, raw: str) -> bool | None:
+        """true/false, 1/0, yes/no, on/off in any case."""
         word = raw.lower()
         if word in (*TRUE_WORDS, "on"):
             return True
         if word in (*FALSE_WORDS, "off"):
             return False
-        self.problems.append(f"{name} must be true or false, got {raw!r}")
-        return default
+        self.refuse(name, "true or false", raw)
+        return None
 
-    def json_object(self, name: str) -> dict[str, Any]:
-        """A JSON object, empty when unset."""
-        raw = self.text(name)
-        if raw is None:
-            return {}
+    def read_url(self, name: str, raw: str) -> str:
+        """A URL without a trailing slash (checked with the other values)."""
+        return raw.rstrip("/")
+
+    def read_redis_url(self, name: str, raw: str) -> str:
+        """A Redis URL; its value (which may hold a password) is never echoed."""
+        return raw
+
+    def read_list(self, name: str, raw: str) -> tuple[str, ...] | None:
+        """A comma-separated list."""
+        return tuple(item.strip() for item in raw.split(",") if item.strip()) or None
+
+    def read_algorithms(self, name: str, raw: str) -> tuple[str, ...] | None:
+        """The JWT algorithm allow-list, names in their usual case (checked with the rest)."""
+        known = {item.upper(): item for item in (*HS_ALGORITHMS, *PUBLIC_KEY_ALGORITHMS)}
+        names = self.read_list(name, raw)
+        return tuple(known.get(item.upper(), item) for item in names) if names else None
+
+    def read_pem(self, name: str, raw: str) -> str:
+        """A PEM public key; ``\\n`` escapes (one-line environment values) become newlines."""
+        return raw.replace("\\n", "\n")
+
+    def read_json(self, name: str, raw: str) -> dict[str, Any] | None:
+        """A JSON object."""
         try:
             value = parse_json(raw)
         except ValueError:
             value = None
         if not isinstance(value, dict):
-            self.problems.append(f'{name} must be a JSON object such as {{"top_k": 20}}')
-            return {}
+            self.refuse(name, 'a JSON object such as {"top_k": 20}', raw)
+            return None
         return value
-
-    def header_name(self, name: str, default: str) -> str:
-        """An HTTP header name."""
-        raw = self.text(name)
-        if raw is None:
-            return default
-        if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}", raw):
-            self.problems.append(f"{name} must be an HTTP header name such as api-key, got {raw!r}")
-            return default
-        return raw
-
-    def url(self, name: str, default: str) -> str:
-        """An http(s) URL without a trailing slash."""
-        raw = self.text(name) or default
-        if not re.match(r"^https?://[^\s/]+", raw):
-            self.problems.append(f"{name} must be an http:// or https:// URL, got {raw!r}")
-            return default
-        return raw.rstrip("/")
-
-    def redis_url(self, name: str) -> str | None:
-        """A Redis URL; its value (which may hold a password) is never echoed."""
-        raw = self.text(name)
-        if raw is not None and not re.match(r"^(rediss?|unix)://", raw):
-            self.problems.append(f"{name} must start with redis://, rediss:// or unix://")
-            return None
-        return raw
-
-    def items(self, name: str) -> tuple[str, ...]:
-        """A comma-separated list."""
-        raw = self.text(name) or ""
-        return tuple(item.strip() for item in raw.split(",") if item.strip())
-
-    def algorithms(self, name: str) -> tuple[str, ...]:
-        """The JWT algorithm allow-list (never ``none``)."""
-        known = {item.upper(): item for item in (*HS_ALGORITHMS, *PUBLIC_KEY_ALGORITHMS)}
-        names = tuple(known.get(item.upper(), item) for item in self.items(name)) or ("HS256",)
-        unknown = [item for item in names if item not in known.values()]
-        if unknown:
-            self.problems.append(
-                f"{name} may list only {', '.join(sorted(known.values()))}, "
-                f"got {', '.join(unknown)}"
-            )
-            return ("HS256",)
-        return names
-
-    def public_key(self, name: str) -> str | None:
-        """A PEM public key; ``\\n`` escapes (one-line environment values) become newlines."""
-        raw = self.text(name)
-        if raw is None:
-            return None
-        pem = raw.replace("\\n", "\n")
-        try:
-            load_pem_public_key(pem.encode())
-        except (ValueError, TypeError, UnsupportedAlgorithm):
-            self.problems.append(f"{name} is not a PEM public key")
-            return None
-        return pem
 
 
 # ---------------------------------------------------------------------------------------------
@@ -783,13 +832,15 @@ def token_required(view: ViewFunc) -> ViewFunc:
 def bearer_token(header: str | None) -> str:
     """The token of an ``Authorization: Bearer`` header."""
     if not header or not header.strip():
-        raise Unauthorized("send an Authorization: Bearer <token> header", code="missing_token")
+        raise Unauthorized(
+            "send an Authorization: Bearer <token> header", code=ErrorCode.MISSING_TOKEN
+        )
     scheme, _, token = header.strip().partition(" ")
     if scheme.lower() != "bearer":
         raise Unauthorized("the Authorization header must use the Bearer scheme")
     token = token.strip()
     if not token:
-        raise Unauthorized("the Bearer token is empty", code="missing_token")
+        raise Unauthorized("the Bearer token is empty", code=ErrorCode.MISSING_TOKEN)
     if len(token) > MAX_TOKEN_LENGTH:
         raise Unauthorized(f"the token is longer than {MAX_TOKEN_LENGTH} characters")
     return token
@@ -818,7 +869,7 @@ def verify_access_token(token: str, config: Config, key: Any) -> str:
             options={"require": ["exp"], "verify_aud": config.jwt_audience is not None},
         )
     except jwt.ExpiredSignatureError:
-        raise Unauthorized("the token has expired", code="token_expired") from None
+        raise Unauthorized("the token has expired", code=ErrorCode.TOKEN_EXPIRED) from None
     except (jwt.InvalidTokenError, jwt.InvalidKeyError) as error:
         raise Unauthorized(f"the token is not valid: {token_problem(error)}") from None
     if any(claims.get(name, "access") != "access" for name in ("type", "token_type")):
@@ -875,7 +926,7 @@ def prepare_image(data: bytes, max_side: int, max_pixels: int) -> PreparedImage:
         image.save(output, format="JPEG", quality=JPEG_QUALITY, exif=b"", icc_profile=None)
     except DECODE_ERRORS as error:
         raise BadRequest(
-            f"the image could not be decoded ({source_format})", code="invalid_image"
+            f"the image could not be decoded ({source_format})", code=ErrorCode.INVALID_IMAGE
         ) from error
     return PreparedImage(
         jpeg=output.getvalue(),
@@ -893,22 +944,23 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         other = identify_format(data)
         if other:
             raise BadRequest(
-                f"{other} images are not supported; send JPEG, PNG, WebP or GIF",
-                code="unsupported_image_type",
+                f"{other} images are not supported; send JPEG, PNG, WebP, GIF or HEIC",
+                code=ErrorCode.UNSUPPORTED_IMAGE_TYPE,
             ) from None
         raise BadRequest(
-            "the upload is not a decodable image (JPEG, PNG, WebP or GIF)", code="invalid_image"
+            "the upload is not a decodable image (JPEG, PNG, WebP, GIF or HEIC)",
+            code=ErrorCode.INVALID_IMAGE,
         ) from None
     except DECODE_ERRORS:
         raise BadRequest(
             "the upload is not a decodable image, or its dimensions are too large",
-            code="invalid_image",
+            code=ErrorCode.INVALID_IMAGE,
         ) from None
     width, height = image.size
     if width < 1 or height < 1 or width * height > max_pixels:
         raise BadRequest(
             f"the image is {width}x{height} pixels; at most {max_pixels} pixels are accepted",
-            code="invalid_image",
+            code=ErrorCode.INVALID_IMAGE,
         )
     return image
 
@@ -1328,7 +1380,12 @@ class RelayedError(ServiceError):
     """The error the request that held the lock got, passed on to those that waited for it."""
 
     def __init__(self, notice: Mapping[str, Any]) -> None:
-        super().__init__(str(notice.get("error", "")), code=str(notice.get("code", "")))
+        code = str(notice.get("code", ""))
+        known = code in ErrorCode._value2member_map_
+        super().__init__(
+            str(notice.get("error", "")),
+            code=ErrorCode(code) if known else ErrorCode.UPSTREAM_ERROR,
+        )
         self.status = int(notice.get("status", 502))
         headers = notice.get("headers")
         self.extra_headers = {str(k): str(v) for k, v in (headers or {}).items()}
@@ -1454,7 +1511,9 @@ class IdempotencyRecords:
         if record.get("digest") != digest:
             raise IdempotencyKeyReused("this Idempotency-Key was already used with another photo")
         if record.get("state") != "done":
-            raise Conflict("a request with this Idempotency-Key is still being processed")
+            raise IdempotencyKeyInProgress(
+                "a request with this Idempotency-Key is still being processed"
+            )
         return IdempotencyClaim(None, token, replay=cast(dict[str, Any], record["response"]))
 
     def complete(self, claim: IdempotencyClaim, digest: str, response: Mapping[str, Any]) -> None:
@@ -1648,7 +1707,6 @@ MAX_TOKEN_COUNT = 10**9
 MAX_UPSTREAM_WORDS = 300
 MAX_MODEL_NAME = 200
 REASONING_CAP_GROWTH = 2
-MAX_REASONING_OUTPUT_TOKENS = 128_000
 PROBE_TIMEOUT_SECONDS = 5.0
 DURATION_PART_PATTERN = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 DURATION_PATTERN = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|h|m|s))+")
@@ -2837,16 +2895,16 @@ def read_upload() -> bytes:
     if request.mimetype != "multipart/form-data":
         raise BadRequest(
             "send the photo as multipart/form-data with a file part named image",
-            code="missing_image",
+            code=ErrorCode.MISSING_IMAGE,
         )
     uploads = request.files.getlist("image")
     if not uploads:
-        raise BadRequest("the form has no file part named image", code="missing_image")
+        raise BadRequest("the form has no file part named image", code=ErrorCode.MISSING_IMAGE)
     if len(uploads) > 1:
         raise BadRequest("send exactly one file part named image, not several")
     data = uploads[0].stream.read()
     if not data:
-        raise BadRequest("the image part is empty", code="empty_image")
+        raise BadRequest("the image part is empty", code=ErrorCode.EMPTY_IMAGE)
     return data
 
 
@@ -3004,11 +3062,11 @@ def error_response(error: ServiceError) -> tuple[Response, int, dict[str, str]]:
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 HTTP_ERROR_CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
+    400: ErrorCode.BAD_REQUEST,
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    413: ErrorCode.PAYLOAD_TOO_LARGE,
+    415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
 }
 
 
@@ -3022,8 +3080,8 @@ def http_error_response(error: HTTPException) -> tuple[Response, int, dict[str, 
     headers = {}
     if status == 405 and error.valid_methods:  # type: ignore[attr-defined]
         headers["Allow"] = ", ".join(error.valid_methods)  # type: ignore[attr-defined]
-    code = HTTP_ERROR_CODES.get(status, "http_error")
-    return jsonify(error=message, code=code), status, headers
+    code = HTTP_ERROR_CODES.get(status, ErrorCode.HTTP_ERROR)
+    return jsonify(error=message, code=str(code)), status, headers
 
 
 def too_large_message(config: Config) -> str:

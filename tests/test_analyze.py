@@ -6,15 +6,14 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 from flask.testing import FlaskClient
-from werkzeug.test import TestResponse
 
 from app import CACHE_PREFIX, PROMPT_VERSION, AnalysisCache, Config, MemoryStore
 from tests import images
-from tests.conftest import assert_json_error, post_photo
+from tests.conftest import MEAL, AnalyzeActions, assert_json_error
 from tests.fakes import (
     DEFAULT_ANALYSIS,
     ChatCompletionsServer,
@@ -28,7 +27,6 @@ from tests.fakes import (
 if TYPE_CHECKING:
     from tests.conftest import RecordHandler
 
-MEAL = images.jpeg(64, 48)
 MEAL_DIGEST = hashlib.sha256(MEAL).hexdigest()
 ENTRY_FIELDS = ("name", "calories", "protein", "carbs", "fat", "servingSize", "ingredients")
 CONTRACT_FIELDS = {*ENTRY_FIELDS, "confidence"}
@@ -59,33 +57,18 @@ def meal_key(config: Config) -> str:
     return CACHE_PREFIX + hashlib.sha256("\n".join(inputs).encode()).hexdigest()
 
 
-def post_image(
-    client: FlaskClient,
-    headers: dict[str, str],
-    data: bytes = MEAL,
-    query: str = "",
-    **options: Any,
-) -> TestResponse:
-    """POST one photo to /analyze-food as a multipart upload."""
-    return post_photo(client, headers, data, query, **options)
-
-
 # ------------------------------------------------------------------ the answer
 
 
-def test_success_body_holds_the_contract_fields(
-    client: FlaskClient, auth_headers: dict[str, str]
-) -> None:
-    body = post_image(client, auth_headers).get_json()
+def test_success_body_holds_the_contract_fields(api: AnalyzeActions) -> None:
+    body = api.analyze().get_json()
     assert set(body) == {"analysis", "source"}
     assert set(body["analysis"]) == set(EXPECTED_ANALYSIS)
     assert set(body["analysis"]) >= CONTRACT_FIELDS
 
 
-def test_success_body_values_have_the_contract_types(
-    client: FlaskClient, auth_headers: dict[str, str]
-) -> None:
-    analysis = post_image(client, auth_headers).get_json()["analysis"]
+def test_success_body_values_have_the_contract_types(api: AnalyzeActions) -> None:
+    analysis = api.analyze().get_json()["analysis"]
     assert isinstance(analysis["name"], str)
     assert isinstance(analysis["calories"], int)
     for grams in ("protein", "carbs", "fat"):
@@ -95,68 +78,57 @@ def test_success_body_values_have_the_contract_types(
     assert 0 <= analysis["confidence"] <= 1
 
 
-def test_success_body_carries_the_model_analysis(
-    client: FlaskClient, auth_headers: dict[str, str]
-) -> None:
-    assert post_image(client, auth_headers).get_json()["analysis"] == EXPECTED_ANALYSIS
+def test_success_body_carries_the_model_analysis(api: AnalyzeActions) -> None:
+    assert api.analyze().get_json()["analysis"] == EXPECTED_ANALYSIS
 
 
-def test_first_analysis_comes_from_the_api(
-    client: FlaskClient, auth_headers: dict[str, str]
-) -> None:
-    assert post_image(client, auth_headers).get_json()["source"] == "api"
+def test_first_analysis_comes_from_the_api(api: AnalyzeActions) -> None:
+    assert api.analyze().get_json()["source"] == "api"
 
 
-def test_second_identical_upload_comes_from_the_cache(
-    client: FlaskClient, auth_headers: dict[str, str]
-) -> None:
-    first = post_image(client, auth_headers).get_json()
-    second = post_image(client, auth_headers).get_json()
+def test_second_identical_upload_comes_from_the_cache(api: AnalyzeActions) -> None:
+    first = api.analyze().get_json()
+    second = api.analyze().get_json()
     assert second["source"] == "cache"
     assert second["analysis"] == first["analysis"]
 
 
-def test_cache_hit_skips_the_model(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
-) -> None:
-    post_image(client, auth_headers)
-    post_image(client, auth_headers)
+def test_cache_hit_skips_the_model(api: AnalyzeActions, model: ChatCompletionsServer) -> None:
+    api.analyze()
+    api.analyze()
     assert len(model.calls) == 1
 
 
 def test_different_images_are_analysed_separately(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+    api: AnalyzeActions, model: ChatCompletionsServer
 ) -> None:
-    post_image(client, auth_headers)
-    other = post_image(client, auth_headers, images.jpeg(64, 48, color=(20, 200, 90)))
+    api.analyze()
+    other = api.analyze(images.jpeg(64, 48, color=(20, 200, 90)))
     assert other.get_json()["source"] == "api"
     assert len(model.calls) == 2
 
 
 def test_cache_key_is_the_prefix_and_a_sha256_of_the_upload_and_the_answer_inputs(
-    client: FlaskClient, redis: RedisServer, auth_headers: dict[str, str], config: Config
+    api: AnalyzeActions, redis: RedisServer, config: Config
 ) -> None:
-    post_image(client, auth_headers)
+    api.analyze()
     with redis.client() as connection:
         assert connection.keys("*") == [meal_key(config).encode()]
     assert CACHE_PREFIX == "food_analysis:"
 
 
 def test_cache_ttl_follows_config(
-    client_with: Callable[..., FlaskClient],
-    redis: RedisServer,
-    auth_headers: dict[str, str],
-    config: Config,
+    api: AnalyzeActions, client_with: Callable[..., FlaskClient], redis: RedisServer, config: Config
 ) -> None:
-    post_image(client_with(cache_ttl_seconds=120), auth_headers)
+    api.analyze(client=client_with(cache_ttl_seconds=120))
     with redis.client() as connection:
         assert 0 < connection.ttl(meal_key(config)) <= 120
 
 
 def test_cached_value_is_the_analysis_without_entry_id(
-    client: FlaskClient, redis: RedisServer, auth_headers: dict[str, str], config: Config
+    api: AnalyzeActions, redis: RedisServer, config: Config
 ) -> None:
-    response = post_image(client, auth_headers, query="?save=true")
+    response = api.analyze(save=True)
     assert "entryId" in response.get_json()["analysis"]
     with redis.client() as connection:
         cached = json.loads(connection.get(meal_key(config)))
@@ -164,13 +136,10 @@ def test_cached_value_is_the_analysis_without_entry_id(
 
 
 def test_cache_in_redis_is_shared_by_a_new_app(
-    client: FlaskClient,
-    client_with: Callable[..., FlaskClient],
-    model: ChatCompletionsServer,
-    auth_headers: dict[str, str],
+    api: AnalyzeActions, client_with: Callable[..., FlaskClient], model: ChatCompletionsServer
 ) -> None:
-    post_image(client, auth_headers)
-    again = post_image(client_with(), auth_headers)
+    api.analyze()
+    again = api.analyze(client=client_with())
     assert again.get_json()["source"] == "cache"
     assert len(model.calls) == 1
 
@@ -179,13 +148,11 @@ def test_cache_in_redis_is_shared_by_a_new_app(
 
 
 def test_without_redis_second_upload_comes_from_the_memory_cache(
-    client_with: Callable[..., FlaskClient],
-    model: ChatCompletionsServer,
-    auth_headers: dict[str, str],
+    api: AnalyzeActions, client_with: Callable[..., FlaskClient], model: ChatCompletionsServer
 ) -> None:
     client = client_with(with_redis=False)
-    first = post_image(client, auth_headers).get_json()
-    second = post_image(client, auth_headers).get_json()
+    first = api.analyze(client=client).get_json()
+    second = api.analyze(client=client).get_json()
     assert (first["source"], second["source"]) == ("api", "cache")
     assert second["analysis"] == first["analysis"]
     assert len(model.calls) == 1
@@ -246,9 +213,9 @@ def test_memory_cache_entry_past_its_ttl_is_a_miss() -> None:
 
 
 def test_save_posts_the_entry_to_the_user_service(
-    client: FlaskClient, user_service: UserServiceServer, auth_headers: dict[str, str]
+    api: AnalyzeActions, user_service: UserServiceServer
 ) -> None:
-    post_image(client, auth_headers, query="?save=true")
+    api.analyze(save=True)
     [call] = user_service.calls
     assert (call.method, call.route) == ("POST", "/food-entries")
     assert call.json() == {
@@ -266,35 +233,32 @@ def test_save_posts_the_entry_to_the_user_service(
 
 
 def test_save_forwards_the_callers_authorization_header(
-    client: FlaskClient, user_service: UserServiceServer, auth_headers: dict[str, str]
+    api: AnalyzeActions, user_service: UserServiceServer, auth_headers: dict[str, str]
 ) -> None:
-    post_image(client, auth_headers, query="?save=true")
+    api.analyze(save=True)
     assert user_service.calls[0].header("authorization") == auth_headers["Authorization"]
 
 
 def test_save_sends_the_request_id_of_the_response(
-    client: FlaskClient, user_service: UserServiceServer, auth_headers: dict[str, str]
+    api: AnalyzeActions, user_service: UserServiceServer
 ) -> None:
-    response = post_image(client, auth_headers, query="?save=true")
+    response = api.analyze(save=True)
     assert user_service.calls[0].header("x-request-id") == response.headers["X-Request-ID"]
 
 
 def test_save_answers_the_stored_entry_id(
-    client: FlaskClient, user_service: UserServiceServer, auth_headers: dict[str, str]
+    api: AnalyzeActions, user_service: UserServiceServer
 ) -> None:
-    response = post_image(client, auth_headers, query="?save=true")
+    response = api.analyze(save=True)
     assert response.status_code == 200
     assert response.get_json()["analysis"]["entryId"] == user_service.entries[0]["id"]
 
 
 def test_save_on_a_cache_hit_saves_a_new_entry(
-    client: FlaskClient,
-    model: ChatCompletionsServer,
-    user_service: UserServiceServer,
-    auth_headers: dict[str, str],
+    api: AnalyzeActions, model: ChatCompletionsServer, user_service: UserServiceServer
 ) -> None:
-    first = post_image(client, auth_headers, query="?save=true").get_json()
-    second = post_image(client, auth_headers, query="?save=true").get_json()
+    first = api.analyze(save=True).get_json()
+    second = api.analyze(save=True).get_json()
     assert second["source"] == "cache"
     assert len(user_service.entries) == 2
     assert first["analysis"]["entryId"] != second["analysis"]["entryId"]
@@ -303,9 +267,9 @@ def test_save_on_a_cache_hit_saves_a_new_entry(
 
 @pytest.mark.parametrize("value", ["true", "1", "yes", "TRUE", "Yes"])
 def test_save_words_that_mean_yes_save(
-    client: FlaskClient, user_service: UserServiceServer, auth_headers: dict[str, str], value: str
+    api: AnalyzeActions, user_service: UserServiceServer, value: str
 ) -> None:
-    response = post_image(client, auth_headers, query=f"?save={value}")
+    response = api.analyze(query=f"?save={value}")
     assert response.status_code == 200
     assert len(user_service.entries) == 1
     assert "entryId" in response.get_json()["analysis"]
@@ -313,21 +277,18 @@ def test_save_words_that_mean_yes_save(
 
 @pytest.mark.parametrize("query", ["?save=false", "?save=0", "?save=no", "?save=FALSE", ""])
 def test_save_words_that_mean_no_or_no_save_do_not_save(
-    client: FlaskClient, user_service: UserServiceServer, auth_headers: dict[str, str], query: str
+    api: AnalyzeActions, user_service: UserServiceServer, query: str
 ) -> None:
-    response = post_image(client, auth_headers, query=query)
+    response = api.analyze(query=query)
     assert response.status_code == 200
     assert user_service.calls == []
     assert "entryId" not in response.get_json()["analysis"]
 
 
 def test_save_with_an_unknown_word_answers_400_without_calling_the_model(
-    client: FlaskClient,
-    model: ChatCompletionsServer,
-    user_service: UserServiceServer,
-    auth_headers: dict[str, str],
+    api: AnalyzeActions, model: ChatCompletionsServer, user_service: UserServiceServer
 ) -> None:
-    response = post_image(client, auth_headers, query="?save=maybe")
+    response = api.analyze(query="?save=maybe")
     assert_json_error(response, 400, "invalid_parameter")
     assert model.calls == []
     assert user_service.calls == []
@@ -347,52 +308,47 @@ USER_SERVICE_FAILURES = {
 
 @pytest.mark.parametrize("reply", USER_SERVICE_FAILURES.values(), ids=USER_SERVICE_FAILURES.keys())
 def test_user_service_failure_answers_502_with_the_analysis(
-    client: FlaskClient, user_service: UserServiceServer, auth_headers: dict[str, str], reply: Reply
+    api: AnalyzeActions, user_service: UserServiceServer, reply: Reply
 ) -> None:
     user_service.enqueue(reply)
-    response = post_image(client, auth_headers, query="?save=true")
+    response = api.analyze(save=True)
     assert_json_error(response, 502, "user_service_error")
     assert response.get_json()["analysis"] == EXPECTED_ANALYSIS
 
 
 def test_unreachable_user_service_answers_502_with_the_analysis(
-    client_with: Callable[..., FlaskClient], auth_headers: dict[str, str]
+    api: AnalyzeActions, client_with: Callable[..., FlaskClient]
 ) -> None:
     client = client_with(user_service_url=f"http://127.0.0.1:{free_port()}")
-    response = post_image(client, auth_headers, query="?save=true")
+    response = api.analyze(save=True, client=client)
     assert_json_error(response, 502, "user_service_error")
     assert response.get_json()["analysis"] == EXPECTED_ANALYSIS
 
 
 def test_slow_user_service_answers_502_with_the_analysis(
-    client_with: Callable[..., FlaskClient],
-    user_service: UserServiceServer,
-    auth_headers: dict[str, str],
+    api: AnalyzeActions, client_with: Callable[..., FlaskClient], user_service: UserServiceServer
 ) -> None:
     user_service.enqueue(Reply(201, {"id": "too-late"}, delay=1.0))
-    response = post_image(client_with(user_service_timeout=0.3), auth_headers, query="?save=true")
+    response = api.analyze(save=True, client=client_with(user_service_timeout=0.3))
     assert_json_error(response, 502, "user_service_error")
     assert response.get_json()["analysis"] == EXPECTED_ANALYSIS
 
 
 def test_user_service_answer_with_entry_id_instead_of_id_is_success(
-    client: FlaskClient, user_service: UserServiceServer, auth_headers: dict[str, str]
+    api: AnalyzeActions, user_service: UserServiceServer
 ) -> None:
     user_service.enqueue(Reply(200, {"entryId": "entry-7"}))
-    response = post_image(client, auth_headers, query="?save=true")
+    response = api.analyze(save=True)
     assert response.status_code == 200
     assert response.get_json()["analysis"]["entryId"] == "entry-7"
 
 
 def test_analysis_is_cached_even_when_saving_failed(
-    client: FlaskClient,
-    model: ChatCompletionsServer,
-    user_service: UserServiceServer,
-    auth_headers: dict[str, str],
+    api: AnalyzeActions, model: ChatCompletionsServer, user_service: UserServiceServer
 ) -> None:
     user_service.enqueue(json_error(500, "database down"))
-    post_image(client, auth_headers, query="?save=true")
-    retry = post_image(client, auth_headers, query="?save=true")
+    api.analyze(save=True)
+    retry = api.analyze(save=True)
     assert retry.status_code == 200
     assert retry.get_json()["source"] == "cache"
     assert retry.get_json()["analysis"]["entryId"] == user_service.entries[0]["id"]
@@ -402,15 +358,13 @@ def test_analysis_is_cached_even_when_saving_failed(
 # ------------------------------------------------------------------ request ids
 
 
-def test_callers_request_id_is_echoed(client: FlaskClient, auth_headers: dict[str, str]) -> None:
-    response = post_image(client, {**auth_headers, "X-Request-ID": "abc-123"})
+def test_callers_request_id_is_echoed(api: AnalyzeActions, auth_headers: dict[str, str]) -> None:
+    response = api.analyze(headers={**auth_headers, "X-Request-ID": "abc-123"})
     assert response.headers["X-Request-ID"] == "abc-123"
 
 
-def test_request_id_is_made_when_none_is_sent(
-    client: FlaskClient, auth_headers: dict[str, str]
-) -> None:
-    response = post_image(client, auth_headers)
+def test_request_id_is_made_when_none_is_sent(api: AnalyzeActions) -> None:
+    response = api.analyze()
     assert GENERATED_REQUEST_ID.fullmatch(response.headers["X-Request-ID"])
 
 
@@ -420,10 +374,10 @@ def test_request_id_is_made_when_none_is_sent(
     ids=["space", "500 chars", "trailing newline", "header injection", "markup", "empty"],
 )
 def test_malformed_request_id_is_replaced(
-    client: FlaskClient, auth_headers: dict[str, str], supplied: str
+    api: AnalyzeActions, client: FlaskClient, supplied: str
 ) -> None:
     # Through the WSGI environ: the test client itself refuses header values with newlines.
-    response = post_image(client, auth_headers, environ_overrides={"HTTP_X_REQUEST_ID": supplied})
+    response = api.analyze(environ_overrides={"HTTP_X_REQUEST_ID": supplied})
     assert response.status_code == 200
     assert GENERATED_REQUEST_ID.fullmatch(response.headers["X-Request-ID"])
 
@@ -432,21 +386,19 @@ def test_malformed_request_id_is_replaced(
 
 
 def test_body_over_max_upload_answers_413_payload_too_large(
-    client_with: Callable[..., FlaskClient], auth_headers: dict[str, str]
+    api: AnalyzeActions, client_with: Callable[..., FlaskClient]
 ) -> None:
     photo = images.jpeg(800, 600, pattern="photo")
     assert len(photo) > 150_000
-    response = post_image(client_with(max_upload_mb=0.1), auth_headers, photo)
+    response = api.analyze(photo, client=client_with(max_upload_mb=0.1))
     assert_json_error(response, 413, "payload_too_large")
 
 
 def test_body_over_max_upload_never_reaches_the_model(
-    client_with: Callable[..., FlaskClient],
-    model: ChatCompletionsServer,
-    auth_headers: dict[str, str],
+    api: AnalyzeActions, client_with: Callable[..., FlaskClient], model: ChatCompletionsServer
 ) -> None:
     photo = images.jpeg(800, 600, pattern="photo")
-    post_image(client_with(max_upload_mb=0.1), auth_headers, photo)
+    api.analyze(photo, client=client_with(max_upload_mb=0.1))
     assert model.calls == []
 
 
@@ -501,11 +453,9 @@ def test_cors_allows_any_origin_by_default(client: FlaskClient) -> None:
 # ------------------------------------------------------------------ log lines
 
 
-def test_cache_miss_then_cache_hit_are_logged(
-    client: FlaskClient, logs: RecordHandler, auth_headers: dict[str, str]
-) -> None:
-    post_image(client, auth_headers)
-    post_image(client, auth_headers)
+def test_cache_miss_then_cache_hit_are_logged(api: AnalyzeActions, logs: RecordHandler) -> None:
+    api.analyze()
+    api.analyze()
     misses = [i for i, line in enumerate(logs.lines) if "Cache miss" in line]
     hits = [i for i, line in enumerate(logs.lines) if "Cache hit" in line]
     assert len(misses) == 1
@@ -514,9 +464,9 @@ def test_cache_miss_then_cache_hit_are_logged(
 
 
 def test_one_request_line_names_method_path_status_and_request_id(
-    client: FlaskClient, logs: RecordHandler, auth_headers: dict[str, str]
+    api: AnalyzeActions, logs: RecordHandler, auth_headers: dict[str, str]
 ) -> None:
-    post_image(client, {**auth_headers, "X-Request-ID": "abc-123"})
+    api.analyze(headers={**auth_headers, "X-Request-ID": "abc-123"})
     request_lines = [line for line in logs.lines if "POST /analyze-food 200" in line]
     assert len(request_lines) == 1
     assert "[abc-123]" in request_lines[0]

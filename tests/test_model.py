@@ -18,7 +18,6 @@ from requests.structures import CaseInsensitiveDict
 from werkzeug.test import TestResponse
 
 from app import (
-    CACHE_PREFIX,
     AnalysisRequest,
     Config,
     NotFood,
@@ -31,7 +30,7 @@ from app import (
     retry_after_seconds,
 )
 from tests import images
-from tests.conftest import post_photo
+from tests.conftest import MEAL, AnalyzeActions, cached_keys
 from tests.fakes import (
     DEFAULT_ANALYSIS,
     ChatCompletionsServer,
@@ -44,7 +43,6 @@ from tests.fakes import (
 if TYPE_CHECKING:
     from tests.conftest import RecordHandler
 
-MEAL = images.jpeg(64, 48)
 CONTRACT_FIELDS = {
     "name",
     "calories",
@@ -59,23 +57,10 @@ completion = ChatCompletionsServer.completion
 model_error = ChatCompletionsServer.error
 
 
-def post_image(
-    client: FlaskClient, headers: dict[str, str], data: bytes = MEAL, query: str = ""
-) -> TestResponse:
-    """POST one photo to /analyze-food as a multipart upload."""
-    return post_photo(client, headers, data, query)
-
-
 def answer_with(**changes: Any) -> Reply:
     """A completion carrying the default analysis with some fields changed (None drops one)."""
     analysis = {**DEFAULT_ANALYSIS, **changes}
     return completion(json.dumps({k: v for k, v in analysis.items() if v is not None}))
-
-
-def cached_keys(redis: RedisServer) -> list[bytes]:
-    """Every analysis key in the tests' Redis."""
-    with redis.client() as connection:
-        return list(connection.keys(f"{CACHE_PREFIX}*"))
 
 
 def stalled(reply: Reply, seconds: float = 1.0) -> Reply:
@@ -95,36 +80,31 @@ def assert_upstream_error(response: TestResponse, status: int = 502) -> None:
 
 
 def test_model_receives_a_post_to_chat_completions(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+    api: AnalyzeActions, model: ChatCompletionsServer
 ) -> None:
-    post_image(client, auth_headers)
+    api.analyze()
     [call] = model.calls
     assert (call.method, call.route) == ("POST", "/v1/chat/completions")
 
 
 def test_model_request_carries_the_api_key_as_bearer(
-    client: FlaskClient,
-    model: ChatCompletionsServer,
-    config: Config,
-    auth_headers: dict[str, str],
+    api: AnalyzeActions, model: ChatCompletionsServer, config: Config
 ) -> None:
-    post_image(client, auth_headers)
+    api.analyze()
     assert model.calls[0].header("authorization") == f"Bearer {config.openai_api_key}"
 
 
 def test_model_request_names_the_configured_model(
-    client_with: Callable[..., FlaskClient],
-    model: ChatCompletionsServer,
-    auth_headers: dict[str, str],
+    api: AnalyzeActions, client_with: Callable[..., FlaskClient], model: ChatCompletionsServer
 ) -> None:
-    post_image(client_with(openai_model="gpt-4o-mini"), auth_headers)
+    api.analyze(client=client_with(openai_model="gpt-4o-mini"))
     assert model.last_payload()["model"] == "gpt-4o-mini"
 
 
 def test_model_request_has_instructions_then_a_user_message_with_text_and_image(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+    api: AnalyzeActions, model: ChatCompletionsServer
 ) -> None:
-    post_image(client, auth_headers)
+    api.analyze()
     system, user = model.last_payload()["messages"]
     assert system["role"] == "system"
     assert isinstance(system["content"], str)
@@ -135,34 +115,32 @@ def test_model_request_has_instructions_then_a_user_message_with_text_and_image(
 
 
 def test_model_request_image_is_a_base64_jpeg_data_url(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+    api: AnalyzeActions, model: ChatCompletionsServer
 ) -> None:
-    post_image(client, auth_headers, images.png(80, 60))
+    api.analyze(images.png(80, 60))
     with Image.open(io.BytesIO(model.last_image_bytes())) as sent:
         assert sent.format == "JPEG"
         assert sent.size == (80, 60)
 
 
 def test_model_request_image_detail_defaults_to_auto(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+    api: AnalyzeActions, model: ChatCompletionsServer
 ) -> None:
-    post_image(client, auth_headers)
+    api.analyze()
     assert model.last_image_detail() == "auto"
 
 
 def test_model_request_image_detail_follows_config(
-    client_with: Callable[..., FlaskClient],
-    model: ChatCompletionsServer,
-    auth_headers: dict[str, str],
+    api: AnalyzeActions, client_with: Callable[..., FlaskClient], model: ChatCompletionsServer
 ) -> None:
-    post_image(client_with(openai_image_detail="low"), auth_headers)
+    api.analyze(client=client_with(openai_image_detail="low"))
     assert model.last_image_detail() == "low"
 
 
 def test_model_request_asks_for_strict_json_schema_output(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+    api: AnalyzeActions, model: ChatCompletionsServer
 ) -> None:
-    post_image(client, auth_headers)
+    api.analyze()
     response_format = model.last_payload()["response_format"]
     assert response_format["type"] == "json_schema"
     assert response_format["json_schema"]["strict"] is True
@@ -170,9 +148,9 @@ def test_model_request_asks_for_strict_json_schema_output(
 
 
 def test_model_request_schema_requires_every_property_and_forbids_others(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+    api: AnalyzeActions, model: ChatCompletionsServer
 ) -> None:
-    post_image(client, auth_headers)
+    api.analyze()
     schema = model.last_payload()["response_format"]["json_schema"]["schema"]
     assert schema["type"] == "object"
     assert set(schema["properties"]) >= CONTRACT_FIELDS - {"calories", "protein", "carbs", "fat"}
@@ -184,12 +162,9 @@ def test_model_request_schema_requires_every_property_and_forbids_others(
 
 
 def test_model_request_caps_output_tokens(
-    client: FlaskClient,
-    model: ChatCompletionsServer,
-    config: Config,
-    auth_headers: dict[str, str],
+    api: AnalyzeActions, model: ChatCompletionsServer, config: Config
 ) -> None:
-    post_image(client, auth_headers)
+    api.analyze()
     assert model.last_payload()["max_tokens"] == config.openai_max_output_tokens > 0
 
 
@@ -206,35 +181,31 @@ def test_build_model_request_embeds_the_given_jpeg(config: Config) -> None:
 
 
 def test_rate_limit_is_retried_and_succeeds(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+    api: AnalyzeActions, model: ChatCompletionsServer
 ) -> None:
     model.enqueue(model_error(429, "Rate limit reached", code="rate_limit_exceeded"))
-    response = post_image(client, auth_headers)
+    response = api.analyze()
     assert response.status_code == 200
     assert len(model.calls) == 2
 
 
 def test_rate_limit_retry_waits_the_requested_retry_after_ms(
-    client_with: Callable[..., FlaskClient],
-    model: ChatCompletionsServer,
-    auth_headers: dict[str, str],
+    api: AnalyzeActions, client_with: Callable[..., FlaskClient], model: ChatCompletionsServer
 ) -> None:
     model.enqueue(
         model_error(429, "Rate limit reached", headers={"retry-after-ms": "200"}),
     )
-    response = post_image(client_with(openai_retry_after_cap=60.0), auth_headers)
+    response = api.analyze(client=client_with(openai_retry_after_cap=60.0))
     assert response.status_code == 200
     first, second = model.calls
     assert second.received_at - first.received_at >= 0.2
 
 
 def test_retry_after_beyond_the_cap_answers_503_at_once_with_the_servers_wait(
-    client_with: Callable[..., FlaskClient],
-    model: ChatCompletionsServer,
-    auth_headers: dict[str, str],
+    api: AnalyzeActions, client_with: Callable[..., FlaskClient], model: ChatCompletionsServer
 ) -> None:
     model.enqueue(model_error(429, "Rate limit reached", headers={"Retry-After": "3600"}))
-    response = post_image(client_with(openai_retry_after_cap=0.05), auth_headers)
+    response = api.analyze(client=client_with(openai_retry_after_cap=0.05))
     assert response.status_code == 503
     assert response.get_json()["code"] == "upstream_rate_limited"
     assert response.headers["Retry-After"] == "3600"
@@ -242,100 +213,92 @@ def test_retry_after_beyond_the_cap_answers_503_at_once_with_the_servers_wait(
 
 
 def test_server_error_on_every_attempt_answers_502_after_max_attempts(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+    api: AnalyzeActions, model: ChatCompletionsServer
 ) -> None:
     model.enqueue(*[model_error(500)] * 5)
-    response = post_image(client, auth_headers)
+    response = api.analyze()
     assert_upstream_error(response)
     assert len(model.calls) == 3
 
 
 def test_max_attempts_follows_config(
-    client_with: Callable[..., FlaskClient],
-    model: ChatCompletionsServer,
-    auth_headers: dict[str, str],
+    api: AnalyzeActions, client_with: Callable[..., FlaskClient], model: ChatCompletionsServer
 ) -> None:
     model.enqueue(*[model_error(500)] * 5)
-    response = post_image(client_with(openai_max_attempts=2), auth_headers)
+    response = api.analyze(client=client_with(openai_max_attempts=2))
     assert_upstream_error(response)
     assert len(model.calls) == 2
 
 
 def test_service_unavailable_then_success_answers_200(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+    api: AnalyzeActions, model: ChatCompletionsServer
 ) -> None:
     model.enqueue(model_error(503, "The engine is currently overloaded"))
-    response = post_image(client, auth_headers)
+    response = api.analyze()
     assert response.status_code == 200
     assert len(model.calls) == 2
 
 
 @pytest.mark.parametrize("status", [408, 409])
 def test_request_timeout_and_conflict_are_retried(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str], status: int
+    api: AnalyzeActions, model: ChatCompletionsServer, status: int
 ) -> None:
     model.enqueue(model_error(status, "Please retry"))
-    response = post_image(client, auth_headers)
+    response = api.analyze()
     assert response.status_code == 200
     assert len(model.calls) == 2
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
 def test_other_client_errors_are_not_retried(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str], status: int
+    api: AnalyzeActions, model: ChatCompletionsServer, status: int
 ) -> None:
     model.enqueue(model_error(status, "Rejected"))
-    response = post_image(client, auth_headers)
+    response = api.analyze()
     assert_upstream_error(response)
     assert len(model.calls) == 1
 
 
 def test_insufficient_quota_is_not_retried(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+    api: AnalyzeActions, model: ChatCompletionsServer
 ) -> None:
     model.enqueue(
         model_error(429, "You exceeded your current quota", code="insufficient_quota"),
         model_error(429, "You exceeded your current quota", code="insufficient_quota"),
     )
-    response = post_image(client, auth_headers)
+    response = api.analyze()
     assert_upstream_error(response)
     assert len(model.calls) == 1
 
 
 def test_unreachable_model_answers_502_upstream_error(
-    client_with: Callable[..., FlaskClient], auth_headers: dict[str, str]
+    api: AnalyzeActions, client_with: Callable[..., FlaskClient]
 ) -> None:
     client = client_with(openai_base_url=f"http://127.0.0.1:{free_port()}/v1")
-    assert_upstream_error(post_image(client, auth_headers))
+    assert_upstream_error(api.analyze(client=client))
 
 
 def test_model_stalling_on_every_attempt_answers_504_upstream_timeout(
-    client_with: Callable[..., FlaskClient],
-    model: ChatCompletionsServer,
-    auth_headers: dict[str, str],
+    api: AnalyzeActions, client_with: Callable[..., FlaskClient], model: ChatCompletionsServer
 ) -> None:
     model.enqueue(stalled(answer_with()), stalled(answer_with()))
     client = client_with(openai_api_timeout=0.3, openai_max_attempts=2)
-    assert_upstream_error(post_image(client, auth_headers), status=504)
+    assert_upstream_error(api.analyze(client=client), status=504)
     assert len(model.calls) == 2
 
 
 def test_model_stall_then_answer_succeeds(
-    client_with: Callable[..., FlaskClient],
-    model: ChatCompletionsServer,
-    auth_headers: dict[str, str],
+    api: AnalyzeActions, client_with: Callable[..., FlaskClient], model: ChatCompletionsServer
 ) -> None:
     model.enqueue(stalled(answer_with()))
-    response = post_image(client_with(openai_api_timeout=0.3), auth_headers)
+    response = api.analyze(client=client_with(openai_api_timeout=0.3))
     assert response.status_code == 200
     assert len(model.calls) == 2
 
 
-def test_dropped_connection_is_retried(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
-) -> None:
+def test_dropped_connection_is_retried(api: AnalyzeActions, model: ChatCompletionsServer) -> None:
     model.enqueue(Reply(drop=True))
-    response = post_image(client, auth_headers)
+    response = api.analyze()
     assert response.status_code == 200
     assert len(model.calls) == 2
 
@@ -344,19 +307,19 @@ def test_dropped_connection_is_retried(
 
 
 def test_answer_in_a_markdown_json_fence_is_accepted(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+    api: AnalyzeActions, model: ChatCompletionsServer
 ) -> None:
     model.enqueue(completion(f"```json\n{json.dumps(DEFAULT_ANALYSIS)}\n```"))
-    response = post_image(client, auth_headers)
+    response = api.analyze()
     assert response.status_code == 200
     assert response.get_json()["analysis"]["name"] == DEFAULT_ANALYSIS["name"]
 
 
 def test_numbers_given_as_strings_are_parsed(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+    api: AnalyzeActions, model: ChatCompletionsServer
 ) -> None:
     model.enqueue(answer_with(calories="450 kcal", protein="40 g", carbs="10.5g", fat="25"))
-    analysis = post_image(client, auth_headers).get_json()["analysis"]
+    analysis = api.analyze().get_json()["analysis"]
     assert (analysis["calories"], analysis["protein"], analysis["carbs"], analysis["fat"]) == (
         450,
         40,
@@ -366,60 +329,52 @@ def test_numbers_given_as_strings_are_parsed(
 
 
 def test_calories_with_a_thousands_separator_are_parsed(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+    api: AnalyzeActions, model: ChatCompletionsServer
 ) -> None:
     model.enqueue(answer_with(calories="1,200"))
-    assert post_image(client, auth_headers).get_json()["analysis"]["calories"] == 1200
+    assert api.analyze().get_json()["analysis"]["calories"] == 1200
 
 
-def test_calories_are_a_whole_number(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
-) -> None:
+def test_calories_are_a_whole_number(api: AnalyzeActions, model: ChatCompletionsServer) -> None:
     model.enqueue(answer_with(calories=450.7))
-    calories = post_image(client, auth_headers).get_json()["analysis"]["calories"]
+    calories = api.analyze().get_json()["analysis"]["calories"]
     assert calories == 451
     assert isinstance(calories, int)
 
 
-def test_grams_keep_at_most_one_decimal(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
-) -> None:
+def test_grams_keep_at_most_one_decimal(api: AnalyzeActions, model: ChatCompletionsServer) -> None:
     model.enqueue(answer_with(protein=40.26, carbs=9.94, fat=25.0))
-    analysis = post_image(client, auth_headers).get_json()["analysis"]
+    analysis = api.analyze().get_json()["analysis"]
     assert (analysis["protein"], analysis["carbs"], analysis["fat"]) == (40.3, 9.9, 25)
 
 
 @pytest.mark.parametrize(("given", "expected"), [(92, 0.92), ("92%", 0.92), (0.5, 0.5)])
 def test_confidence_percentage_is_read_as_a_fraction(
-    client: FlaskClient,
-    model: ChatCompletionsServer,
-    auth_headers: dict[str, str],
-    given: Any,
-    expected: float,
+    api: AnalyzeActions, model: ChatCompletionsServer, given: Any, expected: float
 ) -> None:
     model.enqueue(answer_with(confidence=given))
-    assert post_image(client, auth_headers).get_json()["analysis"]["confidence"] == expected
+    assert api.analyze().get_json()["analysis"]["confidence"] == expected
 
 
 def test_confidence_above_a_hundred_percent_is_clamped_to_one(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+    api: AnalyzeActions, model: ChatCompletionsServer
 ) -> None:
     model.enqueue(answer_with(confidence=150))
-    assert post_image(client, auth_headers).get_json()["analysis"]["confidence"] == 1.0
+    assert api.analyze().get_json()["analysis"]["confidence"] == 1.0
 
 
 def test_fractional_confidence_above_one_is_clamped_not_read_as_percent(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+    api: AnalyzeActions, model: ChatCompletionsServer
 ) -> None:
     model.enqueue(answer_with(confidence=1.7))
-    assert post_image(client, auth_headers).get_json()["analysis"]["confidence"] == 1.0
+    assert api.analyze().get_json()["analysis"]["confidence"] == 1.0
 
 
 def test_negative_confidence_is_clamped_to_zero(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+    api: AnalyzeActions, model: ChatCompletionsServer
 ) -> None:
     model.enqueue(answer_with(confidence=-0.3))
-    assert post_image(client, auth_headers).get_json()["analysis"]["confidence"] == 0.0
+    assert api.analyze().get_json()["analysis"]["confidence"] == 0.0
 
 
 # ------------------------------------------------------------------ answers the service refuses
@@ -443,18 +398,18 @@ UNUSABLE_ANSWERS = {
 
 @pytest.mark.parametrize("reply", UNUSABLE_ANSWERS.values(), ids=UNUSABLE_ANSWERS.keys())
 def test_unusable_answer_answers_502_upstream_error(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str], reply: Reply
+    api: AnalyzeActions, model: ChatCompletionsServer, reply: Reply
 ) -> None:
     model.enqueue(reply)
-    assert_upstream_error(post_image(client, auth_headers))
+    assert_upstream_error(api.analyze())
 
 
 @pytest.mark.parametrize("reply", UNUSABLE_ANSWERS.values(), ids=UNUSABLE_ANSWERS.keys())
 def test_unusable_answer_is_not_retried(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str], reply: Reply
+    api: AnalyzeActions, model: ChatCompletionsServer, reply: Reply
 ) -> None:
     model.enqueue(reply)
-    post_image(client, auth_headers)
+    api.analyze()
     assert len(model.calls) == 1
 
 
@@ -467,38 +422,29 @@ FAILURES = {
 
 @pytest.mark.parametrize("reply", FAILURES.values(), ids=FAILURES.keys())
 def test_failed_analysis_is_not_cached(
-    client: FlaskClient,
-    model: ChatCompletionsServer,
-    redis: RedisServer,
-    auth_headers: dict[str, str],
-    reply: Reply,
+    api: AnalyzeActions, model: ChatCompletionsServer, redis: RedisServer, reply: Reply
 ) -> None:
     model.enqueue(*[reply] * 3)
-    assert post_image(client, auth_headers).status_code != 200
+    assert api.analyze().status_code != 200
     assert cached_keys(redis) == []
     model.reset()
-    again = post_image(client, auth_headers)
+    again = api.analyze()
     assert again.get_json()["source"] == "api"
     assert len(model.calls) == 1
 
 
-def test_not_food_answers_422_not_food(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
-) -> None:
+def test_not_food_answers_422_not_food(api: AnalyzeActions, model: ChatCompletionsServer) -> None:
     model.analysis = {**DEFAULT_ANALYSIS, "isFood": False, "name": "", "calories": 0}
-    response = post_image(client, auth_headers)
+    response = api.analyze()
     assert response.status_code == 422
     assert response.get_json()["code"] == "not_food"
 
 
 def test_not_food_saves_nothing(
-    client: FlaskClient,
-    model: ChatCompletionsServer,
-    user_service: UserServiceServer,
-    auth_headers: dict[str, str],
+    api: AnalyzeActions, model: ChatCompletionsServer, user_service: UserServiceServer
 ) -> None:
     model.analysis = {**DEFAULT_ANALYSIS, "isFood": False, "name": "", "calories": 0}
-    post_image(client, auth_headers, query="?save=true")
+    api.analyze(save=True)
     assert user_service.calls == []
     assert user_service.entries == []
 
@@ -507,11 +453,9 @@ def test_not_food_saves_nothing(
 
 
 def test_missing_api_key_answers_503_without_calling_the_model(
-    client_with: Callable[..., FlaskClient],
-    model: ChatCompletionsServer,
-    auth_headers: dict[str, str],
+    api: AnalyzeActions, client_with: Callable[..., FlaskClient], model: ChatCompletionsServer
 ) -> None:
-    response = post_image(client_with(openai_api_key=None), auth_headers)
+    response = api.analyze(client=client_with(openai_api_key=None))
     assert response.status_code == 503
     assert response.get_json()["code"] == "ai_not_configured"
     assert model.calls == []
@@ -531,16 +475,15 @@ def leaky_replies(key: str) -> dict[str, Reply]:
 
 @pytest.mark.parametrize("scenario", list(leaky_replies("any-key")))
 def test_api_key_never_appears_in_a_response_or_log_line(
-    client: FlaskClient,
+    api: AnalyzeActions,
     model: ChatCompletionsServer,
     config: Config,
     logs: RecordHandler,
-    auth_headers: dict[str, str],
     scenario: str,
 ) -> None:
     key = str(config.openai_api_key)
     model.enqueue(*[leaky_replies(key)[scenario]] * 3)
-    response = post_image(client, auth_headers)
+    response = api.analyze()
     assert response.status_code == 502
     assert key not in response.get_data(as_text=True)
     assert key not in str(response.headers)
@@ -548,15 +491,13 @@ def test_api_key_never_appears_in_a_response_or_log_line(
 
 
 def test_api_key_never_appears_when_the_model_is_unreachable(
+    api: AnalyzeActions,
     client_with: Callable[..., FlaskClient],
     config: Config,
     logs: RecordHandler,
-    auth_headers: dict[str, str],
 ) -> None:
     key = str(config.openai_api_key)
-    response = post_image(
-        client_with(openai_base_url=f"http://127.0.0.1:{free_port()}/v1"), auth_headers
-    )
+    response = api.analyze(client=client_with(openai_base_url=f"http://127.0.0.1:{free_port()}/v1"))
     assert key not in response.get_data(as_text=True)
     assert key not in logs.text()
 
@@ -565,13 +506,10 @@ def test_api_key_never_appears_when_the_model_is_unreachable(
 
 
 def test_failed_model_request_logs_openai_request_failed(
-    client: FlaskClient,
-    model: ChatCompletionsServer,
-    logs: RecordHandler,
-    auth_headers: dict[str, str],
+    api: AnalyzeActions, model: ChatCompletionsServer, logs: RecordHandler
 ) -> None:
     model.enqueue(*[model_error(500)] * 3)
-    post_image(client, auth_headers)
+    api.analyze()
     assert "OpenAI API request failed" in logs.text()
 
 
@@ -581,14 +519,10 @@ def test_failed_model_request_logs_openai_request_failed(
     ids=["http error", "unusable answer"],
 )
 def test_failed_analysis_logs_error_analyzing_food_image(
-    client: FlaskClient,
-    model: ChatCompletionsServer,
-    logs: RecordHandler,
-    auth_headers: dict[str, str],
-    reply: Reply,
+    api: AnalyzeActions, model: ChatCompletionsServer, logs: RecordHandler, reply: Reply
 ) -> None:
     model.enqueue(reply)
-    post_image(client, auth_headers)
+    api.analyze()
     assert "Error analyzing food image" in logs.text()
 
 

@@ -11,13 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from flask import Flask
 from flask.testing import FlaskClient
-from werkzeug.test import TestResponse
 
-from app import CACHE_PREFIX, CircuitBreaker, Config, create_app
+from app import CircuitBreaker, Config
 from tests import images
-from tests.conftest import post_photo
+from tests.conftest import AnalyzeActions, app_for, cached_keys, post_photo
 from tests.fakes import (
     DEFAULT_ANALYSIS,
     ChatCompletionsServer,
@@ -41,26 +39,6 @@ def photo(shade: int) -> bytes:
     return images.jpeg(64, 48, color=(shade, 120, 60))
 
 
-def post_image(
-    client: FlaskClient, headers: dict[str, str], data: bytes, query: str = ""
-) -> TestResponse:
-    """POST one photo to /analyze-food as a multipart upload."""
-    return post_photo(client, headers, data, query)
-
-
-def app_for(config: Config) -> Flask:
-    """An app built from this Config, in testing mode."""
-    flask_app = create_app(config)
-    flask_app.testing = True
-    return flask_app
-
-
-def cached_keys(redis: RedisServer) -> list[bytes]:
-    """Every analysis key in the tests' Redis."""
-    with redis.client() as connection:
-        return list(connection.keys(f"{CACHE_PREFIX}*"))
-
-
 def skipped_count(client: FlaskClient) -> float:
     """The process-wide count of Redis calls the breaker skipped, from /metrics."""
     found = SKIPPED_METRIC.search(client.get("/metrics").get_data(as_text=True))
@@ -70,7 +48,7 @@ def skipped_count(client: FlaskClient) -> float:
 def open_the_breaker(client: FlaskClient, headers: dict[str, str], failures: int = 2) -> None:
     """Send as many requests as the breaker's threshold; each meets the failing Redis."""
     for shade in range(200, 200 + failures):
-        assert post_image(client, headers, photo(shade)).status_code == 200
+        assert post_photo(client, headers, photo(shade)).status_code == 200
 
 
 def contract_fields(analysis: dict[str, Any]) -> dict[str, Any]:
@@ -114,16 +92,17 @@ def hung_redis_client(
 
 
 def test_requests_answer_200_while_redis_hangs_before_and_after_the_breaker_opens(
-    hung_redis_client: Callable[..., FlaskClient], auth_headers: dict[str, str]
+    api: AnalyzeActions, hung_redis_client: Callable[..., FlaskClient]
 ) -> None:
     client = hung_redis_client()
 
-    statuses = [post_image(client, auth_headers, photo(shade)).status_code for shade in range(4)]
+    statuses = [api.analyze(photo(shade), client=client).status_code for shade in range(4)]
 
     assert statuses == [200, 200, 200, 200]
 
 
 def test_open_breaker_makes_no_new_connections_to_a_hung_redis(
+    api: AnalyzeActions,
     hung_redis_client: Callable[..., FlaskClient],
     auth_headers: dict[str, str],
     stalled: StalledServer,
@@ -133,31 +112,31 @@ def test_open_breaker_makes_no_new_connections_to_a_hung_redis(
     opened_at = stalled.accepted
 
     for shade in range(2, 6):
-        post_image(client, auth_headers, photo(shade))
+        api.analyze(photo(shade), client=client)
 
     assert opened_at > 0
     assert stalled.accepted == opened_at
 
 
 def test_open_breaker_counts_the_skipped_redis_calls(
-    hung_redis_client: Callable[..., FlaskClient], auth_headers: dict[str, str]
+    api: AnalyzeActions, hung_redis_client: Callable[..., FlaskClient], auth_headers: dict[str, str]
 ) -> None:
     client = hung_redis_client()
     open_the_breaker(client, auth_headers)
     before = skipped_count(client)
 
-    post_image(client, auth_headers, photo(2))
+    api.analyze(photo(2), client=client)
 
     assert skipped_count(client) > before
 
 
 def test_hung_redis_adds_well_under_a_second_to_the_first_request_with_default_settings(
-    make_config: Callable[..., Config], auth_headers: dict[str, str], stalled: StalledServer
+    api: AnalyzeActions, make_config: Callable[..., Config], stalled: StalledServer
 ) -> None:
     client = app_for(make_config(redis_host=stalled.host, redis_port=stalled.port)).test_client()
 
     started = time.monotonic()
-    response = post_image(client, auth_headers, photo(1))
+    response = api.analyze(photo(1), client=client)
     elapsed = time.monotonic() - started
 
     assert response.status_code == 200
@@ -166,6 +145,7 @@ def test_hung_redis_adds_well_under_a_second_to_the_first_request_with_default_s
 
 
 def test_breaker_tries_redis_again_after_the_cool_off(
+    api: AnalyzeActions,
     hung_redis_client: Callable[..., FlaskClient],
     auth_headers: dict[str, str],
     stalled: StalledServer,
@@ -175,7 +155,7 @@ def test_breaker_tries_redis_again_after_the_cool_off(
     opened_at = stalled.accepted
     time.sleep(0.15)
 
-    response = post_image(client, auth_headers, photo(2))
+    response = api.analyze(photo(2), client=client)
 
     assert response.status_code == 200
     # One trial (the GET); it fails, the breaker reopens and the SET is skipped.
@@ -183,6 +163,7 @@ def test_breaker_tries_redis_again_after_the_cool_off(
 
 
 def test_only_one_request_tries_redis_when_the_cool_off_ends(
+    api: AnalyzeActions,
     hung_redis_client: Callable[..., FlaskClient],
     auth_headers: dict[str, str],
     stalled: StalledServer,
@@ -197,7 +178,7 @@ def test_only_one_request_tries_redis_when_the_cool_off_ends(
     flask_app = client.application
 
     def analyse(shade: int) -> int:
-        return post_image(flask_app.test_client(), auth_headers, photo(shade)).status_code
+        return api.analyze(photo(shade), client=flask_app.test_client()).status_code
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         statuses = list(pool.map(analyse, range(10, 14)))
@@ -207,7 +188,10 @@ def test_only_one_request_tries_redis_when_the_cool_off_ends(
 
 
 def test_redis_that_comes_back_closes_the_breaker_and_the_cache_works_again(
-    make_config: Callable[..., Config], auth_headers: dict[str, str], redis: RedisServer
+    api: AnalyzeActions,
+    make_config: Callable[..., Config],
+    auth_headers: dict[str, str],
+    redis: RedisServer,
 ) -> None:
     config = make_config(redis_breaker_failures=2, redis_breaker_cooldown=0.2)
     client = app_for(config).test_client()
@@ -217,8 +201,8 @@ def test_redis_that_comes_back_closes_the_breaker_and_the_cache_works_again(
     time.sleep(0.25)
     meal = photo(2)
 
-    first = post_image(client, auth_headers, meal).get_json()
-    second = post_image(client, auth_headers, meal).get_json()
+    first = api.analyze(meal, client=client).get_json()
+    second = api.analyze(meal, client=client).get_json()
 
     assert (first["source"], second["source"]) == ("api", "cache")
     assert len(cached_keys(redis)) == 1
@@ -241,26 +225,26 @@ def test_health_still_pings_redis_while_the_breaker_is_open(
 
 
 def test_every_request_answers_200_with_redis_at_a_closed_port(
-    make_config: Callable[..., Config], auth_headers: dict[str, str]
+    api: AnalyzeActions, make_config: Callable[..., Config]
 ) -> None:
     config = make_config(redis_host="127.0.0.1", redis_port=free_port())
     client = app_for(config).test_client()
 
-    responses = [post_image(client, auth_headers, photo(shade)) for shade in range(4)]
+    responses = [api.analyze(photo(shade), client=client) for shade in range(4)]
 
     assert [response.status_code for response in responses] == [200] * 4
     assert {response.get_json()["source"] for response in responses} == {"api"}
 
 
 def test_redis_at_a_closed_port_is_skipped_once_the_breaker_opens(
-    make_config: Callable[..., Config], auth_headers: dict[str, str]
+    api: AnalyzeActions, make_config: Callable[..., Config], auth_headers: dict[str, str]
 ) -> None:
     config = make_config(redis_host="127.0.0.1", redis_port=free_port(), redis_breaker_failures=2)
     client = app_for(config).test_client()
     open_the_breaker(client, auth_headers)
     before = skipped_count(client)
 
-    post_image(client, auth_headers, photo(2))
+    api.analyze(photo(2), client=client)
 
     assert skipped_count(client) > before
 
@@ -334,14 +318,12 @@ def test_successful_trial_after_the_cool_off_closes_the_breaker() -> None:
 
 
 def test_rate_limit_with_retry_after_on_every_attempt_answers_502_upstream_error(
-    make_config: Callable[..., Config],
-    model: ChatCompletionsServer,
-    auth_headers: dict[str, str],
+    api: AnalyzeActions, make_config: Callable[..., Config], model: ChatCompletionsServer
 ) -> None:
     model.enqueue(*[model_error(429, "Rate limit reached", headers={"retry-after-ms": "5"})] * 3)
     client = app_for(make_config(openai_retry_after_cap=0.01)).test_client()
 
-    response = post_image(client, auth_headers, photo(1))
+    response = api.analyze(photo(1), client=client)
 
     assert response.status_code == 502
     assert response.get_json()["code"] == "upstream_error"
@@ -350,40 +332,40 @@ def test_rate_limit_with_retry_after_on_every_attempt_answers_502_upstream_error
 
 
 def test_rate_limit_on_every_attempt_caches_nothing(
+    api: AnalyzeActions,
     make_config: Callable[..., Config],
     model: ChatCompletionsServer,
     redis: RedisServer,
-    auth_headers: dict[str, str],
 ) -> None:
     model.enqueue(*[model_error(429, "Rate limit reached", headers={"retry-after-ms": "5"})] * 3)
     client = app_for(make_config(openai_retry_after_cap=0.01)).test_client()
 
-    post_image(client, auth_headers, photo(1))
+    api.analyze(photo(1), client=client)
 
     assert cached_keys(redis) == []
 
 
 def test_unreachable_model_caches_nothing(
-    make_config: Callable[..., Config], redis: RedisServer, auth_headers: dict[str, str]
+    api: AnalyzeActions, make_config: Callable[..., Config], redis: RedisServer
 ) -> None:
     config = make_config(openai_base_url=f"http://127.0.0.1:{free_port()}/v1")
 
-    response = post_image(app_for(config).test_client(), auth_headers, photo(1))
+    response = api.analyze(photo(1), client=app_for(config).test_client())
 
     assert response.status_code == 502
     assert cached_keys(redis) == []
 
 
 def test_model_past_its_timeout_caches_nothing(
+    api: AnalyzeActions,
     make_config: Callable[..., Config],
     model: ChatCompletionsServer,
     redis: RedisServer,
-    auth_headers: dict[str, str],
 ) -> None:
     model.enqueue(Reply(200, {}, delay=1.0))
     config = make_config(openai_api_timeout=0.2, openai_max_attempts=1)
 
-    response = post_image(app_for(config).test_client(), auth_headers, photo(1))
+    response = api.analyze(photo(1), client=app_for(config).test_client())
 
     assert response.status_code == 504
     assert cached_keys(redis) == []
@@ -410,11 +392,11 @@ MALFORMED_ANSWERS = {
 
 @pytest.mark.parametrize("reply", MALFORMED_ANSWERS.values(), ids=MALFORMED_ANSWERS.keys())
 def test_malformed_or_absurd_answer_answers_502_upstream_error(
-    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str], reply: Reply
+    api: AnalyzeActions, model: ChatCompletionsServer, reply: Reply
 ) -> None:
     model.enqueue(reply)
 
-    response = post_image(client, auth_headers, photo(1))
+    response = api.analyze(photo(1))
 
     assert response.status_code == 502
     assert response.get_json()["code"] == "upstream_error"
@@ -422,15 +404,11 @@ def test_malformed_or_absurd_answer_answers_502_upstream_error(
 
 @pytest.mark.parametrize("reply", MALFORMED_ANSWERS.values(), ids=MALFORMED_ANSWERS.keys())
 def test_malformed_or_absurd_answer_caches_nothing(
-    client: FlaskClient,
-    model: ChatCompletionsServer,
-    redis: RedisServer,
-    auth_headers: dict[str, str],
-    reply: Reply,
+    api: AnalyzeActions, model: ChatCompletionsServer, redis: RedisServer, reply: Reply
 ) -> None:
     model.enqueue(reply)
 
-    post_image(client, auth_headers, photo(1))
+    api.analyze(photo(1))
 
     assert cached_keys(redis) == []
 
@@ -439,11 +417,11 @@ def test_malformed_or_absurd_answer_caches_nothing(
 
 
 def test_user_service_dropping_the_connection_answers_502_with_the_analysis(
-    client: FlaskClient, user_service: UserServiceServer, auth_headers: dict[str, str]
+    api: AnalyzeActions, user_service: UserServiceServer
 ) -> None:
     user_service.enqueue(Reply(drop=True))
 
-    response = post_image(client, auth_headers, photo(1), query="?save=true")
+    response = api.analyze(photo(1), save=True)
 
     assert response.status_code == 502
     assert response.get_json()["code"] == "user_service_error"
@@ -451,11 +429,11 @@ def test_user_service_dropping_the_connection_answers_502_with_the_analysis(
 
 
 def test_user_service_that_never_answers_gives_502_with_the_analysis(
-    make_config: Callable[..., Config], auth_headers: dict[str, str], stalled: StalledServer
+    api: AnalyzeActions, make_config: Callable[..., Config], stalled: StalledServer
 ) -> None:
     config = make_config(user_service_url=stalled.http_url, user_service_timeout=0.2)
 
-    response = post_image(app_for(config).test_client(), auth_headers, photo(1), "?save=true")
+    response = api.analyze(photo(1), save=True, client=app_for(config).test_client())
 
     assert response.status_code == 502
     assert response.get_json()["code"] == "user_service_error"

@@ -14,9 +14,9 @@ from pathlib import Path
 from flask import Flask
 from werkzeug.test import TestResponse
 
-from app import CACHE_PREFIX, Config, create_app
+from app import Config, create_app
 from tests import images
-from tests.conftest import post_photo
+from tests.conftest import AnalyzeActions, cached_keys, post_photo
 from tests.fakes import (
     DEFAULT_ANALYSIS,
     ChatCompletionsServer,
@@ -30,24 +30,11 @@ MODEL_DELAY = 0.2  # how long the first model call holds the only slot
 GUNICORN_THREADS_DEFAULT = re.compile(r'threads = env_int\("GUNICORN_THREADS", (\d+)\)')
 
 
-def post_image(
-    flask_app: Flask, headers: dict[str, str], data: bytes, query: str = ""
-) -> TestResponse:
-    """POST one photo to /analyze-food through a client of its own (one per thread)."""
-    return post_photo(flask_app.test_client(), headers, data, query)
-
-
 def one_slot_app(make_config: Callable[..., Config], queue_timeout: float) -> Flask:
     """An app allowed a single model call at a time, waiting ``queue_timeout`` for it."""
     flask_app = create_app(make_config(model_max_concurrency=1, model_queue_timeout=queue_timeout))
     flask_app.testing = True
     return flask_app
-
-
-def cached_keys(redis: RedisServer) -> list[bytes]:
-    """Every analysis key in the tests' Redis."""
-    with redis.client() as connection:
-        return list(connection.keys(f"{CACHE_PREFIX}*"))
 
 
 @contextmanager
@@ -58,7 +45,7 @@ def only_slot_busy(
     slow = ChatCompletionsServer.completion(json.dumps(DEFAULT_ANALYSIS))
     model.enqueue(dataclasses.replace(slow, delay=MODEL_DELAY))
     with ThreadPoolExecutor(max_workers=1) as pool:
-        holder = pool.submit(post_image, flask_app, headers, SLOW_MEAL)
+        holder = pool.submit(post_photo, flask_app.test_client(), headers, SLOW_MEAL)
         model.wait_for_requests(1)  # the holder's model call is under way
         yield holder
         assert holder.result().status_code == 200
@@ -68,6 +55,7 @@ def only_slot_busy(
 
 
 def test_request_beyond_the_limit_answers_503_overloaded(
+    api: AnalyzeActions,
     make_config: Callable[..., Config],
     auth_headers: dict[str, str],
     model: ChatCompletionsServer,
@@ -75,13 +63,14 @@ def test_request_beyond_the_limit_answers_503_overloaded(
     flask_app = one_slot_app(make_config, queue_timeout=0.05)
 
     with only_slot_busy(flask_app, auth_headers, model):
-        response = post_image(flask_app, auth_headers, MEAL)
+        response = api.analyze(MEAL, client=flask_app.test_client())
 
     assert response.status_code == 503
     assert response.get_json()["code"] == "overloaded"
 
 
 def test_overloaded_answer_says_when_to_retry(
+    api: AnalyzeActions,
     make_config: Callable[..., Config],
     auth_headers: dict[str, str],
     model: ChatCompletionsServer,
@@ -89,12 +78,13 @@ def test_overloaded_answer_says_when_to_retry(
     flask_app = one_slot_app(make_config, queue_timeout=0.05)
 
     with only_slot_busy(flask_app, auth_headers, model):
-        response = post_image(flask_app, auth_headers, MEAL)
+        response = api.analyze(MEAL, client=flask_app.test_client())
 
     assert int(response.headers["Retry-After"]) >= 1
 
 
 def test_overloaded_request_never_reaches_the_model(
+    api: AnalyzeActions,
     make_config: Callable[..., Config],
     auth_headers: dict[str, str],
     model: ChatCompletionsServer,
@@ -102,12 +92,13 @@ def test_overloaded_request_never_reaches_the_model(
     flask_app = one_slot_app(make_config, queue_timeout=0.05)
 
     with only_slot_busy(flask_app, auth_headers, model):
-        post_image(flask_app, auth_headers, MEAL)
+        api.analyze(MEAL, client=flask_app.test_client())
 
     assert len(model.calls) == 1
 
 
 def test_overloaded_request_caches_nothing(
+    api: AnalyzeActions,
     make_config: Callable[..., Config],
     auth_headers: dict[str, str],
     model: ChatCompletionsServer,
@@ -116,13 +107,14 @@ def test_overloaded_request_caches_nothing(
     flask_app = one_slot_app(make_config, queue_timeout=0.05)
 
     with only_slot_busy(flask_app, auth_headers, model):
-        post_image(flask_app, auth_headers, MEAL)
+        api.analyze(MEAL, client=flask_app.test_client())
 
     assert len(cached_keys(redis)) == 1  # the slow meal's analysis, nothing for the other
-    assert post_image(flask_app, auth_headers, MEAL).get_json()["source"] == "api"
+    assert api.analyze(MEAL, client=flask_app.test_client()).get_json()["source"] == "api"
 
 
 def test_overloaded_save_stores_no_entry(
+    api: AnalyzeActions,
     make_config: Callable[..., Config],
     auth_headers: dict[str, str],
     model: ChatCompletionsServer,
@@ -131,7 +123,7 @@ def test_overloaded_save_stores_no_entry(
     flask_app = one_slot_app(make_config, queue_timeout=0.05)
 
     with only_slot_busy(flask_app, auth_headers, model):
-        response = post_image(flask_app, auth_headers, MEAL, query="?save=true")
+        response = api.analyze(MEAL, save=True, client=flask_app.test_client())
 
     assert response.status_code == 503
     assert user_service.calls == []
@@ -141,6 +133,7 @@ def test_overloaded_save_stores_no_entry(
 
 
 def test_request_waits_for_a_slot_within_the_queue_timeout_and_succeeds(
+    api: AnalyzeActions,
     make_config: Callable[..., Config],
     auth_headers: dict[str, str],
     model: ChatCompletionsServer,
@@ -148,7 +141,7 @@ def test_request_waits_for_a_slot_within_the_queue_timeout_and_succeeds(
     flask_app = one_slot_app(make_config, queue_timeout=3.0)
 
     with only_slot_busy(flask_app, auth_headers, model):
-        response = post_image(flask_app, auth_headers, MEAL)
+        response = api.analyze(MEAL, client=flask_app.test_client())
 
     assert response.status_code == 200
     assert response.get_json()["source"] == "api"
@@ -156,6 +149,7 @@ def test_request_waits_for_a_slot_within_the_queue_timeout_and_succeeds(
 
 
 def test_waiting_request_calls_the_model_only_after_the_slot_is_free(
+    api: AnalyzeActions,
     make_config: Callable[..., Config],
     auth_headers: dict[str, str],
     model: ChatCompletionsServer,
@@ -163,7 +157,7 @@ def test_waiting_request_calls_the_model_only_after_the_slot_is_free(
     flask_app = one_slot_app(make_config, queue_timeout=3.0)
 
     with only_slot_busy(flask_app, auth_headers, model):
-        post_image(flask_app, auth_headers, MEAL)
+        api.analyze(MEAL, client=flask_app.test_client())
 
     first, second = model.calls
     # The model answered the first call MODEL_DELAY after receiving it; with one slot the
@@ -172,15 +166,16 @@ def test_waiting_request_calls_the_model_only_after_the_slot_is_free(
 
 
 def test_cache_hit_answers_while_the_only_slot_is_busy(
+    api: AnalyzeActions,
     make_config: Callable[..., Config],
     auth_headers: dict[str, str],
     model: ChatCompletionsServer,
 ) -> None:
     flask_app = one_slot_app(make_config, queue_timeout=0.05)
-    post_image(flask_app, auth_headers, MEAL)  # now cached
+    api.analyze(MEAL, client=flask_app.test_client())  # now cached
 
     with only_slot_busy(flask_app, auth_headers, model):
-        response = post_image(flask_app, auth_headers, MEAL)
+        response = api.analyze(MEAL, client=flask_app.test_client())
 
     assert response.status_code == 200
     assert response.get_json()["source"] == "cache"

@@ -12,6 +12,7 @@ from werkzeug.test import TestResponse
 
 from app import BadRequest, PreparedImage, prepare_image
 from tests import images
+from tests.conftest import cached_keys
 from tests.fakes import ChatCompletionsServer, RedisServer
 
 MAX_SIDE = 1024
@@ -355,12 +356,6 @@ def upload(
     return client.post(
         "/analyze-food", data={"image": (io.BytesIO(data), filename)}, headers=headers
     )
-
-
-def cached_keys(redis: RedisServer) -> list[bytes]:
-    """Every analysis key in the tests' Redis."""
-    with redis.client() as connection:
-        return list(connection.scan_iter(match="food_analysis:*"))
 
 
 def assert_refused(

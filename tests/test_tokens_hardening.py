@@ -24,9 +24,17 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from flask.testing import FlaskClient
 
 from app import MAX_TOKEN_LENGTH, MIN_HS_SECRET_BYTES, Config, ConfigError, create_app
-from tests.conftest import JWT_SECRET, RecordHandler, base_environment
+from tests.conftest import (
+    JWT_SECRET,
+    RecordHandler,
+    app_for,
+    as_bearer,
+    assert_unauthorized,
+    base_environment,
+    post_with_authorization,
+    unsigned_token,
+)
 from tests.fakes import ChatCompletionsServer, UserServiceServer
-from tests.test_auth import analyze, assert_unauthorized, bearer, build_client, unsigned_token
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 WEAK_SECRET_WARNING = f"shorter than {MIN_HS_SECRET_BYTES} bytes"
@@ -135,7 +143,7 @@ def public_key_client(
             "JWT_PUBLIC_KEY": public_pem(keys[algorithm]),
             "JWT_ALGORITHMS": algorithm,
         }
-        return build_client(Config.from_env(env, secrets_dir))
+        return app_for(Config.from_env(env, secrets_dir)).test_client()
 
     return build
 
@@ -170,7 +178,7 @@ def test_public_key_token_is_rejected_when_only_hs256_is_allowed(
 ) -> None:
     token = jwt.encode(claims(), keys[algorithm], algorithm=algorithm)
 
-    assert_unauthorized(analyze(client, bearer(token)), "invalid_token", token)
+    assert_unauthorized(post_with_authorization(client, as_bearer(token)), "invalid_token", token)
     assert model.calls == []
 
 
@@ -178,14 +186,14 @@ def test_public_key_token_is_rejected_when_only_hs256_is_allowed(
 def test_alg_none_in_any_spelling_is_rejected(client: FlaskClient, spelling: str) -> None:
     token = unsigned_token(claims(), header={"alg": spelling, "typ": "JWT"})
 
-    assert_unauthorized(analyze(client, bearer(token)), "invalid_token", token)
+    assert_unauthorized(post_with_authorization(client, as_bearer(token)), "invalid_token", token)
 
 
 def test_unknown_critical_header_is_rejected(client: FlaskClient) -> None:
     header = {"alg": "HS256", "typ": "JWT", "crit": ["x-tenant"], "x-tenant": "acme"}
     token = hs256_signed(json.dumps(claims()).encode(), JWT_SECRET.encode(), header)
 
-    assert_unauthorized(analyze(client, bearer(token)), "invalid_token", token)
+    assert_unauthorized(post_with_authorization(client, as_bearer(token)), "invalid_token", token)
 
 
 # ---------------------------------------------------------------------------- size
@@ -197,7 +205,7 @@ def test_validly_signed_64_kb_token_is_invalid_token(
     token = jwt.encode(claims(roles=["cook"] * 8000), JWT_SECRET, algorithm="HS256")
     assert len(token) >= 64 * 1024
 
-    response = analyze(client, bearer(token))
+    response = post_with_authorization(client, as_bearer(token))
 
     assert_unauthorized(response, "invalid_token")
     assert str(MAX_TOKEN_LENGTH) in response.get_json()["error"]
@@ -207,7 +215,7 @@ def test_validly_signed_64_kb_token_is_invalid_token(
 def test_token_of_exactly_the_maximum_length_is_accepted(client: FlaskClient) -> None:
     token = token_of_length(MAX_TOKEN_LENGTH)
 
-    response = analyze(client, bearer(token))
+    response = post_with_authorization(client, as_bearer(token))
 
     assert response.status_code == 200
 
@@ -217,7 +225,7 @@ def test_token_one_character_over_the_maximum_length_is_invalid_token(
 ) -> None:
     token = token_of_length(MAX_TOKEN_LENGTH + 1)
 
-    assert_unauthorized(analyze(client, bearer(token)), "invalid_token")
+    assert_unauthorized(post_with_authorization(client, as_bearer(token)), "invalid_token")
 
 
 # ---------------------------------------------------------------------------- malformed tokens
@@ -255,7 +263,7 @@ def test_malformed_token_is_a_json_401(
 ) -> None:
     token = make()
 
-    assert_unauthorized(analyze(client, bearer(token)), "invalid_token", token)
+    assert_unauthorized(post_with_authorization(client, as_bearer(token)), "invalid_token", token)
     assert model.calls == []
 
 
@@ -270,7 +278,7 @@ def test_token_signed_with_the_configured_key_pair_is_accepted(
 ) -> None:
     token = jwt.encode(claims(), keys[algorithm], algorithm=algorithm)
 
-    response = analyze(public_key_client(algorithm), bearer(token))
+    response = post_with_authorization(public_key_client(algorithm), as_bearer(token))
 
     assert response.status_code == 200
 
@@ -280,9 +288,11 @@ def test_public_key_on_one_line_with_escaped_newlines_is_used(
 ) -> None:
     one_line = public_pem(keys["RS256"]).strip().replace("\n", "\\n")
     env = {**environment, "JWT_PUBLIC_KEY": one_line, "JWT_ALGORITHMS": "RS256"}
-    client = build_client(Config.from_env(env, secrets_dir))
+    client = app_for(Config.from_env(env, secrets_dir)).test_client()
 
-    response = analyze(client, bearer(jwt.encode(claims(), keys["RS256"], algorithm="RS256")))
+    response = post_with_authorization(
+        client, as_bearer(jwt.encode(claims(), keys["RS256"], algorithm="RS256"))
+    )
 
     assert response.status_code == 200
 
@@ -292,9 +302,11 @@ def test_public_key_from_the_secret_file_is_used(
 ) -> None:
     (secrets_dir / "jwt_public_key").write_text(public_pem(keys["ES256"]) + "\n")
     env = {**environment, "JWT_ALGORITHMS": "ES256"}
-    client = build_client(Config.from_env(env, secrets_dir))
+    client = app_for(Config.from_env(env, secrets_dir)).test_client()
 
-    response = analyze(client, bearer(jwt.encode(claims(), keys["ES256"], algorithm="ES256")))
+    response = post_with_authorization(
+        client, as_bearer(jwt.encode(claims(), keys["ES256"], algorithm="ES256"))
+    )
 
     assert response.status_code == 200
 
@@ -308,9 +320,11 @@ def test_public_key_secret_file_wins_over_the_variable(
         "JWT_PUBLIC_KEY": public_pem(keys["other-RS256"]),
         "JWT_ALGORITHMS": "RS256",
     }
-    client = build_client(Config.from_env(env, secrets_dir))
+    client = app_for(Config.from_env(env, secrets_dir)).test_client()
 
-    response = analyze(client, bearer(jwt.encode(claims(), keys["RS256"], algorithm="RS256")))
+    response = post_with_authorization(
+        client, as_bearer(jwt.encode(claims(), keys["RS256"], algorithm="RS256"))
+    )
 
     assert response.status_code == 200
 
@@ -320,7 +334,9 @@ def test_token_signed_with_another_private_key_is_rejected(
 ) -> None:
     token = jwt.encode(claims(), keys["other-RS256"], algorithm="RS256")
 
-    assert_unauthorized(analyze(rs256_client, bearer(token)), "invalid_token", token)
+    assert_unauthorized(
+        post_with_authorization(rs256_client, as_bearer(token)), "invalid_token", token
+    )
 
 
 def test_hs256_token_keyed_with_the_public_key_text_is_rejected(
@@ -329,7 +345,9 @@ def test_hs256_token_keyed_with_the_public_key_text_is_rejected(
     # The classic key confusion: an attacker knows the public PEM and uses it as an HMAC secret.
     token = hs256_signed(json.dumps(claims()).encode(), public_pem(keys["RS256"]).encode())
 
-    assert_unauthorized(analyze(rs256_client, bearer(token)), "invalid_token", token)
+    assert_unauthorized(
+        post_with_authorization(rs256_client, as_bearer(token)), "invalid_token", token
+    )
     assert model.calls == []
 
 
@@ -338,7 +356,9 @@ def test_hs256_token_keyed_with_jwt_secret_is_rejected_when_public_keys_are_conf
 ) -> None:
     token = jwt.encode(claims(), JWT_SECRET, algorithm="HS256")
 
-    assert_unauthorized(analyze(rs256_client, bearer(token)), "invalid_token", token)
+    assert_unauthorized(
+        post_with_authorization(rs256_client, as_bearer(token)), "invalid_token", token
+    )
 
 
 def test_key_embedded_in_the_token_header_is_not_trusted(
@@ -348,7 +368,9 @@ def test_key_embedded_in_the_token_header_is_not_trusted(
     embedded = jwt.algorithms.RSAAlgorithm.to_jwk(attacker.public_key(), as_dict=True)
     token = jwt.encode(claims(), attacker, algorithm="RS256", headers={"jwk": embedded})
 
-    assert_unauthorized(analyze(rs256_client, bearer(token)), "invalid_token", token)
+    assert_unauthorized(
+        post_with_authorization(rs256_client, as_bearer(token)), "invalid_token", token
+    )
 
 
 def test_public_key_algorithm_outside_the_allow_list_is_rejected(
@@ -356,7 +378,9 @@ def test_public_key_algorithm_outside_the_allow_list_is_rejected(
 ) -> None:
     token = jwt.encode(claims(), keys["RS256"], algorithm="RS256")
 
-    assert_unauthorized(analyze(public_key_client("ES256"), bearer(token)), "invalid_token")
+    assert_unauthorized(
+        post_with_authorization(public_key_client("ES256"), as_bearer(token)), "invalid_token"
+    )
 
 
 def test_expired_token_is_token_expired_with_a_public_key(
@@ -365,16 +389,20 @@ def test_expired_token_is_token_expired_with_a_public_key(
     now = int(time.time())
     token = jwt.encode(claims(iat=now - 1200, exp=now - 600), keys["RS256"], algorithm="RS256")
 
-    assert_unauthorized(analyze(rs256_client, bearer(token)), "token_expired", token)
+    assert_unauthorized(
+        post_with_authorization(rs256_client, as_bearer(token)), "token_expired", token
+    )
 
 
 def test_public_key_algorithms_without_a_key_reject_every_token(
     environment: dict[str, str], secrets_dir: Path, keys: dict[str, PrivateKey]
 ) -> None:
-    client = build_client(Config.from_env({**environment, "JWT_ALGORITHMS": "RS256"}, secrets_dir))
+    client = app_for(
+        Config.from_env({**environment, "JWT_ALGORITHMS": "RS256"}, secrets_dir)
+    ).test_client()
     token = jwt.encode(claims(), keys["RS256"], algorithm="RS256")
 
-    assert_unauthorized(analyze(client, bearer(token)), "invalid_token", token)
+    assert_unauthorized(post_with_authorization(client, as_bearer(token)), "invalid_token", token)
 
 
 # ---------------------------------------------------------------------------- refused settings
@@ -482,9 +510,11 @@ def test_short_secret_warning_does_not_show_the_secret(
 @pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")
 def test_short_secret_still_verifies_tokens(make_config: Callable[..., Config]) -> None:
     secret = "tiny-Secret-9x"
-    client = build_client(make_config(jwt_secret=secret))
+    client = app_for(make_config(jwt_secret=secret)).test_client()
 
-    response = analyze(client, bearer(jwt.encode(claims(), secret, algorithm="HS256")))
+    response = post_with_authorization(
+        client, as_bearer(jwt.encode(claims(), secret, algorithm="HS256"))
+    )
 
     assert response.status_code == 200
 

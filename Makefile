@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 SECRETS_DIR ?= .local/secrets
 PORT ?= 8083
 USER_ID ?= dev-user
+RESULTS ?= .local/bench/RESULTS.md
 
 .PHONY: run test lint token secrets clean bench image-test
 
@@ -41,8 +42,9 @@ test: lint
 secrets:
 	sh tools/make-secrets.sh
 
+# make bench RESULTS=bench/RESULTS.md writes the committed results.
 bench: $(VENV)/.dev
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py --out $(RESULTS)
 
 # The image and the compose stack, built and run (needs Docker with Compose v2); not part of test.
 image-test: $(VENV)/.runtime

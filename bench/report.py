@@ -1,4 +1,4 @@
-"""The results: a table on stdout and `bench/RESULTS.md` with the command and the machine."""
+"""The results: a table on stdout and a RESULTS.md with the command and the machine."""
 
 from __future__ import annotations
 
@@ -169,7 +169,7 @@ def text_table(rows: list[Row]) -> str:
 
 
 def markdown_table(rows: list[Row]) -> str:
-    """The table for RESULTS.md."""
+    """The table for the results file."""
     lines = ["| row | service | baseline | ratio | goal | holds? |", "|---|---|---|---|---|---|"]
     for row in rows:
         cells = (row.label, row.service, row.baseline, row.ratio, row.goal, row.verdict)
@@ -193,7 +193,7 @@ def goal_summary(rows: list[Row]) -> list[str]:
 
 @dataclass
 class Report:
-    """Everything RESULTS.md says."""
+    """Everything the results file says."""
 
     command: str
     started: str
@@ -207,13 +207,14 @@ class Report:
     goal_notes: list[str] = field(default_factory=list)
 
     def markdown(self) -> str:
-        """The whole RESULTS.md."""
+        """The whole results file."""
         kind = "quick smoke run (small samples; not representative)" if self.quick else "full run"
         parts = [
             "# Image Service: benchmark results",
             "",
             f"- Date: {self.started}; {kind}; took {self.seconds:.0f} s",
-            f"- Command: `{self.command}` (`make bench` runs `python bench/run.py`)",
+            f"- Command: `{self.command}`",
+            "- How each row is measured, and the caveats: `bench/README.md`",
             f"- Code: {self.fingerprint}",
             f"- Model: loopback Chat Completions server answering after {self.model_delay:g} s",
             "",
@@ -230,7 +231,7 @@ class Report:
             *goal_summary(self.rows),
             "",
             *[line for note in self.goal_notes for line in (note, "")],
-            "## How each row was measured",
+            "## Figures behind each row",
             "",
         ]
         for row in self.rows:

@@ -817,13 +817,15 @@ ViewFunc = TypeVar("ViewFunc", bound=Callable[..., Any])
 
 
 def token_required(view: ViewFunc) -> ViewFunc:
-    """Let the view run only for a valid access token; put the caller's id on ``g.user_id``."""
+    """Let the view run only for a valid access token; put the ``Caller`` on ``g.caller``."""
 
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        parts = services()
-        token = bearer_token(request.headers.get("Authorization"))
-        g.user_id = verify_access_token(token, parts.config, parts.jwt_key)
+        services = current_services()
+        header = request.headers.get("Authorization")
+        token = bearer_token(header)
+        user_id = verify_access_token(token, services.config, services.jwt_key)
+        g.caller = Caller(user_id=user_id, authorization=cast(str, header))
         return view(*args, **kwargs)
 
     return cast(ViewFunc, wrapper)
@@ -1482,6 +1484,26 @@ class IdempotencyClaim:
     replay: dict[str, Any] | None = None
 
 
+@dataclass
+class IdempotencyGuard:
+    """One request's hold on its Idempotency-Key: a replay to send, or the response to keep."""
+
+    records: IdempotencyRecords | None = None
+    claim: IdempotencyClaim | None = None
+    fingerprint: str = ""
+
+    @property
+    def replay(self) -> dict[str, Any] | None:
+        """The first response to the key, when this request is a retry of it."""
+        return self.claim.replay if self.claim else None
+
+    def answer(self, body: dict[str, Any]) -> Response:
+        """Keep the response for the key's retries, then send it."""
+        if self.records is not None and self.claim is not None:
+            self.records.complete(self.claim, self.fingerprint, body)
+        return jsonify(body)
+
+
 class IdempotencyRecords:
     """First responses of ``save=true`` requests by user and Idempotency-Key, kept for 24 h."""
 
@@ -1509,12 +1531,31 @@ class IdempotencyRecords:
             logger.warning("Idempotency-Key not enforced: the store is unavailable")
             return IdempotencyClaim(None, token)
         if record.get("digest") != digest:
-            raise IdempotencyKeyReused("this Idempotency-Key was already used with another photo")
+            raise IdempotencyKeyReused(
+                "this Idempotency-Key was already used with another photo, note or language"
+            )
         if record.get("state") != "done":
             raise IdempotencyKeyInProgress(
                 "a request with this Idempotency-Key is still being processed"
             )
         return IdempotencyClaim(None, token, replay=cast(dict[str, Any], record["response"]))
+
+    @contextlib.contextmanager
+    def guard(self, user_id: str, form: AnalysisForm) -> Iterator[IdempotencyGuard]:
+        """Hold the form's Idempotency-Key, if it has one, while the request works on it.
+
+        A retry of a finished request gets its response to replay; a failure frees the key, so
+        that a retry is processed afresh.
+        """
+        if form.idempotency_key is None:
+            yield IdempotencyGuard()
+            return
+        claim = self.claim(user_id, form.idempotency_key, form.fingerprint)
+        try:
+            yield IdempotencyGuard(self, claim, form.fingerprint)
+        except Exception:
+            self.release(claim, form.fingerprint)
+            raise
 
     def complete(self, claim: IdempotencyClaim, digest: str, response: Mapping[str, Any]) -> None:
         """Keep the response the key's retries will get."""
@@ -2677,45 +2718,98 @@ def clean_confidence(value: Any) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def save_food_entry(
-    analysis: Mapping[str, Any],
-    *,
-    user_id: str,
-    digest: str,
-    authorization: str,
-    request_id: str,
-    config: Config,
-    session: requests.Session,
-) -> str:
-    """Store the analysis as the caller's food entry; return the new entry's id."""
-    entry = {
+USER_SERVICE_ATTEMPTS = 2
+USER_SERVICE_RETRY_WAIT = 0.2
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking: the token's user id and the Authorization header to forward."""
+
+    user_id: str
+    authorization: str
+
+
+class UserService:
+    """The User Service, one client per app: stores analyses as the caller's food entries.
+
+    A save is retried only when it never reached the service (the connection was refused or not
+    made in time), so a retry cannot store an entry twice; the caller's ``Idempotency-Key``
+    travels along so the service can deduplicate on its side.
+    """
+
+    def __init__(self, config: Config, session: requests.Session) -> None:
+        self.session = session
+        self.url = f"{config.user_service_url}/food-entries"
+        self.timeout = config.user_service_timeout
+        self.retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(USER_SERVICE_ATTEMPTS)
+            | tenacity.stop_after_delay(self.timeout),
+            wait=tenacity.wait_fixed(USER_SERVICE_RETRY_WAIT),
+            retry=tenacity.retry_if_exception(never_sent),
+            reraise=True,
+        )
+
+    def save(
+        self, analysis: Mapping[str, Any], form: AnalysisForm, caller: Caller, request_id: str
+    ) -> str:
+        """Store the analysis as the caller's food entry; return the new entry's id."""
+        headers = {"Authorization": caller.authorization, "X-Request-ID": request_id}
+        if form.idempotency_key:
+            headers["Idempotency-Key"] = form.idempotency_key
+        where = public_url(self.url)
+        try:
+            reply = self.retrying(
+                http_json,
+                self.session,
+                "POST",
+                self.url,
+                body=food_entry(analysis, caller.user_id, form.digest),
+                headers=headers,
+                timeout=self.timeout,
+            )
+        except requests.RequestException as error:
+            problem = user_service_problem(error, self.timeout)
+            logger.error("Error saving food entry to user service at %s: %s", where, problem)
+            USER_SERVICE_REQUESTS.labels("unreachable").inc()
+            raise UserServiceError(f"the User Service at {where} {problem}", analysis) from None
+        entry_id = created_entry_id(reply)
+        USER_SERVICE_REQUESTS.labels("error" if entry_id is None else "ok").inc()
+        if entry_id is None:
+            logger.error("Error saving food entry to user service: HTTP %s", reply.status)
+            raise UserServiceError(
+                f"the User Service did not store the entry (HTTP {reply.status})", analysis
+            )
+        return entry_id
+
+
+def never_sent(error: BaseException) -> bool:
+    """Whether a request failed before reaching the server, so that sending it again is safe."""
+    if isinstance(error, requests.ConnectTimeout):
+        return True
+    if not isinstance(error, requests.ConnectionError) or not error.args:
+        return False
+    return isinstance(getattr(error.args[0], "reason", None), urllib3.exceptions.NewConnectionError)
+
+
+def user_service_problem(error: requests.RequestException, timeout: float) -> str:
+    """What went wrong with a save, in words: unreachable, too slow, or too much."""
+    if isinstance(error, requests.Timeout):
+        return f"did not answer within {timeout:g}s"
+    if isinstance(error, AnswerTooLarge):
+        return "answered more than any entry needs"
+    return f"could not be reached ({type(error).__name__})"
+
+
+def food_entry(analysis: Mapping[str, Any], user_id: str, digest: str) -> dict[str, Any]:
+    """The entry the User Service stores: the contract's fields, then the richer analysis."""
+    return {
         "userId": user_id,
         **{name: analysis[name] for name in ENTRY_FIELDS},
         "source": "image-analysis",
         "imageHash": digest,
         **{name: analysis[name] for name in ENTRY_DETAIL_FIELDS if name in analysis},
     }
-    try:
-        response = http_json(
-            session,
-            "POST",
-            f"{config.user_service_url}/food-entries",
-            body=entry,
-            headers={"Authorization": authorization, "X-Request-ID": request_id},
-            timeout=config.user_service_timeout,
-        )
-    except requests.RequestException as error:
-        logger.error("Error saving food entry to user service: %s", type(error).__name__)
-        USER_SERVICE_REQUESTS.labels("unreachable").inc()
-        raise UserServiceError("the User Service could not be reached", analysis) from None
-    entry_id = created_entry_id(response)
-    USER_SERVICE_REQUESTS.labels("error" if entry_id is None else "ok").inc()
-    if entry_id is None:
-        logger.error("Error saving food entry to user service: HTTP %s", response.status)
-        raise UserServiceError(
-            f"the User Service did not store the entry (HTTP {response.status})", analysis
-        )
-    return entry_id
 
 
 ENTRY_FIELDS = (
@@ -2772,15 +2866,15 @@ class Services:
     cache: AnalysisCache
     idempotency: IdempotencyRecords
     flights: SingleFlight
+    model_slots: ModelSlots
     model: VisionModel
-    user_session: requests.Session
-    model_slots: threading.BoundedSemaphore
+    user_service: UserService
     jwt_key: Any
     started_at: float
     openapi: dict[str, Any] = field(default_factory=dict)
 
 
-def services() -> Services:
+def current_services() -> Services:
     """The current app's collaborators."""
     return cast(Services, current_app.extensions[SERVICE_NAME])
 
@@ -2791,55 +2885,94 @@ bp = Blueprint("image_service", __name__)
 @bp.post("/analyze-food")
 @token_required
 def analyze_food() -> Response:
-    """Analyse an uploaded meal photo; with ``save=true`` also store it as a food entry."""
+    """Analyze an uploaded meal photo; with ``save=true`` also store it as a food entry."""
+    services = current_services()
+    form = read_analysis_form()
+    with services.idempotency.guard(g.caller.user_id, form) as guard:
+        if guard.replay is not None:
+            return replayed(guard.replay)
+        analysis, source = cached_or_fresh(services, form)
+        if form.save:
+            entry_id = services.user_service.save(analysis, form, g.caller, g.request_id)
+            analysis = {**analysis, "entryId": entry_id}
+        return guard.answer({"analysis": analysis, "source": source})
+
+
+def cached_or_fresh(services: Services, form: AnalysisForm) -> tuple[dict[str, Any], str]:
+    """The analysis and its source: the cache, else one model call among concurrent misses.
+
+    Requests that waited on another's model call (``SingleFlight``) answer with ``cache``.
+    """
+    key = cache_key_for(form.digest, services.config, *form.wanted.cache_inputs())
+    cached = services.cache.get(key)
+    if cached is not None:
+        logger.info("Cache hit for %s", key)
+        CACHE_EVENTS.labels("hit").inc()
+        return food_only(cached), "cache"
+    logger.info("Cache miss for %s", key)
+    CACHE_EVENTS.labels("miss").inc()
+    analysis, computed = services.flights.run(
+        key, lambda: fresh_analysis(services, form, key), lambda: services.cache.get(key)
+    )
+    return food_only(analysis), "api" if computed else "cache"
+
+
+def fresh_analysis(services: Services, form: AnalysisForm, key: str) -> dict[str, Any]:
+    """Prepare the photo, ask the model within a slot, and cache its verdict."""
+    config = services.config
+    prepared = prepare_image(form.data, config.image_max_side, config.image_max_pixels)
+    try:
+        with services.model_slots.hold():
+            answer = services.model.analyze(prepared.jpeg, form.wanted, g.request_id)
+    except NotFood:
+        services.cache.set(key, NOT_FOOD_VERDICT)
+        raise
+    except (UpstreamError, UpstreamRateLimited, AINotConfigured, Overloaded) as error:
+        logger.error("Error analyzing food image: %s", error.message)
+        raise
+    services.cache.set(key, answer.analysis)
+    return answer.analysis
+
+
+def food_only(analysis: dict[str, Any]) -> dict[str, Any]:
+    """The analysis, or NotFood for a cached verdict that the photo shows no food."""
+    if analysis.get("isFood") is False:
+        raise NotFood("no food was found in this photo")
+    return analysis
+
+
+def replayed(response: Mapping[str, Any]) -> Response:
+    """The first response to an Idempotency-Key, sent again and marked so."""
+    answer = jsonify(response)
+    answer.headers["Idempotent-Replayed"] = "true"
+    return answer
+
+
+@dataclass(frozen=True)
+class AnalysisForm:
+    """What one ``POST /analyze-food`` carries, read and checked."""
+
+    data: bytes
+    digest: str
+    wanted: AnalysisRequest
+    save: bool = False
+    idempotency_key: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """What an Idempotency-Key's retries must repeat: the photo and every other input."""
+        parts = (self.digest, *self.wanted.cache_inputs())
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def read_analysis_form() -> AnalysisForm:
+    """The query, headers and form of an analysis request, each checked (400 when wrong)."""
     save = parse_flag(request.args.get("save"), "save")
     idempotency_key = read_idempotency_key() if save else None
     lang = read_language()
     data = read_upload()
-    asked = AnalysisRequest(note=read_note(), lang=lang)
-    digest = image_digest(data)
-    if idempotency_key is None:
-        return jsonify(analyze_and_save(data, digest, asked, save=save))
-    return idempotent(
-        idempotency_key, digest, lambda: analyze_and_save(data, digest, asked, save=True)
-    )
-
-
-def idempotent(idempotency_key: str, digest: str, work: Callable[[], dict[str, Any]]) -> Response:
-    """Do ``work`` once per user and key; a retry gets the first response again."""
-    records = services().idempotency
-    claim = records.claim(g.user_id, idempotency_key, digest)
-    if claim.replay is not None:
-        response = jsonify(claim.replay)
-        response.headers["Idempotent-Replayed"] = "true"
-        return response
-    try:
-        body = work()
-    except Exception:
-        records.release(claim, digest)
-        raise
-    records.complete(claim, digest, body)
-    return jsonify(body)
-
-
-def analyze_and_save(
-    data: bytes, digest: str, asked: AnalysisRequest, *, save: bool
-) -> dict[str, Any]:
-    """The response body: the analysis, saved as a food entry when asked, and its source."""
-    parts = services()
-    analysis, source = analysis_for_upload(data, digest, asked)
-    if save:
-        entry_id = save_food_entry(
-            analysis,
-            user_id=g.user_id,
-            digest=digest,
-            authorization=request.headers["Authorization"],
-            request_id=g.request_id,
-            config=parts.config,
-            session=parts.user_session,
-        )
-        analysis = {**analysis, "entryId": entry_id}
-    return {"analysis": analysis, "source": source}
+    wanted = AnalysisRequest(note=read_note(), lang=lang)
+    return AnalysisForm(data, image_digest(data), wanted, save, idempotency_key)
 
 
 def read_language() -> str:
@@ -2908,82 +3041,40 @@ def read_upload() -> bytes:
     return data
 
 
-def analysis_for_upload(
-    data: bytes, digest: str, asked: AnalysisRequest
-) -> tuple[dict[str, Any], str]:
-    """The analysis of an upload, from the cache or the model, with its source.
+class ModelSlots:
+    """At most ``MODEL_MAX_CONCURRENCY`` model calls at once in a process; the rest wait briefly."""
 
-    Concurrent misses for the same key make one model call between them (``SingleFlight``);
-    those that waited answer with ``source`` ``cache``.
-    """
-    parts = services()
-    key = cache_key_for(digest, parts.config, *asked.cache_inputs())
-    cached = parts.cache.get(key)
-    if cached is not None:
-        logger.info("Cache hit for %s", key)
-        CACHE_EVENTS.labels("hit").inc()
-        return unless_not_food(cached), "cache"
-    logger.info("Cache miss for %s", key)
-    CACHE_EVENTS.labels("miss").inc()
-    analysis, computed = parts.flights.run(
-        key, lambda: analyze_and_cache(data, key, asked, parts), lambda: parts.cache.get(key)
-    )
-    return unless_not_food(analysis), "api" if computed else "cache"
+    def __init__(self, size: int, wait_seconds: float) -> None:
+        self.slots = threading.BoundedSemaphore(size)
+        self.wait_seconds = wait_seconds
 
-
-def unless_not_food(analysis: dict[str, Any]) -> dict[str, Any]:
-    """The analysis, or NotFood for a cached verdict that the photo shows no food."""
-    if analysis.get("isFood") is False:
-        raise NotFood("no food was found in this photo")
-    return analysis
-
-
-def analyze_and_cache(
-    data: bytes, key: str, asked: AnalysisRequest, parts: Services
-) -> dict[str, Any]:
-    """Prepare the photo, ask the model (within a concurrency slot), and cache its verdict."""
-    config = parts.config
-    prepared = prepare_image(data, config.image_max_side, config.image_max_pixels)
-    try:
-        with model_slot(parts):
-            answer = parts.model.analyze(prepared.jpeg, asked, g.request_id)
-    except NotFood:
-        parts.cache.set(key, NOT_FOOD_VERDICT)
-        raise
-    except (UpstreamError, AINotConfigured, Overloaded) as error:
-        logger.error("Error analyzing food image: %s", error.message)
-        raise
-    parts.cache.set(key, answer.analysis)
-    return answer.analysis
-
-
-@contextlib.contextmanager
-def model_slot(parts: Services) -> Iterator[None]:
-    """Hold one of ``MODEL_MAX_CONCURRENCY`` model-call slots, waiting briefly for one."""
-    if not parts.model_slots.acquire(timeout=parts.config.model_queue_timeout):
-        raise Overloaded(
-            "too many photos are being analysed right now; retry shortly",
-            retry_after=max(1, math.ceil(parts.config.model_queue_timeout)),
-        )
-    try:
-        yield
-    finally:
-        parts.model_slots.release()
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Hold a slot, or answer 503 ``overloaded`` when none frees up in time."""
+        if not self.slots.acquire(timeout=self.wait_seconds):
+            raise Overloaded(
+                "too many photos are being analyzed right now; retry shortly",
+                retry_after=max(1, math.ceil(self.wait_seconds)),
+            )
+        try:
+            yield
+        finally:
+            self.slots.release()
 
 
 @bp.get("/health")
 def health() -> tuple[Response, int]:
     """Readiness: the state of every dependency; 503 when one is unusable after start-up."""
-    parts = services()
-    config = parts.config
+    services = current_services()
+    config = services.config
     checks = {
-        "redis": parts.store.health(),
+        "redis": services.store.health(),
         "openai": "configured" if config.openai_configured else "missing credentials",
         "jwt": "configured" if config.jwt_configured else "missing secret",
-        "openai_probe": parts.model.reachability(),
+        "openai_probe": services.model.reachability(),
     }
     healthy = checks["redis"] in ("connected", "not configured") and config.openai_configured
-    startup_mode = time.monotonic() - parts.started_at < config.startup_grace_seconds
+    startup_mode = time.monotonic() - services.started_at < config.startup_grace_seconds
     body = {
         "status": "healthy" if healthy else "unhealthy",
         "service": SERVICE_NAME,
@@ -3008,7 +3099,7 @@ def metrics() -> Response:
 @bp.get("/openapi.json")
 def openapi() -> Response:
     """The OpenAPI 3.1 description of this service, from ``openapi.yaml``."""
-    document = services().openapi
+    document = current_services().openapi
     if not document:
         document.update(yaml.safe_load(OPENAPI_PATH.read_text(encoding="utf-8")))
     return jsonify(document)
@@ -3074,7 +3165,7 @@ def http_error_response(error: HTTPException) -> tuple[Response, int, dict[str, 
     """JSON instead of Werkzeug's HTML for routing and protocol errors."""
     status = error.code or 500
     if status == 413:
-        message = too_large_message(services().config)
+        message = too_large_message(current_services().config)
     else:
         message = error.description or error.name
     headers = {}
@@ -3151,9 +3242,9 @@ def create_app(config: Config | None = None) -> Flask:
         flights=SingleFlight(
             records, config.single_flight_lock_seconds, config.worst_request_seconds
         ),
+        model_slots=ModelSlots(config.model_max_concurrency, config.model_queue_timeout),
         model=VisionModel(config, build_session(config.model_max_concurrency), records),
-        user_session=build_session(config.model_max_concurrency),
-        model_slots=threading.BoundedSemaphore(config.model_max_concurrency),
+        user_service=UserService(config, build_session(config.model_max_concurrency)),
         jwt_key=jwt_verification_key(config),
         started_at=time.monotonic(),
     )

@@ -433,6 +433,7 @@ class ChatCompletionsServer(RecordingServer):
         self.reasoning_tokens: int | None = None
         self.known_fields: frozenset[str] | None = None
         self.model_status = 200
+        self._probes: list[RecordedRequest] = []
 
     @property
     def base_url(self) -> str:
@@ -447,17 +448,16 @@ class ChatCompletionsServer(RecordingServer):
 
     @property
     def probes(self) -> list[RecordedRequest]:
-        """The requests made to GET /v1/models/{id}."""
+        """The requests made to GET /v1/models/{id}, kept apart from `requests`."""
         with self._lock:
-            return [r for r in self.requests if self._is_probe(r)]
+            return list(self._probes)
 
     def reply_to(self, request: RecordedRequest) -> Reply:
         """Answer a model probe with `model_status`; anything else as a recording server does."""
         if not self._is_probe(request):
             return super().reply_to(request)
-        with self._arrived:
-            self.requests.append(request)
-            self._arrived.notify_all()
+        with self._lock:
+            self._probes.append(request)
         model_id = request.route.rsplit("/", 1)[-1]
         if self.model_status == 200:
             return Reply(200, {"id": model_id, "object": "model", "owned_by": "system"})

@@ -47,7 +47,8 @@ from bench.photos import (  # noqa: E402
     PhotoSpec,
     spec,
 )
-from bench.stack import Gunicorn, PeakMemory, Stack, cpu_ticks, status_kb  # noqa: E402
+from bench.stack import PeakMemory, Stack, cpu_ticks, status_kb  # noqa: E402
+from tests.servers import Gunicorn  # noqa: E402
 
 ROWS = ("a", "b", "c", "d", "e", "f")
 ANALYZE = "/analyze-food"

@@ -701,9 +701,14 @@ class EnvReader:
 class RequestContextFilter(logging.Filter):
     """Stamps each record with the request id and blanks out any configured secret."""
 
-    def __init__(self, secrets: tuple[str, ...]) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.secrets = tuple(secret for secret in secrets if len(secret) >= 4)
+        self.secrets: tuple[str, ...] = ()
+
+    def redact_also(self, *secrets: str | None) -> None:
+        """Add an app's secrets to those blanked out (every app's, so none is ever exposed)."""
+        found = (secret for secret in secrets if secret and len(secret) >= MIN_SECRET_FRAGMENT)
+        self.secrets = tuple(dict.fromkeys((*self.secrets, *found)))
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Add ``request_id``; keep the message one line, short, and free of secrets."""
@@ -742,23 +747,22 @@ def request_id_or_dash() -> str:
         return "-"
 
 
+LOG_FILTER = RequestContextFilter()
+
+
 def configure_logging(config: Config) -> None:
-    """Send the service's log lines to stdout, one line each, with the request id."""
+    """Send the service's lines to stdout, once per process; redact every app's secrets."""
     logger.setLevel(config.log_level)
+    LOG_FILTER.redact_also(config.openai_api_key, config.jwt_secret, config.redis_password)
+    if LOG_FILTER in logger.filters:
+        return
     logger.propagate = False
-    for handler in list(logger.handlers):
-        if getattr(handler, "image_service", False):
-            logger.removeHandler(handler)
-    for existing in list(logger.filters):
-        logger.removeFilter(existing)
     handler = logging.StreamHandler(sys.stdout)
-    handler.image_service = True  # type: ignore[attr-defined]
     handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(message)s")
     )
     logger.addHandler(handler)
-    secrets = (config.openai_api_key, config.jwt_secret, config.redis_password)
-    logger.addFilter(RequestContextFilter(tuple(s for s in secrets if s)))
+    logger.addFilter(LOG_FILTER)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -940,6 +944,7 @@ def prepare_image(data: bytes, max_side: int, max_pixels: int) -> PreparedImage:
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """Open an upload lazily with the accepted formats only, refusing oversized headers."""
+    enable_heif()
     try:
         image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
@@ -965,6 +970,12 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
             code=ErrorCode.INVALID_IMAGE,
         )
     return image
+
+
+@functools.cache
+def enable_heif() -> None:
+    """Teach Pillow HEIC and HEIF (iPhone photos), once per process, on the first upload."""
+    pillow_heif.register_heif_opener()
 
 
 def identify_format(data: bytes) -> str | None:
@@ -3231,7 +3242,6 @@ def create_app(config: Config | None = None) -> Flask:
         MAX_FORM_MEMORY_SIZE=MAX_FORM_FIELD_BYTES,
         MAX_FORM_PARTS=MAX_FORM_PARTS,
     )
-    pillow_heif.register_heif_opener()
     warn_about_weak_settings(config)
     store, records = build_stores(config)
     app.extensions[SERVICE_NAME] = Services(
@@ -3262,4 +3272,14 @@ def create_app(config: Config | None = None) -> Flask:
     return app
 
 
-app = create_app()
+@functools.cache
+def default_app() -> Flask:
+    """The app ``gunicorn app:app`` serves, configured from the environment on first use."""
+    return create_app()
+
+
+def __getattr__(name: str) -> Any:
+    """``app.app`` builds the default app when first asked for, so importing builds nothing."""
+    if name == "app":
+        return default_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

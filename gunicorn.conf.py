@@ -2,72 +2,25 @@
 
 Every value can be overridden from the environment (or with `GUNICORN_CMD_ARGS` / the command
 line). A request spends seconds waiting on the vision model, so each worker runs many threads.
+The service's own settings are read here too, with `app.Config`: a bad value stops the start with
+one message naming every bad variable, and the worker timeout follows from the same numbers the
+service uses.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-
-def env_int(name: str, default: int) -> int:
-    """A whole number from the environment."""
-    raw = os.environ.get(name, "").strip()
-    return int(raw) if raw else default
-
-
-def env_float(name: str, default: float) -> float:
-    """A number from the environment."""
-    raw = os.environ.get(name, "").strip()
-    return float(raw) if raw else default
-
-
-def worst_request_seconds() -> int:
-    """The longest a request may legitimately take: every model attempt, the waits, the save."""
-    attempts = env_int("OPENAI_MAX_ATTEMPTS", 3)
-    per_attempt = env_float("OPENAI_API_TIMEOUT", 30)
-    longest_wait = max(
-        env_float("OPENAI_RETRY_MAX_WAIT", 8), env_float("OPENAI_RETRY_AFTER_CAP", 20)
-    )
-    user_service = env_float("USER_SERVICE_TIMEOUT", 10)
-    return int(attempts * per_attempt + (attempts - 1) * longest_wait + user_service) + 1
-
-
-bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8083")
-worker_class = "gthread"
-workers = env_int("GUNICORN_WORKERS", 2)
-threads = env_int("GUNICORN_THREADS", 64)
-timeout = env_int("GUNICORN_TIMEOUT", worst_request_seconds() + 30)
-graceful_timeout = env_int("GUNICORN_GRACEFUL_TIMEOUT", 30)
-keepalive = env_int("GUNICORN_KEEPALIVE", 5)
-max_requests = env_int("GUNICORN_MAX_REQUESTS", 10000)
-max_requests_jitter = env_int("GUNICORN_MAX_REQUESTS_JITTER", 1000)
-# The app is imported once, in the master, and workers are forked from it: a recycled worker
-# starts in milliseconds instead of re-importing Pillow, cryptography and the rest (about a second
-# of CPU each time), and the workers share those pages. Nothing connects at import, so no socket
-# is shared across the fork.
-preload_app = True
-# Heartbeat files in memory: a worker never blocks on a slow disk to say it is alive.
-worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108
-# Header limits: a header line may reach 72 KiB, so an oversized bearer token still gets the
-# service's own 401 JSON rather than gunicorn's HTML 400; fewer header lines than the default
-# keep the total per request bounded.
-limit_request_field_size = env_int("GUNICORN_LIMIT_REQUEST_FIELD_SIZE", 72 * 1024)
-limit_request_fields = env_int("GUNICORN_LIMIT_REQUEST_FIELDS", 64)
-# Gunicorn 25+ opens a control socket under $HOME by default; the image's user has no home and
-# several instances on one host would share it, so it stays off.
-control_socket_disable = True
-accesslog = "-"
-errorlog = "-"
-access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms "%({x-request-id}o)s"'
-
 # Workers write their metrics to files in one folder; /metrics sums them. prometheus_client
 # chooses between in-process and per-file values when it is first imported, so the folder is
-# set before anything imports it (nothing above does). A fresh folder per start keeps counts from
-# an earlier run out; one made here is removed when gunicorn exits.
+# set before anything imports it (app does). A fresh folder per start keeps counts from an
+# earlier run out; one made here is removed when gunicorn exits.
 OWN_METRICS_DIR = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 if OWN_METRICS_DIR:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="image-service-metrics-")
@@ -76,6 +29,85 @@ else:
     metrics_dir.mkdir(parents=True, exist_ok=True)
     for stale in metrics_dir.glob("*.db"):
         stale.unlink()
+
+from app import Config, ConfigError, EnvReader, Setting  # noqa: E402
+
+SERVER_SETTINGS = {
+    "bind": (Setting("GUNICORN_BIND"), "0.0.0.0:8083"),
+    "workers": (Setting("GUNICORN_WORKERS", "integer", low=1, high=256), 2),
+    "threads": (Setting("GUNICORN_THREADS", "integer", low=1, high=10_000), 64),
+    "timeout": (Setting("GUNICORN_TIMEOUT", "integer", low=1, high=86400), None),
+    "graceful_timeout": (Setting("GUNICORN_GRACEFUL_TIMEOUT", "integer", low=0, high=3600), 30),
+    "keepalive": (Setting("GUNICORN_KEEPALIVE", "integer", low=0, high=3600), 5),
+    "max_requests": (Setting("GUNICORN_MAX_REQUESTS", "integer", low=0, high=10**9), 10000),
+    "max_requests_jitter": (
+        Setting("GUNICORN_MAX_REQUESTS_JITTER", "integer", low=0, high=10**9),
+        1000,
+    ),
+    # A header line may reach 72 KiB, so an oversized bearer token still gets the service's own
+    # 401 JSON rather than gunicorn's HTML 400; fewer header lines than the default keep the
+    # total per request bounded.
+    "limit_request_field_size": (
+        Setting("GUNICORN_LIMIT_REQUEST_FIELD_SIZE", "integer", low=1024, high=1024 * 1024),
+        72 * 1024,
+    ),
+    "limit_request_fields": (
+        Setting("GUNICORN_LIMIT_REQUEST_FIELDS", "integer", low=1, high=32768),
+        64,
+    ),
+}
+# Seconds past the worst legitimate request before gunicorn kills a silent worker.
+TIMEOUT_MARGIN = 30
+
+
+def read_settings() -> tuple[Config, dict[str, Any]]:
+    """The service's Config and gunicorn's own settings, or one message and exit 1."""
+    problems: list[str] = []
+    reader = EnvReader(os.environ, problems)
+    server = {
+        name: reader.read(declared, default)
+        for name, (declared, default) in SERVER_SETTINGS.items()
+    }
+    problems.extend(
+        problem
+        for name, (declared, _) in SERVER_SETTINGS.items()
+        if (problem := declared.problem(server[name]))
+    )
+    try:
+        config = Config.from_env()
+    except ConfigError as error:
+        problems[:0] = error.problems
+    if problems:
+        sys.exit("image-service: invalid configuration: " + "; ".join(problems))
+    return config, server
+
+
+CONFIG, SERVER = read_settings()
+
+bind = SERVER["bind"]
+worker_class = "gthread"
+workers = SERVER["workers"]
+threads = SERVER["threads"]
+timeout = SERVER["timeout"] or math.ceil(CONFIG.worst_request_seconds) + TIMEOUT_MARGIN
+graceful_timeout = SERVER["graceful_timeout"]
+keepalive = SERVER["keepalive"]
+max_requests = SERVER["max_requests"]
+max_requests_jitter = SERVER["max_requests_jitter"]
+limit_request_field_size = SERVER["limit_request_field_size"]
+limit_request_fields = SERVER["limit_request_fields"]
+# The app is imported once, in the master, and workers are forked from it: a recycled worker
+# starts in milliseconds instead of re-importing Pillow, cryptography and the rest (about a second
+# of CPU each time), and the workers share those pages. Nothing connects at import, so no socket
+# is shared across the fork.
+preload_app = True
+# Heartbeat files in memory: a worker never blocks on a slow disk to say it is alive.
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108
+# Gunicorn 25+ opens a control socket under $HOME by default; the image's user has no home and
+# several instances on one host would share it, so it stays off.
+control_socket_disable = True
+accesslog = "-"
+errorlog = "-"
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms "%({x-request-id}o)s"'
 
 
 def child_exit(server: Any, worker: Any) -> None:

@@ -44,10 +44,10 @@ def subprocess_environment(secrets_dir: Path, **variables: str) -> dict[str, str
     return {"PATH": os.environ.get("PATH", ""), "SECRETS_DIR": str(secrets_dir), **variables}
 
 
-def import_app(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def import_app(env: dict[str, str], code: str = "import app") -> subprocess.CompletedProcess[str]:
     """Import the service module in a fresh interpreter, from the repository root."""
     return subprocess.run(
-        [sys.executable, "-c", "import app"],
+        [sys.executable, "-c", code],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -357,11 +357,35 @@ def test_importing_app_connects_nowhere(secrets_dir: Path) -> None:
         assert stalled_model.accepted == 0
 
 
-def test_importing_app_with_a_bad_value_fails_naming_it(secrets_dir: Path) -> None:
-    result = import_app(subprocess_environment(secrets_dir, OPENAI_API_TIMEOUT="abc"))
+def test_building_the_served_app_with_a_bad_value_fails_naming_it(secrets_dir: Path) -> None:
+    environment = subprocess_environment(secrets_dir, OPENAI_API_TIMEOUT="abc")
+    result = import_app(environment, "from app import app")
 
     assert result.returncode != 0
     assert "OPENAI_API_TIMEOUT" in result.stderr
+
+
+def test_gunicorn_with_bad_values_prints_one_line_naming_each_and_exits(secrets_dir: Path) -> None:
+    environment = subprocess_environment(
+        secrets_dir, REDIS_TIMEOUT="abc", OPENAI_IMAGE_DETAIL="ultra", GUNICORN_WORKERS="two"
+    )
+    gunicorn = str(Path(sys.executable).with_name("gunicorn"))
+    result = subprocess.run(
+        [gunicorn, "app:app"],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+        check=False,
+    )
+
+    assert result.returncode != 0
+    output = (result.stdout + result.stderr).strip()
+    assert len(output.splitlines()) == 1, output
+    for variable in ("REDIS_TIMEOUT", "OPENAI_IMAGE_DETAIL", "GUNICORN_WORKERS"):
+        assert variable in output
+    assert "Traceback" not in output
 
 
 # ---------------------------------------------------------------------------- missing secrets

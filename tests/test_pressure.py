@@ -27,7 +27,7 @@ from tests.fakes import (
 SLOW_MEAL = images.jpeg(64, 48, color=(200, 120, 60))
 MEAL = images.jpeg(64, 48, color=(30, 140, 90))
 MODEL_DELAY = 0.2  # how long the first model call holds the only slot
-GUNICORN_THREADS_DEFAULT = re.compile(r'threads = env_int\("GUNICORN_THREADS", (\d+)\)')
+GUNICORN_THREADS_DEFAULT = re.compile(r'Setting\("GUNICORN_THREADS".*\), (\d+)\),')
 
 
 def one_slot_app(make_config: Callable[..., Config], queue_timeout: float) -> Flask:

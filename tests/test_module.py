@@ -1,0 +1,156 @@
+"""The module itself: importing it builds nothing, and its documents list what it does."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from app import Config, ErrorCode
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+# Imports app in a clean interpreter, recording every file opened and the root logger's state.
+IMPORT_PROBE = """
+import json, logging, sys
+opened = []
+sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" else None)
+root = logging.getLogger()
+before = [root.level, [repr(handler) for handler in root.handlers], list(root.filters)]
+import app
+after = [root.level, [repr(handler) for handler in root.handlers], list(root.filters)]
+print(json.dumps({"opened": opened, "before": before, "after": after}))
+"""
+
+
+def run_python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run Python code from the repository root with exactly this environment."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_importing_app_with_an_empty_environment_prints_nothing() -> None:
+    result = run_python("import app", {})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert result.stderr == ""
+
+
+def test_importing_app_reads_no_secret_file_and_leaves_the_root_logger(tmp_path: Path) -> None:
+    for name in ("jwt_secret", "openai_api_key", "redis_password", "jwt_public_key"):
+        (tmp_path / name).write_text("value\n", encoding="utf-8")
+    result = run_python(IMPORT_PROBE, {"SECRETS_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [path for path in report["opened"] if path.startswith(str(tmp_path))] == []
+    assert [path for path in report["opened"] if "/run/secrets" in path] == []
+    assert report["after"] == report["before"]
+
+
+def test_the_app_attribute_is_built_on_first_use(tmp_path: Path) -> None:
+    code = "import app, flask; print(isinstance(app.app, flask.Flask), app.app is app.app)"
+    result = run_python(code, {"SECRETS_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("True True")
+
+
+# ------------------------------------------------------------------ the README's tables
+
+
+def table_after(heading: str) -> list[list[str]]:
+    """The rows of the first Markdown table after a heading, as lists of cell texts."""
+    section = README.split(f"\n{heading}\n", 1)[1]
+    rows = []
+    for line in section.splitlines():
+        if line.startswith("|"):
+            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        elif rows:
+            break
+    return rows[2:]
+
+
+def shown_default(value: object) -> str:
+    """A default as the configuration table shows it."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, tuple):
+        return f"`{','.join(value)}`"
+    if isinstance(value, float):
+        return f"`{value:g}`"
+    return f"`{value}`"
+
+
+def readme_settings() -> dict[str, str]:
+    """Each variable of the README's configuration table with its default cell."""
+    found = {}
+    for variable_cell, default, *_ in table_after("## Configuration"):
+        for variable in re.findall(r"`([A-Z0-9_]+)`", variable_cell):
+            found[variable] = default
+    return found
+
+
+def declared_settings() -> dict[str, str]:
+    """Each declared setting's variable with its default as the table should show it."""
+    fields = Config.__dataclass_fields__
+    return {
+        setting.variable: setting.shown or shown_default(fields[name].default)
+        for name, setting in Config.settings().items()
+    }
+
+
+def test_the_readme_configuration_table_lists_every_setting_with_its_default() -> None:
+    assert readme_settings() == declared_settings()
+
+
+# ------------------------------------------------------------------ error codes
+
+
+def readme_error_codes() -> set[str]:
+    """The codes of the README's error table."""
+    codes = set()
+    for _status, code_cell, *_ in table_after("## Errors"):
+        codes.update(re.findall(r"`([a-z_]+)`", code_cell))
+    return codes
+
+
+def openapi_error_codes() -> set[str]:
+    """Every code openapi.yaml says an error response can carry."""
+    document = yaml.safe_load((ROOT / "openapi.yaml").read_text(encoding="utf-8"))
+    codes: set[str] = set()
+
+    def collect(node: object, under_code: bool = False) -> None:
+        if isinstance(node, dict):
+            if under_code:
+                codes.update(node.get("enum", []))
+                if "const" in node:
+                    codes.add(node["const"])
+            for key, value in node.items():
+                collect(value, key == "code")
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+
+    collect(document["components"])
+    return codes
+
+
+def test_the_readme_error_table_lists_every_code() -> None:
+    assert readme_error_codes() == {code.value for code in ErrorCode}
+
+
+def test_openapi_lists_every_code() -> None:
+    assert openapi_error_codes() == {code.value for code in ErrorCode}

@@ -154,3 +154,22 @@ def test_the_readme_error_table_lists_every_code() -> None:
 
 def test_openapi_lists_every_code() -> None:
     assert openapi_error_codes() == {code.value for code in ErrorCode}
+
+
+# ------------------------------------------------------------------ How it works
+
+
+def test_every_function_how_it_works_names_exists() -> None:
+    import app
+
+    section = README.split("\n## How it works\n", 1)[1].split("\n## ", 1)[0]
+    steps = re.findall(r"^\d+\. \*\*[^*]+\*\* \(([^)]*)\)", section, re.MULTILINE)
+    functions = re.findall(r"`([A-Za-z_.]+)`", " ".join(steps))
+    assert len(steps) == 10
+    assert len(functions) >= 15
+    for name in functions:
+        target: object = app
+        for part in name.split("."):
+            assert hasattr(target, part), f"How it works names {name}, which app.py does not have"
+            target = getattr(target, part)
+        assert callable(target), name

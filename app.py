@@ -22,7 +22,8 @@ those steps:
 Errors are ``ServiceError`` values carrying an HTTP status and a stable ``ErrorCode``:
 ``BadRequest``, ``Unauthorized``, ``IdempotencyKeyInProgress``, ``IdempotencyKeyReused``,
 ``NotFood``, ``UpstreamError``, ``UpstreamTimeout``, ``UpstreamRateLimited``,
-``UserServiceError``, ``AINotConfigured``, ``Overloaded`` and ``InternalError``; one handler turns
+``UserServiceError``, ``AINotConfigured``, ``Overloaded`` (``RetryLater``, as
+``UpstreamRateLimited`` is) and ``InternalError``; one handler turns
 them into JSON, and another turns Werkzeug's HTTP errors (404, 405, 413) into the same shape.
 Importing the module builds nothing: ``create_app`` builds an app, and ``app.app`` (what
 ``gunicorn app:app`` serves) is built from the environment on first use.
@@ -197,21 +198,6 @@ class UpstreamTimeout(TransientUpstreamError):
     code = ErrorCode.UPSTREAM_TIMEOUT
 
 
-class UpstreamRateLimited(ServiceError):
-    """The model's server asked to wait longer than the service waits for it (503)."""
-
-    status = 503
-    code = ErrorCode.UPSTREAM_RATE_LIMITED
-
-    def __init__(self, message: str, *, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = max(1, math.ceil(retry_after))
-
-    def headers(self) -> dict[str, str]:
-        """The server's wait, in whole seconds."""
-        return {"Retry-After": str(self.retry_after)}
-
-
 class UserServiceError(ServiceError):
     """The User Service did not store the entry; the analysis travels with the error (502)."""
 
@@ -234,19 +220,30 @@ class AINotConfigured(ServiceError):
     code = ErrorCode.AI_NOT_CONFIGURED
 
 
-class Overloaded(ServiceError):
-    """Too many model calls are in flight in this process; try again shortly (503)."""
+class RetryLater(ServiceError):
+    """Nothing is wrong with the request, but it cannot be served now; ``Retry-After`` says when."""
 
     status = 503
-    code = ErrorCode.OVERLOADED
 
-    def __init__(self, message: str, *, retry_after: int) -> None:
+    def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)
-        self.retry_after = retry_after
+        self.retry_after = max(1, math.ceil(retry_after))
 
     def headers(self) -> dict[str, str]:
-        """When to come back."""
+        """When to come back, in whole seconds."""
         return {"Retry-After": str(self.retry_after)}
+
+
+class Overloaded(RetryLater):
+    """Too many model calls are in flight in this process; try again shortly (503)."""
+
+    code = ErrorCode.OVERLOADED
+
+
+class UpstreamRateLimited(RetryLater):
+    """The model's server asked to wait longer than the service waits for it (503)."""
+
+    code = ErrorCode.UPSTREAM_RATE_LIMITED
 
 
 class InternalError(ServiceError):
@@ -1755,7 +1752,7 @@ class ModelSlots:
         if not self.slots.acquire(timeout=self.wait_seconds):
             raise Overloaded(
                 "too many photos are being analyzed right now; retry shortly",
-                retry_after=max(1, math.ceil(self.wait_seconds)),
+                retry_after=self.wait_seconds,
             )
         try:
             yield

@@ -2033,7 +2033,7 @@ class VisionModel:
 
     # -- the analysis
 
-    def analyze(self, jpeg: bytes, asked: AnalysisRequest, request_id: str) -> ModelAnswer:
+    def analyze(self, jpeg: bytes, wanted: AnalysisRequest, request_id: str) -> ModelAnswer:
         """Ask about one photo and normalise the answer, adapting the request to the server.
 
         A refused field is renamed or left out and the photo asked about again; a reasoning
@@ -2045,7 +2045,7 @@ class VisionModel:
                 "image analysis is not configured: set OPENAI_API_KEY or the openai_api_key secret"
             )
         deadline = time.monotonic() + self.config.model_budget_seconds
-        base = build_model_request(jpeg, self.config, asked)
+        base = build_model_request(jpeg, self.config, wanted)
         profile = self.profile()
         cap = self.output_cap(profile)
         grown = False
@@ -2431,14 +2431,14 @@ def probe_verdict(status: int) -> str:
     return f"error (HTTP {status})"
 
 
-def build_model_request(jpeg: bytes, config: Config, asked: AnalysisRequest) -> dict[str, Any]:
+def build_model_request(jpeg: bytes, config: Config, wanted: AnalysisRequest) -> dict[str, Any]:
     """The Chat Completions body for one photo; the user's note travels only as quoted data."""
     data_url = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
     content: list[dict[str, Any]] = [
-        {"type": "text", "text": f"{USER_PROMPT} {language_instruction(asked.lang)}"},
+        {"type": "text", "text": f"{USER_PROMPT} {language_instruction(wanted.lang)}"},
     ]
-    if asked.note:
-        content.append({"type": "text", "text": user_note_block(asked.note)})
+    if wanted.note:
+        content.append({"type": "text", "text": user_note_block(wanted.note)})
     content.append(
         {"type": "image_url", "image_url": {"url": data_url, "detail": config.openai_image_detail}}
     )

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import hashlib
@@ -102,6 +103,8 @@ class ErrorCode(StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     IDEMPOTENCY_KEY_IN_PROGRESS = "idempotency_key_in_progress"
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    URI_TOO_LONG = "uri_too_long"
+    HEADER_TOO_LARGE = "header_too_large"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     NOT_FOOD = "not_food"
     IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
@@ -380,6 +383,7 @@ class Config:
     image_max_pixels: int = setting(
         "IMAGE_MAX_PIXELS", 60_000_000, "integer", low=1_000_000, high=400_000_000
     )
+    decode_budget_mb: int = setting("DECODE_BUDGET_MB", 768, "integer", low=16, high=65536)
     single_flight_lock_seconds: float = setting(
         "SINGLE_FLIGHT_LOCK_SECONDS", 10.0, "number", low=0.1, high=600
     )
@@ -781,6 +785,10 @@ PUBLIC_KEY_ALGORITHMS: dict[str, tuple[type, ...]] = {
     "EdDSA": (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey),
 }
 MIN_HS_SECRET_BYTES = 32
+# exp, nbf and iat are NumericDate values (RFC 7519): numbers, which PyJWT also takes as numeric
+# text; a number past the year 9999 would never expire.
+TIME_CLAIMS = ("exp", "nbf", "iat")
+MAX_TIMESTAMP = 253_402_300_799
 MAX_TOKEN_LENGTH = 8192
 
 
@@ -853,12 +861,22 @@ def verify_access_token(token: str, config: Config, key: Any) -> str:
         raise Unauthorized("the token has expired", code=ErrorCode.TOKEN_EXPIRED) from None
     except (jwt.InvalidTokenError, jwt.InvalidKeyError) as error:
         raise Unauthorized(f"the token is not valid: {token_problem(error)}") from None
+    for name in TIME_CLAIMS:
+        if name in claims and not is_timestamp(claims[name]):
+            raise Unauthorized(f"the token's {name} claim is not a time in seconds")
     if any(claims.get(name, "access") != "access" for name in ("type", "token_type")):
         raise Unauthorized("the token is not an access token")
     user_id = claims.get("sub", claims.get("user_id"))
     if isinstance(user_id, bool) or not isinstance(user_id, (str, int)) or str(user_id) == "":
         raise Unauthorized("the token names no user (sub or user_id)")
     return str(user_id)
+
+
+def is_timestamp(value: Any) -> bool:
+    """A JSON number of seconds since 1970, before the year 10000 (not text, not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return 0 <= value <= MAX_TIMESTAMP  # NaN and infinities compare false or beyond
 
 
 def token_problem(error: jwt.PyJWTError) -> str:
@@ -988,6 +1006,18 @@ def read_upload() -> bytes:
             code=ErrorCode.MISSING_IMAGE,
         )
     uploads = request.files.getlist("image")
+    if not uploads and "image" in request.form:
+        raise BadRequest(
+            "the image part arrived as a text field: send it as a file part with a filename "
+            "(curl -F image=@meal.jpg); a filename must be UTF-8 without line breaks",
+            code=ErrorCode.MISSING_IMAGE,
+        )
+    if not uploads and not request.files and not request.form:
+        raise BadRequest(
+            "the form has no readable part: send the photo as a file part named image; field "
+            "names and filenames must be UTF-8 without line breaks",
+            code=ErrorCode.MISSING_IMAGE,
+        )
     if not uploads:
         raise BadRequest("the form has no file part named image", code=ErrorCode.MISSING_IMAGE)
     if len(uploads) > 1:
@@ -1224,6 +1254,27 @@ def decode_cached(raw: bytes | str | None) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+@contextlib.contextmanager
+def heartbeat(store: Store, key: str, value: str, seconds: float) -> Iterator[None]:
+    """Renew ``key`` while the block runs and it still holds ``value``.
+
+    A holder that dies stops renewing, so its key expires within ``seconds`` and another
+    request can take over.
+    """
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(seconds / 3):
+            with contextlib.suppress(StoreUnavailable):
+                store.extend_if(key, value, seconds)
+
+    threading.Thread(target=renew, name="heartbeat", daemon=True).start()
+    try:
+        yield
+    finally:
+        stop.set()
+
+
 def redis_problem(error: redis.RedisError) -> str:
     """A short description of a Redis failure that carries no credentials."""
     if isinstance(error, redis.AuthenticationError):
@@ -1324,7 +1375,7 @@ class IdempotencyRecords:
         scope = f"{user_id}\0{idempotency_key}".encode()
         key = IDEMPOTENCY_PREFIX + hashlib.sha256(scope).hexdigest()
         token = uuid.uuid4().hex
-        pending = json.dumps({"state": "pending", "digest": digest, "token": token})
+        pending = pending_record(digest, token)
         record = None
         for _attempt in range(2):  # a record that expires between the two calls: try again
             try:
@@ -1359,8 +1410,13 @@ class IdempotencyRecords:
             yield IdempotencyGuard()
             return
         claim = self.claim(user_id, form.idempotency_key, form.fingerprint)
-        try:
+        if claim.key is None:
             yield IdempotencyGuard(self, claim, form.fingerprint)
+            return
+        pending = pending_record(form.fingerprint, claim.token)
+        try:
+            with heartbeat(self.store, claim.key, pending, self.pending_seconds):
+                yield IdempotencyGuard(self, claim, form.fingerprint)
         except Exception:
             self.release(claim, form.fingerprint)
             raise
@@ -1379,9 +1435,13 @@ class IdempotencyRecords:
         """Free the key after a failure, so a retry is processed afresh."""
         if claim.key is None:
             return
-        pending = json.dumps({"state": "pending", "digest": digest, "token": claim.token})
         with contextlib.suppress(StoreUnavailable):
-            self.store.delete_if(claim.key, pending)
+            self.store.delete_if(claim.key, pending_record(digest, claim.token))
+
+
+def pending_record(fingerprint: str, token: str) -> str:
+    """The record of a key whose first request is still at work (renewed while it lives)."""
+    return json.dumps({"state": "pending", "digest": fingerprint, "token": token})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1489,13 +1549,9 @@ class SingleFlight:
         self, lock_key: str, failure_key: str, token: str, compute: Callable[[], dict[str, Any]]
     ) -> dict[str, Any]:
         """Compute while holding the lock; leave a short failure notice for the waiters."""
-        stop = threading.Event()
-        heartbeat = threading.Thread(
-            target=self.keep_alive, args=(lock_key, token, stop), daemon=True
-        )
-        heartbeat.start()
         try:
-            return compute()
+            with heartbeat(self.store, lock_key, token, self.lock_seconds):
+                return compute()
         except ServiceError as error:
             notice = {
                 "token": token,
@@ -1507,15 +1563,8 @@ class SingleFlight:
                 self.store.set(failure_key, json.dumps(notice), FAILURE_NOTICE_SECONDS)
             raise
         finally:
-            stop.set()
             with contextlib.suppress(StoreUnavailable):
                 self.store.delete_if(lock_key, token)
-
-    def keep_alive(self, lock_key: str, token: str, stop: threading.Event) -> None:
-        """Extend the lock while its holder works, so only a dead holder's lock expires."""
-        while not stop.wait(self.lock_seconds / 3):
-            with contextlib.suppress(StoreUnavailable):
-                self.store.extend_if(lock_key, token, self.lock_seconds)
 
     def follow(
         self,
@@ -1594,6 +1643,88 @@ DECODE_ERRORS = (
 )
 JPEG_QUALITY = 85
 DRAFT_SLACK = 0.9
+# Peak bytes per pixel while an image of each mode is decoded and prepared (the decoded pixels,
+# then the RGB or RGBA copy that is shrunk), measured on 60-megapixel images with
+# /proc/self/status's VmHWM: a palette expands to 4 bytes a pixel, a 16-bit image is widened to 32
+# bits before it is scaled to 8, and WebP's decoder holds a buffer of its own.
+PEAK_BYTES_PER_PIXEL = {"1": 6, "L": 6, "P": 6, "RGB": 5, "YCbCr": 5, "CMYK": 9}
+PEAK_BYTES_WITH_ALPHA = 10
+PEAK_BYTES_WEBP = 17
+PEAK_BYTES_OTHER = 11
+# A decode this large gives its memory back to the operating system afterwards.
+TRIM_AFTER_BYTES = 64 * MIB
+
+
+def decode_cost(image: Image.Image) -> int:
+    """Bytes that decoding and preparing this opened image will hold at its peak."""
+    width, height = image.size
+    if image.format == "WEBP":
+        per_pixel = PEAK_BYTES_WEBP
+    elif "transparency" in image.info or image.mode in ("LA", "PA", "RGBA", "RGBa", "La"):
+        per_pixel = PEAK_BYTES_WITH_ALPHA
+    else:
+        per_pixel = PEAK_BYTES_PER_PIXEL.get(image.mode, PEAK_BYTES_OTHER)
+    return width * height * per_pixel
+
+
+class DecodeBudget:
+    """The decoded pixels one worker may hold at once (``DECODE_BUDGET_MB``); the rest wait.
+
+    The cost is reserved from the image's header before a byte is decoded, so a burst of tiny
+    files that claim huge dimensions waits its turn instead of taking the worker's memory.
+    """
+
+    def __init__(self, megabytes: int, wait_seconds: float) -> None:
+        self.capacity = megabytes * MIB
+        self.free = self.capacity
+        self.wait_seconds = wait_seconds
+        self.changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, cost: int) -> Iterator[None]:
+        """Hold ``cost`` bytes of the budget while decoding, waiting ``MODEL_QUEUE_TIMEOUT``."""
+        if cost > self.capacity:
+            raise BadRequest(
+                f"decoding this image would take {cost // MIB} MB, more than this server's "
+                f"{self.capacity // MIB} MB (DECODE_BUDGET_MB); send a smaller image or a JPEG",
+                code=ErrorCode.INVALID_IMAGE,
+            )
+        deadline = time.monotonic() + self.wait_seconds
+        with self.changed:
+            while self.free < cost:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Overloaded(
+                        "too many large photos are being decoded right now; retry shortly",
+                        retry_after=self.wait_seconds,
+                    )
+                self.changed.wait(remaining)
+            self.free -= cost
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.free += cost
+                self.changed.notify_all()
+            if cost >= TRIM_AFTER_BYTES:
+                release_memory()
+
+
+@functools.cache
+def c_library() -> ctypes.CDLL | None:
+    """The C library, when it is glibc (whose ``malloc_trim`` returns freed memory)."""
+    try:
+        library = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return library if hasattr(library, "malloc_trim") else None
+
+
+def release_memory() -> None:
+    """Give freed heap pages back to the operating system after a large decode."""
+    library = c_library()
+    if library is not None:
+        library.malloc_trim(0)
 
 
 @dataclass(frozen=True)
@@ -1607,15 +1738,25 @@ class PreparedImage:
 
 
 def prepare_image(data: bytes, max_side: int, max_pixels: int) -> PreparedImage:
-    """Decode an upload, orient it, flatten it to RGB, shrink it, and re-encode it bare."""
+    """Decode an upload, orient it, shrink it, flatten it to RGB, and re-encode it bare."""
     image = open_image(data, max_pixels)
+    reduce_while_decoding(image, max_side)
+    return prepare_opened(image, max_side)
+
+
+def prepare_opened(image: Image.Image, max_side: int) -> PreparedImage:
+    """Decode an opened upload and make the model's JPEG of it.
+
+    The image is shrunk before its transparency is flattened, so that the full-size pixels are
+    held once or twice (as decoded, then as RGB or RGBA), never in the several copies a
+    full-size flatten would take.
+    """
     source_format = image.format or "unknown"
     try:
-        reduce_while_decoding(image, max_side)
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
-        image = flatten_to_rgb(to_srgb(image))
-        image = shrink(image, max_side)
+        image = shrink(to_resizable(to_srgb(image)), max_side)
+        image = flatten_to_rgb(image)
         output = io.BytesIO()
         image.save(output, format="JPEG", quality=JPEG_QUALITY, exif=b"", icc_profile=None)
     except DECODE_ERRORS as error:
@@ -1691,22 +1832,29 @@ def reduce_while_decoding(image: Image.Image, max_side: int) -> None:
     image.draft(None, wanted)
 
 
-def flatten_to_rgb(image: Image.Image) -> Image.Image:
-    """RGB for any mode: transparency on white, 16-bit scaled to 8, CMYK and palette converted."""
-    if image.mode == "RGB" and "transparency" not in image.info:
-        return image
+def to_resizable(image: Image.Image) -> Image.Image:
+    """L, RGB, LA or RGBA, the modes Pillow resizes well: 16-bit scaled to 8, palettes and CMYK
+    converted, a transparent colour turned into alpha."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        image = image.convert("I").point(lambda value: value / 256).convert("L")
+        image = image.convert("I").point(lambda value: value / 256, "L")
     elif image.mode == "F":
         image = image.convert("L")
-    if image.mode in ("P", "RGB", "L") and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image.convert("RGB")
+    if image.mode in ("L", "RGB", "LA", "RGBA") and "transparency" not in image.info:
+        return image
+    alpha = "transparency" in image.info or image.mode in ("PA", "RGBa", "La")
+    return image.convert("RGBA" if alpha else "RGB")
+
+
+def flatten_to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with any transparency laid on white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode not in ("LA", "RGBA"):
+        return image.convert("RGB")
+    rgba = image.convert("RGBA") if image.mode == "LA" else image
+    background = Image.new("RGB", rgba.size, (255, 255, 255))
+    background.paste(rgba, mask=rgba.getchannel("A"))
+    return background
 
 
 def shrink(image: Image.Image, max_side: int) -> Image.Image:
@@ -2918,6 +3066,8 @@ def clean_confidence(value: Any) -> float:
 
 
 USER_SERVICE_ATTEMPTS = 2
+# An entry id longer than this is not an id: the answer is taken as a failure to store.
+MAX_ENTRY_ID = 200
 USER_SERVICE_RETRY_WAIT = 0.2
 
 
@@ -3038,7 +3188,8 @@ def created_entry_id(response: UpstreamReply) -> str | None:
     entry_id = body.get("id", body.get("entryId"))
     if isinstance(entry_id, bool) or not isinstance(entry_id, (str, int)) or entry_id == "":
         return None
-    return str(entry_id)
+    text = str(entry_id) if isinstance(entry_id, str) or abs(entry_id) < 10**MAX_ENTRY_ID else ""
+    return text if 0 < len(text) <= MAX_ENTRY_ID else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3055,6 +3206,7 @@ class Services:
     cache: AnalysisCache
     idempotency: IdempotencyRecords
     flights: SingleFlight
+    decode_budget: DecodeBudget
     model_slots: ModelSlots
     model: VisionModel
     user_service: UserService
@@ -3107,9 +3259,12 @@ def cached_or_fresh(services: Services, form: AnalysisForm) -> tuple[dict[str, A
 
 
 def fresh_analysis(services: Services, form: AnalysisForm, key: str) -> dict[str, Any]:
-    """Prepare the photo, ask the model within a slot, and cache its verdict."""
+    """Decode the photo within the decode budget, ask the model within a slot, cache the verdict."""
     config = services.config
-    prepared = prepare_image(form.data, config.image_max_side, config.image_max_pixels)
+    image = open_image(form.data, config.image_max_pixels)
+    reduce_while_decoding(image, config.image_max_side)
+    with services.decode_budget.reserve(decode_cost(image)):
+        prepared = prepare_opened(image, config.image_max_side)
     try:
         with services.model_slots.hold():
             answer = services.model.analyze(prepared.jpeg, form.wanted, g.request_id)
@@ -3304,10 +3459,11 @@ def create_app(config: Config | None = None) -> Flask:
         config=config,
         store=store,
         cache=AnalysisCache(store, config.cache_ttl_seconds),
-        idempotency=IdempotencyRecords(records, config.worst_request_seconds),
+        idempotency=IdempotencyRecords(records, config.single_flight_lock_seconds),
         flights=SingleFlight(
             records, config.single_flight_lock_seconds, config.worst_request_seconds
         ),
+        decode_budget=DecodeBudget(config.decode_budget_mb, config.model_queue_timeout),
         model_slots=ModelSlots(config.model_max_concurrency, config.model_queue_timeout),
         model=VisionModel(config, build_session(config.model_max_concurrency), records),
         user_service=UserService(config, build_session(config.model_max_concurrency)),

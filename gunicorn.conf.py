@@ -9,6 +9,7 @@ service uses.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -30,7 +31,9 @@ else:
     for stale in metrics_dir.glob("*.db"):
         stale.unlink()
 
-from app import Config, ConfigError, EnvReader, Setting  # noqa: E402
+from gunicorn.workers.gthread import ThreadWorker  # noqa: E402
+
+from app import Config, ConfigError, EnvReader, ErrorCode, Setting  # noqa: E402
 
 SERVER_SETTINGS = {
     "bind": (Setting("GUNICORN_BIND"), "0.0.0.0:8083"),
@@ -84,8 +87,48 @@ def read_settings() -> tuple[Config, dict[str, Any]]:
 
 CONFIG, SERVER = read_settings()
 
+GUNICORN_ERRORS = {
+    400: (ErrorCode.BAD_REQUEST, "the request is not valid HTTP"),
+    414: (ErrorCode.URI_TOO_LONG, "the request line (method, path and query) is too long"),
+    431: (
+        ErrorCode.HEADER_TOO_LARGE,
+        f"a request header is too large: at most {SERVER['limit_request_field_size']} bytes a "
+        f"line and {SERVER['limit_request_fields']} lines",
+    ),
+}
+
+
+class JsonErrorSocket:
+    """A client's socket while gunicorn answers an error itself: the service's JSON, not HTML."""
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+    def sendall(self, data: bytes) -> None:
+        """Send the JSON error for the status gunicorn's own page carries."""
+        _, status, reason = data.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+        code, message = GUNICORN_ERRORS.get(int(status), (ErrorCode.HTTP_ERROR, reason.lower()))
+        body = json.dumps({"error": message, "code": str(code)}).encode()
+        head = (
+            f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        self.sock.sendall(head.encode("latin-1") + body)
+
+
+class JsonErrorWorker(ThreadWorker):  # type: ignore[misc]
+    """gunicorn's threaded worker, answering the malformed requests it refuses in JSON."""
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        """gunicorn's own handling, written as the service's JSON error."""
+        super().handle_error(req, JsonErrorSocket(client), addr, exc)
+
+
 bind = SERVER["bind"]
-worker_class = "gthread"
+worker_class = JsonErrorWorker
 workers = SERVER["workers"]
 threads = SERVER["threads"]
 timeout = SERVER["timeout"] or math.ceil(CONFIG.worst_request_seconds) + TIMEOUT_MARGIN

@@ -110,13 +110,18 @@ class RecordedRequest:
 
 @dataclass
 class Reply:
-    """What a fake server answers: a status and body, or a delay, or a dropped connection."""
+    """What a fake server answers: a status and body, or a delay, or a dropped connection.
+
+    `cut_after` sends the headers (with the whole body's Content-Length) and that many bytes of
+    the body, then hangs up: a connection that fails mid-answer.
+    """
 
     status: int = 200
     body: Body = None
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     drop: bool = False
+    cut_after: int | None = None
 
     def encode(self) -> tuple[bytes, dict[str, str]]:
         """The body's bytes and the headers to send, with Content-Type and Content-Length."""
@@ -194,6 +199,11 @@ class _RecordingHandler(BaseHTTPRequestHandler):
         for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
+        if reply.cut_after is not None:
+            self.wfile.write(payload[: reply.cut_after])
+            self.wfile.flush()
+            self.close_connection = True
+            return
         self.wfile.write(payload)
 
     def _lowercase_headers(self) -> dict[str, str]:

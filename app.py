@@ -858,7 +858,10 @@ def verify_access_token(token: str, config: Config, key: Any) -> str:
             options={"require": ["exp"], "verify_aud": config.jwt_audience is not None},
         )
     except jwt.ExpiredSignatureError:
-        raise Unauthorized("the token has expired", code=ErrorCode.TOKEN_EXPIRED) from None
+        raise Unauthorized(
+            "the token has expired; sign in again for a fresh one (in development: make token)",
+            code=ErrorCode.TOKEN_EXPIRED,
+        ) from None
     except (jwt.InvalidTokenError, jwt.InvalidKeyError) as error:
         raise Unauthorized(f"the token is not valid: {token_problem(error)}") from None
     for name in TIME_CLAIMS:
@@ -2190,7 +2193,9 @@ class VisionModel:
         """
         if not self.config.openai_configured:
             raise AINotConfigured(
-                "image analysis is not configured: set OPENAI_API_KEY or the openai_api_key secret"
+                "image analysis is not configured: set OPENAI_API_KEY (or the openai_api_key "
+                "secret); for a local server such as Ollama, any value, with OPENAI_BASE_URL "
+                "pointing at it"
             )
         deadline = time.monotonic() + self.config.model_budget_seconds
         base = build_model_request(jpeg, self.config, wanted)
@@ -2701,7 +2706,11 @@ def public_url(url: str) -> str:
     """A URL without user information or query, fit for a message."""
     parts = urlsplit(url)
     host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = f"{host}:{port}" if port else host
     return f"{parts.scheme}://{netloc}{parts.path}"
 
 
@@ -3374,6 +3383,7 @@ def error_response(error: ServiceError) -> tuple[Response, int, dict[str, str]]:
 
 # Methods counted by name in the metrics; any other a caller invents is counted as "other".
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+ENDPOINTS = "POST /analyze-food, GET /health, GET /health/live, GET /openapi.json and GET /metrics"
 HTTP_ERROR_CODES = {
     400: ErrorCode.BAD_REQUEST,
     404: ErrorCode.NOT_FOUND,
@@ -3386,13 +3396,20 @@ HTTP_ERROR_CODES = {
 def http_error_response(error: HTTPException) -> tuple[Response, int, dict[str, str]]:
     """JSON instead of Werkzeug's HTML for routing and protocol errors."""
     status = error.code or 500
+    allowed = list(getattr(error, "valid_methods", None) or [])
     if status == 413:
         message = too_large_message(current_services().config)
+    elif status == 404:
+        message = f"there is no {request.path[:100]!r} here; the service answers {ENDPOINTS}"
+    elif status == 405:
+        message = (
+            f"{request.method[:20]} is not allowed on {request.path[:100]}; use "
+            f"{' or '.join(m for m in allowed if m not in ('HEAD', 'OPTIONS'))} "
+            f"(the service answers {ENDPOINTS})"
+        )
     else:
         message = error.description or error.name
-    headers = {}
-    if status == 405 and error.valid_methods:  # type: ignore[attr-defined]
-        headers["Allow"] = ", ".join(error.valid_methods)  # type: ignore[attr-defined]
+    headers = {"Allow": ", ".join(allowed)} if status == 405 and allowed else {}
     code = HTTP_ERROR_CODES.get(status, ErrorCode.HTTP_ERROR)
     return jsonify(error=message, code=str(code)), status, headers
 
@@ -3427,6 +3444,31 @@ def build_session(pool_size: int) -> requests.Session:
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
+
+
+def startup_summary(config: Config) -> list[str]:
+    """What the service was configured with, in a few lines without a secret; warnings last."""
+    if config.redis_url:
+        store = f"Redis at {public_url(config.redis_url)}"
+    elif config.redis_host:
+        store = f"Redis at {config.redis_host}:{config.redis_port}/{config.redis_db}"
+    else:
+        store = "in process (no REDIS_URL or REDIS_HOST)"
+    if config.uses_public_key:
+        keys = "a public key" if config.jwt_public_key else "no public key (JWT_PUBLIC_KEY)"
+    else:
+        keys = "a secret" if config.jwt_secret else "no secret (JWT_SECRET)"
+    lines = [
+        f"Image Service: model {config.openai_model} at {public_url(config.openai_base_url)}; "
+        f"cache and locks {store}; User Service at {public_url(config.user_service_url)}; "
+        f"tokens {', '.join(config.jwt_algorithms)} with {keys}"
+    ]
+    if not config.openai_configured:
+        lines.append(
+            "No model is configured: /analyze-food answers 503 until OPENAI_API_KEY is set "
+            "(for a local server such as Ollama, any value, with OPENAI_BASE_URL pointing at it)"
+        )
+    return lines
 
 
 def warn_about_weak_settings(config: Config) -> None:

@@ -33,7 +33,7 @@ else:
 
 from gunicorn.workers.gthread import ThreadWorker  # noqa: E402
 
-from app import Config, ConfigError, EnvReader, ErrorCode, Setting  # noqa: E402
+from app import Config, ConfigError, EnvReader, ErrorCode, Setting, startup_summary  # noqa: E402
 
 SERVER_SETTINGS = {
     "bind": (Setting("GUNICORN_BIND"), "0.0.0.0:8083"),
@@ -151,6 +151,14 @@ control_socket_disable = True
 accesslog = "-"
 errorlog = "-"
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms "%({x-request-id}o)s"'
+
+
+def when_ready(server: Any) -> None:
+    """Say once, at start, what the service was configured with, and what is missing."""
+    summary, *warnings = startup_summary(CONFIG)
+    server.log.info("%s; %d workers x %d threads on %s", summary, workers, threads, bind)
+    for warning in warnings:
+        server.log.warning(warning)
 
 
 def child_exit(server: Any, worker: Any) -> None:

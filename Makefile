@@ -3,11 +3,19 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 SECRETS_DIR ?= .local/secrets
+HOST ?= 127.0.0.1
 PORT ?= 8083
+USER_SERVICE_PORT ?= 8082
 USER_ID ?= dev-user
 RESULTS ?= .local/bench/RESULTS.md
 
-.PHONY: run test lint token secrets clean bench image-test
+.DEFAULT_GOAL := help
+.PHONY: help run user-service test lint token secrets bench image-test clean
+
+# `make help` prints the `##` line of each target, in this file's order.
+help: ## list the targets (the default)
+	@printf 'Image Service. Try: make run, make user-service (another terminal), make test.\n\n'
+	@awk -F ':.*## ' '/^[a-z-]+:.*## / { printf "  make %-13s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,14 +29,17 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt | $(VENV)/bin/python
 	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@ $(VENV)/.runtime
 
-run: $(VENV)/.runtime
-	@$(BIN)/python tools/dev_token.py --secrets-dir $(SECRETS_DIR) --curl http://localhost:$(PORT)
-	SECRETS_DIR=$(SECRETS_DIR) GUNICORN_BIND=0.0.0.0:$(PORT) $(BIN)/gunicorn app:app
+run: $(VENV)/.runtime ## serve on http://127.0.0.1:8083 (HOST=, PORT= move it) and print curl lines
+	@$(BIN)/python tools/dev_token.py --secrets-dir $(SECRETS_DIR) --serve $(HOST):$(PORT)
+	SECRETS_DIR=$(SECRETS_DIR) GUNICORN_BIND=$(HOST):$(PORT) $(BIN)/gunicorn app:app
 
-token: $(VENV)/.runtime
+user-service: $(VENV)/.runtime ## a development User Service on port 8082, for ?save=true (keeps entries in memory)
+	HOST=$(HOST) PORT=$(USER_SERVICE_PORT) $(BIN)/python tools/user_service_stub.py
+
+token: $(VENV)/.runtime ## print a 12-hour development token (USER_ID=alice for another user)
 	@$(BIN)/python tools/dev_token.py --secrets-dir $(SECRETS_DIR) --user-id $(USER_ID)
 
-lint: $(VENV)/.dev
+lint: $(VENV)/.dev ## ruff, ruff format, mypy, hadolint, shellcheck, compose schema
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -36,19 +47,17 @@ lint: $(VENV)/.dev
 	$(BIN)/shellcheck docker-entrypoint.sh tools/*.sh .ci/run
 	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 
-test: lint
+test: lint ## lint, then run the tests (needs redis-server and nc)
 	$(BIN)/pytest
 
-secrets:
+secrets: ## write the compose stack's secret files into secrets/
 	sh tools/make-secrets.sh
 
-# make bench RESULTS=bench/RESULTS.md writes the committed results.
-bench: $(VENV)/.dev
+bench: $(VENV)/.dev ## measure the real stack (~2.5 min); RESULTS=bench/RESULTS.md to commit it
 	$(BIN)/python bench/run.py --out $(RESULTS)
 
-# The image and the compose stack, built and run (needs Docker with Compose v2); not part of test.
-image-test: $(VENV)/.runtime
+image-test: $(VENV)/.runtime ## build the image and try it and the compose stack (needs Docker)
 	$(BIN)/python tools/image_test.py
 
-clean:
+clean: ## remove .venv and the tools' caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

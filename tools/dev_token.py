@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import secrets
 import shlex
+import socket
 import sys
 import time
 from pathlib import Path
@@ -17,14 +20,21 @@ SAMPLE_PHOTO = Path(".local/sample-meal.jpg")
 
 
 def ensure_secret(secrets_dir: Path) -> str:
-    """The development JWT secret, written (random, mode 600) when there is none yet."""
+    """The development JWT secret, written (random) when there is none yet.
+
+    As in tools/make-secrets.sh, the folder is 0700, so other users of this machine cannot reach
+    the file, and the file 0644, because the compose stack mounts it as it is and the container
+    reads it as its own user (10001), not as the file's owner.
+    """
+    secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    secrets_dir.chmod(0o700)
     path = secrets_dir / "jwt_secret"
     if path.is_file() and path.read_text(encoding="utf-8").strip():
+        path.chmod(0o644)
         return path.read_text(encoding="utf-8").strip()
-    secrets_dir.mkdir(parents=True, exist_ok=True)
     value = secrets.token_hex(32)
     path.write_text(value + "\n", encoding="utf-8")
-    path.chmod(0o600)
+    path.chmod(0o644)
     print(f"wrote a new development JWT secret to {path}", file=sys.stderr)
     return value
 
@@ -55,25 +65,65 @@ def ensure_sample_photo(path: Path) -> Path:
     return path
 
 
+def bind_error(host: str, port: int) -> OSError | None:
+    """What binding host:port as gunicorn does (SO_REUSEADDR) raises; None when it works."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as error:  # socket.gaierror included: a HOST that does not resolve
+        return error
+    return None
+
+
+def cannot_listen(host: str, port: int) -> str | None:
+    """Why `make run` could not listen on host:port, told as what to do; None when it can."""
+    error = bind_error(host, port)
+    if error is None:
+        return None
+    if error.errno == errno.EADDRINUSE:
+        free = next((p for p in range(8090, 8190) if p != port and not bind_error(host, p)), 8090)
+        return f"port {port} is in use; run `make run PORT={free}`"
+    return f"cannot listen on {host}:{port} ({error.strerror}); run `make run HOST=127.0.0.1`"
+
+
+def print_curl_lines(base_url: str, token: str, photo: Path) -> None:
+    """Ready curl lines for the local server: health, an analysis, and a saved analysis."""
+    authorization = shlex.quote("Authorization: Bearer " + token)
+    upload = f"-F image=@{shlex.quote(str(photo))}"
+    print(f"Health:  curl -s '{base_url}/health'")
+    print("Analyse a photo (replace the file with your own meal photo):")
+    print(f"  curl -s -H {authorization} {upload} '{base_url}/analyze-food'")
+    user_service = os.environ.get("USER_SERVICE_URL", "http://localhost:8082")
+    print(f"Save it as a food entry (needs the User Service at {user_service}: make user-service):")
+    print(f"  curl -s -H {authorization} {upload} '{base_url}/analyze-food?save=true'")
+
+
 def main() -> int:
-    """Print a token, or a ready curl line for the local server."""
+    """Print a token, or check the local server's address and print ready curl lines for it."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--user-id", default="dev-user")
     parser.add_argument("--hours", type=float, default=12.0)
     parser.add_argument("--secrets-dir", type=Path, default=DEFAULT_SECRETS_DIR)
-    parser.add_argument("--curl", metavar="BASE_URL", help="print a curl line for this server")
+    parser.add_argument(
+        "--serve",
+        metavar="HOST:PORT",
+        help="check that the local server can listen there, then print curl lines for it",
+    )
     args = parser.parse_args()
+    if args.serve:
+        host, _, port = args.serve.rpartition(":")
+        problem = cannot_listen(host, int(port))
+        if problem:
+            print(problem, file=sys.stderr)
+            return 1
     token = make_token(ensure_secret(args.secrets_dir), args.user_id, args.hours)
-    if not args.curl:
+    if not args.serve:
         print(token)
         return 0
-    photo = ensure_sample_photo(SAMPLE_PHOTO)
-    print("Analyse a photo (replace the file with your own meal photo):")
-    print(
-        f"  curl -s -H {shlex.quote('Authorization: Bearer ' + token)} "
-        f"-F image=@{shlex.quote(str(photo))} '{args.curl}/analyze-food'"
-    )
-    print(f"Health: curl -s '{args.curl}/health'")
+    url_host = f"[{host}]" if ":" in host else host
+    print_curl_lines(f"http://{url_host}:{port}", token, ensure_sample_photo(SAMPLE_PHOTO))
     return 0
 
 

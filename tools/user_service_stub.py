@@ -1,6 +1,6 @@
 """A development User Service: stores food entries in memory, standard library only.
 
-    PORT=8082 python tools/user_service_stub.py
+    HOST=127.0.0.1 PORT=8082 python tools/user_service_stub.py    # make user-service
 
 POST /food-entries (a JSON object with at least `userId` and `name`) answers 201 with the entry,
 its new `id` and `createdAt`; GET /food-entries?userId=... lists a user's entries (all entries
@@ -130,9 +130,10 @@ class UserServiceServer(ThreadingHTTPServer):
 
 
 def main() -> int:
-    """Serve on 0.0.0.0:$PORT (8082) until SIGTERM or Ctrl-C."""
+    """Serve on $HOST:$PORT (0.0.0.0:8082) until SIGTERM or Ctrl-C."""
+    host = os.environ.get("HOST", "0.0.0.0")
     port = int(os.environ.get("PORT", "8082"))
-    server = UserServiceServer(("0.0.0.0", port))
+    server = UserServiceServer((host, port))
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         # shutdown() waits for serve_forever() to return, so it must run on another thread.
@@ -141,7 +142,7 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    print(f"user-service-stub: listening on 0.0.0.0:{port}", flush=True)
+    print(f"user-service-stub: listening on {host}:{port}", flush=True)
     with server:
         server.serve_forever()
     print("user-service-stub: stopped", flush=True)

@@ -43,11 +43,11 @@ import logging
 import math
 import os
 import re
+import sqlite3
 import sys
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
@@ -74,7 +74,10 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from prometheus_client import Counter, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 from requests.adapters import HTTPAdapter
 from werkzeug.exceptions import HTTPException
 
@@ -277,7 +280,7 @@ REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
 MAX_REASONING_OUTPUT_TOKENS = 128_000
 HEADER_NAME_PATTERN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")
 HTTP_URL_PATTERN = re.compile(r"^https?://[^\s/]+")
-REDIS_URL_PATTERN = re.compile(r"^(rediss?|unix)://")
+REDIS_URL_PATTERN = re.compile(r"^(rediss?|unix|redis\+sentinel)://")
 TRUE_WORDS = frozenset({"true", "1", "yes"})
 FALSE_WORDS = frozenset({"false", "0", "no", ""})
 
@@ -308,7 +311,9 @@ class Setting:
         if self.kind == "header" and not HEADER_NAME_PATTERN.fullmatch(value):
             return f"{self.variable} must be an HTTP header name such as api-key, got {value!r}"
         if self.kind == "redis_url" and not REDIS_URL_PATTERN.match(value):
-            return f"{self.variable} must start with redis://, rediss:// or unix://"
+            return (
+                f"{self.variable} must start with redis://, rediss://, unix:// or redis+sentinel://"
+            )
         return None
 
 
@@ -336,6 +341,9 @@ class Config:
     redis_port: int = setting("REDIS_PORT", 6379, "integer", low=1, high=65535)
     redis_db: int = setting("REDIS_DB", 0, "integer", low=0, high=1_000_000)
     redis_password: str | None = setting("REDIS_PASSWORD", None, secret=True)
+    redis_sentinel_password: str | None = setting("REDIS_SENTINEL_PASSWORD", None, secret=True)
+    redis_cluster: bool = setting("REDIS_CLUSTER", False, "flag")
+    redis_ca_cert: str | None = setting("REDIS_CA_CERT", None)
     redis_timeout: float = setting("REDIS_TIMEOUT", 0.5, "number", low=0.01, high=60)
     redis_breaker_failures: int = setting("REDIS_BREAKER_FAILURES", 3, "integer", low=1, high=1000)
     redis_breaker_cooldown: float = setting(
@@ -388,9 +396,8 @@ class Config:
         "SINGLE_FLIGHT_LOCK_SECONDS", 10.0, "number", low=0.1, high=600
     )
     cache_ttl_seconds: int = setting("CACHE_TTL_SECONDS", 3600, "integer", low=1, high=365 * 86400)
-    memory_cache_entries: int = setting(
-        "MEMORY_CACHE_ENTRIES", 1024, "integer", low=1, high=1_000_000
-    )
+    store_path: str = setting("STORE_PATH", "/tmp/image-service/store.sqlite3")  # noqa: S108
+    store_max_mb: float = setting("STORE_MAX_MB", 256.0, "number", low=0.01, high=1_000_000)
     user_service_url: str = setting("USER_SERVICE_URL", "http://localhost:8082", "url")
     user_service_timeout: float = setting("USER_SERVICE_TIMEOUT", 10.0, "number", low=0.1, high=600)
     jwt_secret: str | None = setting("JWT_SECRET", None, secret=True)
@@ -1047,8 +1054,11 @@ def read_note() -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-# In process, locks and idempotency records have a store of their own, bounded for memory's sake.
-MEMORY_RECORD_ENTRIES = 100_000
+# What redis-py raises: a Cluster's own errors (no node reachable, slots uncovered) are not
+# RedisErrors.
+REDIS_ERRORS = (redis.RedisError, RedisClusterException)
+# How long an embedded-store statement waits for another process's write to finish.
+STORE_BUSY_SECONDS = 2.0
 
 
 class StoreUnavailable(Exception):
@@ -1107,11 +1117,16 @@ return 0
 class RedisStore:
     """String values with expiry in Redis, behind a circuit breaker; failures raise."""
 
-    def __init__(self, client: redis.Redis, breaker: CircuitBreaker) -> None:
+    def __init__(self, client: RedisClient, breaker: CircuitBreaker, kind: str = "redis") -> None:
         self.client = client
         self.breaker = breaker
+        self.kind = kind
 
-    def run(self, operation: str, command: Callable[[redis.Redis], Any]) -> Any:
+    def describe(self) -> str:
+        """``redis``, ``redis-sentinel`` or ``redis-cluster`` for /health."""
+        return self.kind
+
+    def run(self, operation: str, command: Callable[[RedisClient], Any]) -> Any:
         """Run one Redis command, or raise StoreUnavailable (logged and counted).
 
         After a failure Redis is not asked again within the same request, and after
@@ -1122,7 +1137,7 @@ class RedisStore:
             raise StoreUnavailable("Redis is skipped for a cool-off")
         try:
             result = command(self.client)
-        except redis.RedisError as error:
+        except REDIS_ERRORS as error:
             if has_request_context():
                 g.redis_failed = True
             CACHE_EVENTS.labels("error").inc()
@@ -1172,7 +1187,7 @@ class RedisStore:
             return "error: authentication failed"
         except (redis.ConnectionError, redis.TimeoutError):
             return "connection failed"
-        except redis.RedisError as error:
+        except REDIS_ERRORS as error:
             return f"error: {redis_problem(error)}"
         self.breaker.succeeded()
         return "connected"
@@ -1183,66 +1198,128 @@ def redis_failed_in_this_request() -> bool:
     return has_request_context() and bool(g.get("redis_failed", False))
 
 
-class MemoryStore:
-    """The same operations in process: a bounded, thread-safe LRU with per-entry expiry."""
+# The embedded store's statements, one per operation, each atomic on its own. ``{table}`` is one
+# of EMBEDDED_TABLES, never a caller's value.
+EMBEDDED_TABLES = ("analyses", "records")
+EMBEDDED_SQL = {
+    "create": "CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, value TEXT NOT NULL,"
+    " expires REAL NOT NULL, stored REAL NOT NULL, size INTEGER NOT NULL)",
+    "index": "CREATE INDEX IF NOT EXISTS {table}_stored ON {table} (stored)",
+    "get": "SELECT value FROM {table} WHERE key = ? AND expires > ?",
+    "set": "INSERT OR REPLACE INTO {table} VALUES (?, ?, ?, ?, ?)",
+    # Inserts, or replaces only an expired value; one changed row means the key was free.
+    "add": "INSERT INTO {table} VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
+    " value = excluded.value, expires = excluded.expires, stored = excluded.stored,"
+    " size = excluded.size WHERE {table}.expires <= ?",
+    "delete_if": "DELETE FROM {table} WHERE key = ? AND value = ?",
+    "extend_if": "UPDATE {table} SET expires = ? WHERE key = ? AND value = ? AND expires > ?",
+    "expire": "DELETE FROM {table} WHERE expires <= ?",
+    "size": "SELECT total(size) FROM {table}",
+    # The oldest rows whose sizes, added up from the oldest, first reach the excess.
+    "evict": "DELETE FROM {table} WHERE key IN (SELECT key FROM (SELECT key, size, sum(size)"
+    " OVER (ORDER BY stored, key) AS running FROM {table}) WHERE running - size < ?)",
+}
 
-    def __init__(self, max_entries: int) -> None:
-        self.max_entries = max_entries
-        self.entries: OrderedDict[str, tuple[float, str]] = OrderedDict()
+
+class EmbeddedStore:
+    """The same operations in a SQLite file (WAL) that every worker on the host shares.
+
+    One table per store: the analysis cache, bounded to ``STORE_MAX_MB`` with the oldest
+    entries evicted first, and the locks and idempotency records, which only expire. Each
+    operation is one statement, so each is atomic across threads and processes; connections
+    are opened per thread and per process (a forked worker opens its own).
+    """
+
+    def __init__(self, path: Path, table: str, max_bytes: int | None = None) -> None:
+        if table not in EMBEDDED_TABLES:
+            raise ValueError(f"no embedded table {table!r}")
+        self.path = path
+        self.sql = {name: template.format(table=table) for name, template in EMBEDDED_SQL.items()}
+        self.max_bytes = max_bytes
+        self.local = threading.local()
+        self.written = 0
         self.lock = threading.Lock()
+
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use (and again after a fork)."""
+        held = getattr(self.local, "connection", None)
+        if held is not None and self.local.pid == os.getpid():
+            return cast(sqlite3.Connection, held)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(
+            self.path, timeout=STORE_BUSY_SECONDS, isolation_level=None, check_same_thread=False
+        )
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        connection.execute(self.sql["create"])
+        connection.execute(self.sql["index"])
+        self.local.connection, self.local.pid = connection, os.getpid()
+        return connection
+
+    def run(self, operation: str, *parameters: Any) -> sqlite3.Cursor:
+        """Run one statement, or raise StoreUnavailable (logged and counted)."""
+        try:
+            return self.connection().execute(self.sql[operation], parameters)
+        except (sqlite3.Error, OSError) as error:
+            CACHE_EVENTS.labels("error").inc()
+            logger.warning("Store error on %s in %s: %s", operation, self.path, error)
+            raise StoreUnavailable(str(error)) from None
 
     def get(self, key: str) -> str | None:
         """The value, or None when absent or expired."""
-        with self.lock:
-            return self._live(key)
+        row = self.run("get", key, time.time()).fetchone()
+        return cast(str, row[0]) if row else None
 
     def set(self, key: str, value: str, ttl: float) -> None:
-        """Store a value for ``ttl`` seconds, evicting the least recently used beyond the bound."""
-        with self.lock:
-            self._store(key, value, ttl)
+        """Store a value for ``ttl`` seconds, evicting the oldest entries beyond the bound."""
+        now, size = time.time(), len(key) + len(value)
+        self.run("set", key, value, now + ttl, now, size)
+        self.note_written(size)
 
     def add(self, key: str, value: str, ttl: float) -> bool:
-        """Store a value only if the key is absent; True when stored."""
-        with self.lock:
-            if self._live(key) is not None:
-                return False
-            self._store(key, value, ttl)
-            return True
+        """Store a value only if the key is absent (or expired); True when stored."""
+        now = time.time()
+        cursor = self.run("add", key, value, now + ttl, now, len(key) + len(value), now)
+        return cursor.rowcount == 1
 
     def delete_if(self, key: str, value: str) -> None:
         """Delete the key if it still holds ``value``."""
-        with self.lock:
-            if self._live(key) == value:
-                del self.entries[key]
+        self.run("delete_if", key, value)
 
     def extend_if(self, key: str, value: str, ttl: float) -> None:
         """Give the key ``ttl`` more seconds if it still holds ``value``."""
-        with self.lock:
-            if self._live(key) == value:
-                self._store(key, value, ttl)
+        now = time.time()
+        self.run("extend_if", now + ttl, key, value, now)
 
     def health(self) -> str:
-        """The in-process store stands in when Redis is not configured."""
+        """Redis is not configured: the embedded store stands in."""
         return "not configured"
 
-    def _live(self, key: str) -> str | None:
-        entry = self.entries.get(key)
-        if entry is None:
-            return None
-        if entry[0] <= time.monotonic():
-            del self.entries[key]
-            return None
-        self.entries.move_to_end(key)
-        return entry[1]
+    def describe(self) -> str:
+        """``embedded (<path>)`` for /health."""
+        return f"embedded ({self.path})"
 
-    def _store(self, key: str, value: str, ttl: float) -> None:
-        self.entries[key] = (time.monotonic() + ttl, value)
-        self.entries.move_to_end(key)
-        while len(self.entries) > self.max_entries:
-            self.entries.popitem(last=False)
+    def note_written(self, size: int) -> None:
+        """Evict once a twentieth of the bound has been written since the last look."""
+        if self.max_bytes is None:
+            return
+        with self.lock:
+            self.written += size
+            due = self.written * 20 >= self.max_bytes
+            if due:
+                self.written = 0
+        if due:
+            self.evict(self.max_bytes)
+
+    def evict(self, max_bytes: int) -> None:
+        """Drop expired entries, then the oldest, until the table fits nine tenths of its bound."""
+        self.run("expire", time.time())
+        total = int(self.run("size").fetchone()[0])
+        if total > max_bytes:
+            self.run("evict", total - max_bytes * 9 // 10)
 
 
-Store = RedisStore | MemoryStore
+Store = RedisStore | EmbeddedStore
 
 
 def decode_cached(raw: bytes | str | None) -> dict[str, Any] | None:
@@ -1278,7 +1355,7 @@ def heartbeat(store: Store, key: str, value: str, seconds: float) -> Iterator[No
         stop.set()
 
 
-def redis_problem(error: redis.RedisError) -> str:
+def redis_problem(error: Exception) -> str:
     """A short description of a Redis failure that carries no credentials."""
     if isinstance(error, redis.AuthenticationError):
         return "authentication failed"
@@ -1291,41 +1368,76 @@ def redis_problem(error: redis.RedisError) -> str:
     return type(error).__name__
 
 
-def build_redis_client(config: Config) -> redis.Redis:
-    """A lazily connecting client with short timeouts and no hidden retries."""
+RedisClient = redis.Redis | RedisCluster
+
+
+def build_redis_client(config: Config) -> RedisClient:
+    """A lazily connecting client with short timeouts and no hidden retries.
+
+    One server (``redis://``, ``rediss://``), the master a Sentinel names
+    (``redis+sentinel://``, found again after a failover), or a Cluster (``REDIS_CLUSTER``).
+    """
     options: dict[str, Any] = {
         "socket_timeout": config.redis_timeout,
         "socket_connect_timeout": config.redis_timeout,
         "retry": Retry(NoBackoff(), 0),
         "health_check_interval": 30,
     }
-    if config.redis_url:
-        client = redis.Redis.from_url(config.redis_url, **options)
-        if config.redis_password and not client.connection_pool.connection_kwargs.get("password"):
-            client = redis.Redis.from_url(
-                config.redis_url, password=config.redis_password, **options
-            )
-        return client
-    return redis.Redis(
-        host=cast(str, config.redis_host),
-        port=config.redis_port,
-        db=config.redis_db,
-        password=config.redis_password,
-        **options,
+    url = config.redis_url or f"redis://{config.redis_host}:{config.redis_port}/{config.redis_db}"
+    if url.startswith("rediss://") and config.redis_ca_cert:
+        options["ssl_ca_certs"] = config.redis_ca_cert
+    if url.startswith("redis+sentinel://"):
+        return sentinel_master(url, config, options)
+    password = urlsplit(url).password or config.redis_password
+    if config.redis_cluster:
+        return RedisCluster.from_url(url, password=password, **options)
+    return redis.Redis.from_url(url, password=password, **options)
+
+
+def sentinel_master(url: str, config: Config, options: dict[str, Any]) -> redis.Redis:
+    """The master of ``redis+sentinel://host1:26379,host2:26379/<service>[/<db>]``."""
+    parts = urlsplit(url)
+    hosts = []
+    for address in parts.netloc.rpartition("@")[2].split(","):
+        host, _, port = address.rpartition(":")
+        hosts.append((host.strip("[]") or "localhost", int(port or 26379)))
+    service, _, db = parts.path.strip("/").partition("/")
+    sentinels = Sentinel(  # type: ignore[no-untyped-call]
+        hosts,
+        sentinel_kwargs={
+            "socket_timeout": config.redis_timeout,
+            "socket_connect_timeout": config.redis_timeout,
+            "password": config.redis_sentinel_password,
+        },
     )
+    password = parts.password or config.redis_password
+    master: redis.Redis = sentinels.master_for(  # type: ignore[no-untyped-call]
+        service, password=password, db=int(db or 0), **options
+    )
+    return master
 
 
 def build_stores(config: Config) -> tuple[Store, Store]:
     """The store for analyses and the one for locks and idempotency records.
 
-    Both are one Redis when configured. In process they are kept apart, so that a stream of new
-    photos evicting old analyses never evicts a lock or an idempotency record before its time.
+    Both are one Redis when configured. Embedded, they are two tables of one SQLite file, so
+    that a stream of new photos evicting old analyses never evicts a lock or an idempotency
+    record before its time.
     """
     if config.redis_configured:
         breaker = CircuitBreaker(config.redis_breaker_failures, config.redis_breaker_cooldown)
-        store = RedisStore(build_redis_client(config), breaker)
+        store = RedisStore(build_redis_client(config), breaker, redis_kind(config))
         return store, store
-    return MemoryStore(config.memory_cache_entries), MemoryStore(MEMORY_RECORD_ENTRIES)
+    path = Path(config.store_path)
+    cache = EmbeddedStore(path, "analyses", int(config.store_max_mb * MIB))
+    return cache, EmbeddedStore(path, "records")
+
+
+def redis_kind(config: Config) -> str:
+    """``redis``, ``redis-sentinel`` or ``redis-cluster``, as /health names the store."""
+    if (config.redis_url or "").startswith("redis+sentinel://"):
+        return "redis-sentinel"
+    return "redis-cluster" if config.redis_cluster else "redis"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3314,6 +3426,7 @@ def health() -> tuple[Response, int]:
         "openai": "configured" if config.openai_configured else "missing credentials",
         "jwt": "configured" if config.jwt_configured else "missing secret",
         "openai_probe": services.model.reachability(),
+        "store": services.store.describe(),
     }
     healthy = checks["redis"] in ("connected", "not configured") and config.openai_configured
     startup_mode = time.monotonic() - services.started_at < config.startup_grace_seconds

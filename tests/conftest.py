@@ -3,12 +3,16 @@ calls a test makes to the service (through the test client, or over gunicorn's s
 
 from __future__ import annotations
 
+import atexit
 import base64
 import dataclasses
 import io
 import json
 import logging
+import shutil
+import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +31,9 @@ from tests.fakes import ChatCompletionsServer, RedisServer, UserServiceServer
 from tests.servers import STARTUP_TIMEOUT, Gunicorn, start_gunicorn
 
 REDIS_PASSWORD = "redis-test-pw-Kq8zT3"
+# Each configured environment gets an embedded store of its own here, never a shared default.
+STORE_DIR = Path(tempfile.mkdtemp(prefix="image-service-test-stores-"))
+atexit.register(shutil.rmtree, STORE_DIR, ignore_errors=True)
 OPENAI_API_KEY = "openai-test-key-Vb71Pw0x"
 JWT_SECRET = "jwt-test-secret-4f9c2a7e1b3d5f60718293a4b5c6d7e8"
 # Long enough for HS512 (64 bytes), so PyJWT does not warn about a short key.
@@ -97,6 +104,7 @@ def base_environment(
         "JWT_SECRET": JWT_SECRET,
         "STARTUP_GRACE_SECONDS": "0",
         "LOG_LEVEL": "DEBUG",
+        "STORE_PATH": str(STORE_DIR / f"{uuid.uuid4().hex}.sqlite3"),
     }
     if redis is not None:
         env.update(

@@ -5,15 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 from flask.testing import FlaskClient
 
-from app import CACHE_PREFIX, PROMPT_VERSION, AnalysisCache, Config, MemoryStore
+from app import CACHE_PREFIX, PROMPT_VERSION, AnalysisCache, Config, EmbeddedStore
 from tests import images
-from tests.conftest import MEAL, AnalyzeActions, assert_json_error
+from tests.conftest import MEAL, AnalyzeActions, assert_json_error, post_photo
 from tests.fakes import (
     DEFAULT_ANALYSIS,
     ChatCompletionsServer,
@@ -157,37 +159,46 @@ def test_without_redis_health_says_redis_not_configured(
     assert response.get_json()["checks"]["redis"] == "not configured"
 
 
-def test_memory_cache_returns_what_was_stored() -> None:
-    cache = AnalysisCache(MemoryStore(max_entries=2), ttl_seconds=60)
+def embedded(
+    tmp_path: Path, table: str = "analyses", max_bytes: int | None = None
+) -> EmbeddedStore:
+    """An embedded store of the test's own."""
+    return EmbeddedStore(tmp_path / "store.sqlite3", table, max_bytes)
+
+
+def test_embedded_cache_returns_what_was_stored(tmp_path: Path) -> None:
+    cache = AnalysisCache(embedded(tmp_path), ttl_seconds=60)
     cache.set("a", DEFAULT_ANALYSIS)
     assert cache.get("a") == DEFAULT_ANALYSIS
 
 
-def test_memory_cache_evicts_the_oldest_entry_beyond_its_bound() -> None:
-    cache = AnalysisCache(MemoryStore(max_entries=2), ttl_seconds=60)
-    for key in ("a", "b", "c"):
-        cache.set(key, {"name": key})
-    assert (cache.get("a"), cache.get("b"), cache.get("c")) == (None, {"name": "b"}, {"name": "c"})
+def test_embedded_cache_evicts_the_oldest_entries_beyond_its_bound(tmp_path: Path) -> None:
+    cache = AnalysisCache(embedded(tmp_path, max_bytes=1000), ttl_seconds=60)
+    for key in range(20):
+        cache.set(f"k{key}", {"name": "x" * 80})
+    assert cache.get("k0") is None
+    assert cache.get("k19") == {"name": "x" * 80}
+    kept = [key for key in range(20) if cache.get(f"k{key}") is not None]
+    assert kept == list(range(kept[0], 20))
 
 
-def test_memory_cache_read_keeps_an_entry_from_eviction() -> None:
-    cache = AnalysisCache(MemoryStore(max_entries=2), ttl_seconds=60)
-    cache.set("a", {"name": "a"})
-    cache.set("b", {"name": "b"})
-    cache.get("a")
-    cache.set("c", {"name": "c"})
-    assert (cache.get("a"), cache.get("b")) == ({"name": "a"}, None)
-
-
-def test_memory_store_add_stores_only_when_absent() -> None:
-    store = MemoryStore(max_entries=4)
+def test_embedded_store_add_stores_only_when_absent(tmp_path: Path) -> None:
+    store = embedded(tmp_path, "records")
     assert store.add("lock", "first", 60)
     assert not store.add("lock", "second", 60)
     assert store.get("lock") == "first"
 
 
-def test_memory_store_delete_if_leaves_a_value_it_does_not_hold() -> None:
-    store = MemoryStore(max_entries=4)
+def test_embedded_store_add_takes_over_an_expired_key(tmp_path: Path) -> None:
+    store = embedded(tmp_path, "records")
+    assert store.add("lock", "dead holder", 0.001)
+    time.sleep(0.01)
+    assert store.add("lock", "new holder", 60)
+    assert store.get("lock") == "new holder"
+
+
+def test_embedded_store_delete_if_leaves_a_value_it_does_not_hold(tmp_path: Path) -> None:
+    store = embedded(tmp_path, "records")
     store.set("lock", "theirs", 60)
     store.delete_if("lock", "mine")
     assert store.get("lock") == "theirs"
@@ -195,10 +206,42 @@ def test_memory_store_delete_if_leaves_a_value_it_does_not_hold() -> None:
     assert store.get("lock") is None
 
 
-def test_memory_cache_entry_past_its_ttl_is_a_miss() -> None:
-    cache = AnalysisCache(MemoryStore(max_entries=2), ttl_seconds=0)
+def test_embedded_store_extend_if_renews_only_its_own_value(tmp_path: Path) -> None:
+    store = embedded(tmp_path, "records")
+    store.set("lock", "theirs", 0.05)
+    store.extend_if("lock", "mine", 60)
+    time.sleep(0.1)
+    assert store.get("lock") is None
+    store.set("lock", "mine", 0.05)
+    store.extend_if("lock", "mine", 60)
+    time.sleep(0.1)
+    assert store.get("lock") == "mine"
+
+
+def test_embedded_cache_entry_past_its_ttl_is_a_miss(tmp_path: Path) -> None:
+    cache = AnalysisCache(embedded(tmp_path), ttl_seconds=0)
     cache.set("a", {"name": "a"})
     assert cache.get("a") is None
+
+
+def test_embedded_tables_are_shared_by_two_stores_on_one_file(tmp_path: Path) -> None:
+    one, other = embedded(tmp_path, "records"), embedded(tmp_path, "records")
+    assert one.add("lock", "first", 60)
+    assert not other.add("lock", "second", 60)
+
+
+def test_an_unwritable_store_is_a_miss_not_an_error(
+    client_with: Callable[..., FlaskClient],
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    client = client_with(with_redis=False, store_path=str(blocked / "store.sqlite3"))
+    assert post_photo(client, auth_headers, MEAL).status_code == 200
+    assert post_photo(client, auth_headers, MEAL).status_code == 200
+    assert len(model.calls) == 2
 
 
 # ------------------------------------------------------------------ saving to the User Service

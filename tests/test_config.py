@@ -400,6 +400,7 @@ def unconfigured_client(
         "OPENAI_BASE_URL": model.base_url,
         "USER_SERVICE_URL": user_service.url,
         "STARTUP_GRACE_SECONDS": "0",
+        "STORE_PATH": str(secrets_dir.parent / "unconfigured-store.sqlite3"),
     }
     return create_app(Config.from_env(env, secrets_dir)).test_client()
 

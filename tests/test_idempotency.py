@@ -166,9 +166,9 @@ def test_without_redis_record_outlives_the_analyses_of_later_photos(
     auth_headers: dict[str, str],
     user_service: UserServiceServer,
 ) -> None:
-    client = app_for(make_config(with_redis=False, memory_cache_entries=4)).test_client()
+    client = app_for(make_config(with_redis=False, store_max_mb=0.01)).test_client()
     first = save(client, auth_headers)
-    for shade in range(5):  # more photos than the in-process cache holds
+    for shade in range(5):  # more photos than the embedded cache holds
         save(
             client, auth_headers, key=None, data=images.jpeg(32, 24, color=(shade, 9, 9)), query=""
         )

@@ -82,10 +82,14 @@ def command_output(command: list[str]) -> str:
 
 
 def gunicorn_settings(overrides: dict[str, str]) -> dict[str, object]:
-    """What gunicorn.conf.py resolves to under these environment overrides (in a child)."""
+    """What gunicorn.conf.py resolves to under these environment overrides (in a child).
+
+    A setting that is a class (the worker class) is shown by its name.
+    """
     code = (
         "import json, runpy; ns = runpy.run_path('gunicorn.conf.py'); "
-        f"print(json.dumps({{k: ns.get(k) for k in {GUNICORN_SETTINGS!r}}}))"
+        f"print(json.dumps({{k: ns.get(k) for k in {GUNICORN_SETTINGS!r}}}, "
+        "default=lambda value: getattr(value, '__name__', repr(value))))"
     )
     with tempfile.TemporaryDirectory(prefix="bench-conf-") as folder:
         env = {"PATH": os.environ.get("PATH", ""), "PROMETHEUS_MULTIPROC_DIR": folder, **overrides}

@@ -3,6 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 SECRETS_DIR ?= .local/secrets
+STORE_PATH ?= .local/store.sqlite3
 HOST ?= 127.0.0.1
 PORT ?= 8083
 USER_SERVICE_PORT ?= 8082
@@ -31,7 +32,8 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt | $(VENV)/bin/python
 
 run: $(VENV)/.runtime ## serve on http://127.0.0.1:8083 (HOST=, PORT= move it) and print curl lines
 	@$(BIN)/python tools/dev_token.py --secrets-dir $(SECRETS_DIR) --serve $(HOST):$(PORT)
-	SECRETS_DIR=$(SECRETS_DIR) GUNICORN_BIND=$(HOST):$(PORT) $(BIN)/gunicorn app:app
+	SECRETS_DIR=$(SECRETS_DIR) STORE_PATH=$(STORE_PATH) GUNICORN_BIND=$(HOST):$(PORT) \
+		$(BIN)/gunicorn app:app
 
 user-service: $(VENV)/.runtime ## a development User Service on port 8082, for ?save=true (keeps entries in memory)
 	HOST=$(HOST) PORT=$(USER_SERVICE_PORT) $(BIN)/python tools/user_service_stub.py

@@ -27,17 +27,18 @@ ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 30.0  # seconds for gunicorn or the stub to say it listens; not a measurement
 # Settings of the caller's shell that would change what `make run` does.
 INHERITED = re.compile(
-    r"^(OPENAI_|REDIS_|JWT_|USER_SERVICE_|GUNICORN_|PROMETHEUS_|MAKE|MFLAGS$|HOST$|PORT$|"
+    r"^(OPENAI_|REDIS_|JWT_|USER_SERVICE_|GUNICORN_|PROMETHEUS_|STORE_|MAKE|MFLAGS$|HOST$|PORT$|"
     r"SECRETS_DIR$|USER_ID$|RESULTS$)"
 )
 
 
 @pytest.fixture
 def make_env(tmp_path: Path) -> dict[str, str]:
-    """The environment of a fresh shell: none of the service's settings, secrets in tmp_path."""
+    """A fresh shell's environment: none of the service's settings, files in tmp_path."""
     assert shutil.which("make"), "make is needed on the PATH (the README's two commands use it)"
     env = {name: value for name, value in os.environ.items() if not INHERITED.match(name)}
     env["SECRETS_DIR"] = str(tmp_path / "secrets")
+    env["STORE_PATH"] = str(tmp_path / "store.sqlite3")
     env["GUNICORN_WORKERS"] = "1"
     env["GUNICORN_THREADS"] = "4"
     return env

@@ -106,18 +106,31 @@ def gunicorn_settings(overrides: dict[str, str]) -> dict[str, object]:
     return settings
 
 
+MEASURED_CODE = ("app.py", "nutrition.py")  # the modules whose code the rows time
+
+
 def source_fingerprint() -> str:
-    """The commit and a digest of app.py, so a result names the code it measured."""
+    """The commit and a digest of each measured module, so a result names the code it measured."""
     commit = command_output(["git", "rev-parse", "--short", "HEAD"])
-    dirty = command_output(["git", "status", "--porcelain", "--", "app.py"])
-    digest = app_digest()
-    state = "modified in the working tree" if dirty and dirty != "unavailable" else "as committed"
-    return f"commit {commit}, app.py {state} (sha256 {digest})"
+    parts = [f"commit {commit}"]
+    for name in MEASURED_CODE:
+        dirty = command_output(["git", "status", "--porcelain", "--", name])
+        state = (
+            "modified in the working tree" if dirty and dirty != "unavailable" else "as committed"
+        )
+        parts.append(f"{name} {state} (sha256 {code_digest(name)})")
+    return ", ".join(parts)
+
+
+def code_digest(name: str = "app.py") -> str:
+    """A short digest of one module of the repository as it is now."""
+    path = ROOT / name
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.exists() else "missing"
 
 
 def app_digest() -> str:
-    """A short digest of app.py as it is now."""
-    return hashlib.sha256((ROOT / "app.py").read_bytes()).hexdigest()[:12]
+    """A short digest of every measured module as it is now (app.py first)."""
+    return " ".join(code_digest(name) for name in MEASURED_CODE)
 
 
 def load_average() -> str:

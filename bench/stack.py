@@ -93,15 +93,16 @@ class Stack(ClosesOnExit):
         claims = {"sub": "bench-user", "type": "access", "iat": now, "exp": now + 3600}
         return jwt.encode(claims, self.jwt_secret, algorithm="HS256")
 
-    def start_gunicorn(self, name: str, target: str, **overrides: str) -> Gunicorn:
+    def start_gunicorn(self, name: str, target: str, **overrides: str | None) -> Gunicorn:
         """Start `gunicorn <target>` serving the stack, without waiting for it.
 
-        Whatever the overrides do not name keeps gunicorn.conf.py's default.
+        Whatever the overrides do not name keeps gunicorn.conf.py's default; an override of
+        None removes the stack's own setting (``REDIS_HOST=None``: no Redis).
         """
         assert self.redis is not None
         assert self.model is not None
         assert self.user_service is not None
-        settings = {
+        settings: dict[str, str | None] = {
             "REDIS_HOST": "127.0.0.1",
             "REDIS_PORT": str(self.redis.port),
             "REDIS_PASSWORD": self.redis_password,
@@ -122,6 +123,15 @@ class Stack(ClosesOnExit):
             server.wait_until_live(deadline)
         for server in servers:
             wait_until_idle(server, deadline)
+
+    def embedded_store(self, name: str) -> dict[str, str | None]:
+        """Overrides for a gunicorn without Redis: the embedded store, in the stack's folder."""
+        return {
+            "REDIS_HOST": None,
+            "REDIS_PORT": None,
+            "REDIS_PASSWORD": None,
+            "STORE_PATH": str(self.workdir / name / "store.sqlite3"),
+        }
 
     def flush_redis(self) -> None:
         """Forget every cached analysis."""

@@ -81,6 +81,8 @@ from redis.sentinel import Sentinel
 from requests.adapters import HTTPAdapter
 from werkzeug.exceptions import HTTPException
 
+from nutrition import NUTRIENT_UNITS, FoodMatch, NutritionDataError, NutritionTable
+
 SERVICE_NAME = "image-service"
 MIB = 1024 * 1024
 logger = logging.getLogger("image_service")
@@ -115,6 +117,7 @@ class ErrorCode(StrEnum):
     UPSTREAM_ERROR = "upstream_error"
     USER_SERVICE_ERROR = "user_service_error"
     AI_NOT_CONFIGURED = "ai_not_configured"
+    NUTRITION_NOT_CONFIGURED = "nutrition_not_configured"
     OVERLOADED = "overloaded"
     UPSTREAM_RATE_LIMITED = "upstream_rate_limited"
     UPSTREAM_TIMEOUT = "upstream_timeout"
@@ -224,6 +227,13 @@ class AINotConfigured(ServiceError):
 
     status = 503
     code = ErrorCode.AI_NOT_CONFIGURED
+
+
+class NutritionNotConfigured(ServiceError):
+    """No nutrition table is loaded, so there is nothing to look foods up in (503)."""
+
+    status = 503
+    code = ErrorCode.NUTRITION_NOT_CONFIGURED
 
 
 class RetryLater(ServiceError):
@@ -395,6 +405,7 @@ class Config:
     single_flight_lock_seconds: float = setting(
         "SINGLE_FLIGHT_LOCK_SECONDS", 10.0, "number", low=0.1, high=600
     )
+    usda_sr28_dir: str | None = setting("USDA_SR28_DIR", None)
     cache_ttl_seconds: int = setting("CACHE_TTL_SECONDS", 3600, "integer", low=1, high=365 * 86400)
     store_path: str = setting("STORE_PATH", "/tmp/image-service/store.sqlite3")  # noqa: S108
     store_max_mb: float = setting("STORE_MAX_MB", 256.0, "number", low=0.01, high=1_000_000)
@@ -2113,12 +2124,14 @@ def parse_json(data: bytes | str) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-PROMPT_VERSION = "2026-11-24"
+PROMPT_VERSION = "2026-12-01"
 SYSTEM_PROMPT = """\
 You are a nutrition analyst. You look at one photo of a meal and estimate what it contains.
-List every food on the plate as an item, with its estimated weight in grams as eaten, its energy \
-(kcal) and its grams of protein, carbohydrates and fat, and your confidence in that item from 0 \
-to 1.
+List every food on the plate as an item: a short name for people, a description in English as \
+USDA's SR28 nutrient database words its foods (food, then kind, then preparation, e.g. "Salmon, \
+Atlantic, farmed, cooked, dry heat" or "Rice, white, long-grain, regular, cooked"), how it was \
+cooked (or null), its estimated weight in grams as eaten, its energy (kcal) and its grams of \
+protein, carbohydrates and fat, and your confidence in that item from 0 to 1.
 Name the dish, describe the portion shown, list the main ingredients you can see or reasonably \
 infer, give a plausible range (low, high) for the meal's total energy, state briefly what your \
 estimate assumes (cooking fat, portion, hidden ingredients), suggest two or three short meal \
@@ -2137,7 +2150,16 @@ STRINGS = {"type": "array", "items": {"type": "string"}}
 ITEM_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "name": {"type": "string"},
+        "name": {"type": "string", "description": "a short name for people"},
+        "description": {
+            "type": "string",
+            "description": "the food in USDA SR28's English wording, e.g. "
+            "'Salmon, Atlantic, farmed, cooked, dry heat'",
+        },
+        "cookingMethod": {
+            "type": ["string", "null"],
+            "description": "raw, grilled, fried, boiled, baked, steamed, roasted…, or null",
+        },
         "grams": {**NUMBER, "description": "estimated weight as eaten"},
         "calories": {**NUMBER, "description": "kcal"},
         "protein": {**NUMBER, "description": "grams"},
@@ -2145,9 +2167,21 @@ ITEM_SCHEMA: dict[str, Any] = {
         "fat": {**NUMBER, "description": "grams"},
         "confidence": {**NUMBER, "description": "0 to 1"},
     },
-    "required": ["name", "grams", "calories", "protein", "carbs", "fat", "confidence"],
+    "required": [
+        "name",
+        "description",
+        "cookingMethod",
+        "grams",
+        "calories",
+        "protein",
+        "carbs",
+        "fat",
+        "confidence",
+    ],
     "additionalProperties": False,
 }
+# What an item must hold; the description and cooking method help the table, when they come.
+ITEM_FIELDS = ("name", "grams", "calories", "protein", "carbs", "fat", "confidence")
 ANALYSIS_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
@@ -3044,7 +3078,7 @@ def clean_items(value: Any) -> list[dict[str, Any]]:
     for raw in value[:MAX_ITEMS]:
         if not isinstance(raw, dict):
             raise UpstreamError("the vision model's items are not objects")
-        missing = [name for name in ITEM_SCHEMA["required"] if name not in raw]
+        missing = [name for name in ITEM_FIELDS if name not in raw]
         if missing:
             raise UpstreamError(f"an item of the vision model's answer lacks {', '.join(missing)}")
         items.append(
@@ -3056,9 +3090,20 @@ def clean_items(value: Any) -> list[dict[str, Any]]:
                 "carbs": grams(bounded_number(raw["carbs"], "item carbs", MAX_GRAMS)),
                 "fat": grams(bounded_number(raw["fat"], "item fat", MAX_GRAMS)),
                 "confidence": clean_confidence(raw["confidence"]),
+                **described(raw),
             }
         )
     return items
+
+
+def described(raw: Mapping[str, Any]) -> dict[str, str]:
+    """An item's table-style description and cooking method, when the model gave them."""
+    found = {}
+    for name in ("description", "cookingMethod"):
+        value = raw.get(name)
+        if isinstance(value, str) and value.strip():
+            found[name] = clean_text(value, MAX_NAME_LENGTH)
+    return found
 
 
 def sum_items(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -3182,6 +3227,98 @@ def clean_confidence(value: Any) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+# Nutrition from USDA SR28 (the table in nutrition.py counts what the model names)
+# ---------------------------------------------------------------------------------------------
+
+MAX_FOODS = 50
+
+
+@functools.cache
+def load_nutrition_table(directory: str) -> NutritionTable:
+    """USDA SR28 from ``USDA_SR28_DIR``, loaded once per process (in gunicorn's master)."""
+    return NutritionTable.load(directory)
+
+
+def nutrition_table(config: Config) -> NutritionTable | None:
+    """The configured table, or None; a folder that cannot be read stops the start."""
+    if config.usda_sr28_dir is None:
+        return None
+    try:
+        return load_nutrition_table(config.usda_sr28_dir)
+    except NutritionDataError as error:
+        raise ConfigError([f"USDA_SR28_DIR: {error}"]) from None
+
+
+def ground_in_table(analysis: dict[str, Any], table: NutritionTable | None) -> dict[str, Any]:
+    """Each item the table knows counted from it; the totals (and ``nutrients``) their sums."""
+    if table is None or not analysis.get("items"):
+        return analysis
+    items = [ground_item(item, table) for item in analysis["items"]]
+    totals = sum_items(items)
+    grounded = {**analysis, **totals, "items": items, "nutrients": total_nutrients(items)}
+    if "caloriesRange" in analysis:
+        grounded["caloriesRange"] = clean_range(analysis["caloriesRange"], totals["calories"])
+    grounded["warnings"] = consistency_warnings(totals) + [
+        warning for warning in analysis.get("warnings", []) if "foods" in warning
+    ]
+    return grounded
+
+
+def ground_item(item: Mapping[str, Any], table: NutritionTable) -> dict[str, Any]:
+    """The item with SR28's numbers when its description matches a food, else the model's."""
+    found = table.match(item.get("description") or item["name"], method=item.get("cookingMethod"))
+    if found is None:
+        return {**item, "nutritionSource": "model"}
+    return {**item, **counted(table, found.ndb_no, item["grams"]), **match_fields(found)}
+
+
+def counted(table: NutritionTable, ndb_no: str, weight: float) -> dict[str, Any]:
+    """SR28's per-100-g values scaled to the grams, with a household portion when one fits."""
+    values = table.nutrients(ndb_no, weight)
+    food = table.food(ndb_no)
+    found: dict[str, Any] = {
+        "calories": int(values["calories"]),
+        **{name: grams(values[name]) for name in ("protein", "carbs", "fat")},
+        "nutrients": dict(values["nutrients"]),
+        "ndbNo": ndb_no,
+        "usdaDescription": food.description if food else "",
+        "nutritionSource": "usda-sr28",
+    }
+    portion = table.portion(ndb_no, weight)
+    if portion:
+        found["portion"] = portion
+    return found
+
+
+def match_fields(found: FoodMatch) -> dict[str, Any]:
+    """How sure the match is, and the runners-up an app can offer as "did you mean"."""
+    return {
+        "matchConfidence": round(found.confidence, 2),
+        "alternatives": [
+            {
+                "ndbNo": other.ndb_no,
+                "usdaDescription": other.description,
+                "kcalPer100g": other.kcal_per_100g,
+            }
+            for other in found.alternatives
+        ],
+    }
+
+
+def total_nutrients(items: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The sums over the grounded items; None for a nutrient none of them has a value for."""
+    totals: dict[str, float | None] = {}
+    for name in NUTRIENT_UNITS:
+        values = [
+            item["nutrients"][name]
+            for item in items
+            if item.get("nutrients") and item["nutrients"].get(name) is not None
+        ]
+        totals[name] = round(sum(values), 1) if values else None
+    return totals
+
+
+# ---------------------------------------------------------------------------------------------
 # User Service
 # ---------------------------------------------------------------------------------------------
 
@@ -3287,6 +3424,7 @@ ENTRY_FIELDS = (
 # The richer analysis travels too; a User Service that does not know these fields ignores them.
 ENTRY_DETAIL_FIELDS = (
     "items",
+    "nutrients",
     "caloriesRange",
     "assumptions",
     "suggestions",
@@ -3333,7 +3471,17 @@ class Services:
     user_service: UserService
     jwt_key: Any
     started_at: float
+    table: NutritionTable | None = None
     openapi: dict[str, Any] = field(default_factory=dict)
+
+    def table_or_503(self) -> NutritionTable:
+        """The nutrition table, or 503 ``nutrition_not_configured``."""
+        if self.table is None:
+            raise NutritionNotConfigured(
+                "no nutrition table is loaded: set USDA_SR28_DIR to a folder of USDA SR28 files "
+                "(make nutrition-data fetches them)"
+            )
+        return self.table
 
 
 def current_services() -> Services:
@@ -3365,7 +3513,8 @@ def cached_or_fresh(services: Services, form: AnalysisForm) -> tuple[dict[str, A
 
     Requests that waited on another's model call (``SingleFlight``) answer with ``cache``.
     """
-    key = cache_key_for(form.digest, services.config, *form.wanted.cache_inputs())
+    table = services.table.identity if services.table else "no-table"
+    key = cache_key_for(form.digest, services.config, f"table={table}", *form.wanted.cache_inputs())
     cached = services.cache.get(key)
     if cached is not None:
         logger.info("Cache hit for %s", key)
@@ -3395,8 +3544,9 @@ def fresh_analysis(services: Services, form: AnalysisForm, key: str) -> dict[str
     except (UpstreamError, UpstreamRateLimited, AINotConfigured, Overloaded) as error:
         logger.error("Error analyzing food image: %s", error.message)
         raise
-    services.cache.set(key, answer.analysis)
-    return answer.analysis
+    analysis = ground_in_table(answer.analysis, services.table)
+    services.cache.set(key, analysis)
+    return analysis
 
 
 def food_only(analysis: dict[str, Any]) -> dict[str, Any]:
@@ -3416,6 +3566,103 @@ def replayed(response: Mapping[str, Any]) -> Response:
 OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
 
 
+@bp.post("/nutrition")
+@token_required
+def nutrition() -> Response:
+    """The analysis of items the caller names or picks, counted from the table; no model call."""
+    table = current_services().table_or_503()
+    items = [nutrition_item(table, number, asked) for number, asked in read_nutrition_items()]
+    totals = sum_items(items)
+    analysis = {
+        "name": ", ".join(item["name"] for item in items)[:MAX_NAME_LENGTH],
+        **totals,
+        "servingSize": ", ".join(item.get("portion") or f"{item['grams']} g" for item in items),
+        "ingredients": [item["name"] for item in items],
+        "confidence": min(item["confidence"] for item in items),
+        "items": items,
+        "nutrients": total_nutrients(items),
+        "assumptions": [],
+        "suggestions": [],
+        "warnings": consistency_warnings(totals),
+    }
+    return jsonify(analysis=analysis, source="usda-sr28")
+
+
+def read_nutrition_items() -> list[tuple[int, Mapping[str, Any]]]:
+    """The ``items`` of a ``POST /nutrition`` body, numbered, each an object."""
+    body = request.get_json(silent=True)
+    items = body.get("items") if isinstance(body, dict) else None
+    if not isinstance(items, list) or not items:
+        raise BadRequest(
+            'send JSON {"items": [{"name": "grilled salmon", "grams": 150}]} or '
+            '{"items": [{"ndbNo": "15237", "grams": 150}]}'
+        )
+    if len(items) > MAX_ITEMS:
+        raise BadRequest(f"send at most {MAX_ITEMS} items, got {len(items)}")
+    if not all(isinstance(item, dict) for item in items):
+        raise BadRequest("each item must be an object with a name or an ndbNo, and grams")
+    return list(enumerate(items, 1))
+
+
+def nutrition_item(table: NutritionTable, number: int, asked: Mapping[str, Any]) -> dict[str, Any]:
+    """One item of ``POST /nutrition``: the food picked by ``ndbNo``, or matched by its name."""
+    weight = parse_number(asked.get("grams"))
+    if weight is None or not 0 <= weight <= MAX_ITEM_GRAMS:
+        raise BadRequest(f"item {number}: grams must be a number from 0 to {MAX_ITEM_GRAMS}")
+    ndb_no, name = asked.get("ndbNo"), asked.get("name")
+    if isinstance(ndb_no, str) and ndb_no:
+        food = table.food(ndb_no)
+        if food is None:
+            raise BadRequest(f"item {number}: no USDA SR28 food has ndbNo {ndb_no[:10]!r}")
+        label = clean_text(name, MAX_NAME_LENGTH) if isinstance(name, str) else ""
+        return {
+            "name": label or food.description,
+            "grams": grams(weight),
+            "confidence": 1.0,
+            **counted(table, ndb_no, weight),
+            "matchConfidence": 1.0,
+        }
+    if not isinstance(name, str) or not name.strip():
+        raise BadRequest(f"item {number}: give a name or an ndbNo")
+    method = asked.get("cookingMethod")
+    found = table.match(name, method=method if isinstance(method, str) else None)
+    if found is None:
+        raise BadRequest(
+            f"item {number}: no USDA SR28 food matches {name[:60]!r}; pick one with GET /foods?q="
+        )
+    return {
+        "name": clean_text(name, MAX_NAME_LENGTH),
+        "grams": grams(weight),
+        "confidence": round(found.confidence, 2),
+        **counted(table, found.ndb_no, weight),
+        **match_fields(found),
+    }
+
+
+@bp.get("/foods")
+@token_required
+def foods() -> Response:
+    """USDA SR28 foods whose descriptions match ``q``, best first: a picker for apps."""
+    table = current_services().table_or_503()
+    query = (request.args.get("q") or "").strip()
+    if not query or len(query) > MAX_NAME_LENGTH:
+        raise BadRequest(f"q must be 1 to {MAX_NAME_LENGTH} characters, e.g. q=salmon")
+    limit = request.args.get("limit", "10")
+    if not limit.isdigit() or not 1 <= int(limit) <= MAX_FOODS:
+        raise BadRequest(f"limit must be a whole number from 1 to {MAX_FOODS}, got {limit[:10]!r}")
+    found = [
+        {
+            "ndbNo": food.ndb_no,
+            "usdaDescription": food.description,
+            "commonName": food.common_name,
+            "group": food.group,
+            "kcalPer100g": food.kcal_per_100g,
+        }
+        for food in table.search(query, int(limit))
+    ]
+    return jsonify(foods=found)
+
+
 @bp.get("/health")
 def health() -> tuple[Response, int]:
     """Readiness: the state of every dependency; 503 when one is unusable after start-up."""
@@ -3427,6 +3674,7 @@ def health() -> tuple[Response, int]:
         "jwt": "configured" if config.jwt_configured else "missing secret",
         "openai_probe": services.model.reachability(),
         "store": services.store.describe(),
+        "nutrition": services.table.label if services.table else "not configured",
     }
     healthy = checks["redis"] in ("connected", "not configured") and config.openai_configured
     startup_mode = time.monotonic() - services.started_at < config.startup_grace_seconds
@@ -3496,7 +3744,10 @@ def error_response(error: ServiceError) -> tuple[Response, int, dict[str, str]]:
 
 # Methods counted by name in the metrics; any other a caller invents is counted as "other".
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-ENDPOINTS = "POST /analyze-food, GET /health, GET /health/live, GET /openapi.json and GET /metrics"
+ENDPOINTS = (
+    "POST /analyze-food, POST /nutrition, GET /foods, GET /health, GET /health/live, "
+    "GET /openapi.json and GET /metrics"
+)
 HTTP_ERROR_CODES = {
     400: ErrorCode.BAD_REQUEST,
     404: ErrorCode.NOT_FOUND,
@@ -3566,7 +3817,7 @@ def startup_summary(config: Config) -> list[str]:
     elif config.redis_host:
         store = f"Redis at {config.redis_host}:{config.redis_port}/{config.redis_db}"
     else:
-        store = "in process (no REDIS_URL or REDIS_HOST)"
+        store = f"embedded at {config.store_path} (no REDIS_URL or REDIS_HOST)"
     if config.uses_public_key:
         keys = "a public key" if config.jwt_public_key else "no public key (JWT_PUBLIC_KEY)"
     else:
@@ -3574,7 +3825,12 @@ def startup_summary(config: Config) -> list[str]:
     lines = [
         f"Image Service: model {config.openai_model} at {public_url(config.openai_base_url)}; "
         f"cache and locks {store}; User Service at {public_url(config.user_service_url)}; "
-        f"tokens {', '.join(config.jwt_algorithms)} with {keys}"
+        f"tokens {', '.join(config.jwt_algorithms)} with {keys}; nutrition "
+        + (
+            f"from USDA SR28 at {config.usda_sr28_dir}"
+            if config.usda_sr28_dir
+            else "from the model"
+        )
     ]
     if not config.openai_configured:
         lines.append(
@@ -3624,6 +3880,7 @@ def create_app(config: Config | None = None) -> Flask:
         user_service=UserService(config, build_session(config.model_max_concurrency)),
         jwt_key=jwt_verification_key(config),
         started_at=time.monotonic(),
+        table=nutrition_table(config),
     )
     CORS(
         app,

@@ -33,7 +33,15 @@ else:
 
 from gunicorn.workers.gthread import ThreadWorker  # noqa: E402
 
-from app import Config, ConfigError, EnvReader, ErrorCode, Setting, startup_summary  # noqa: E402
+from app import (  # noqa: E402
+    Config,
+    ConfigError,
+    EnvReader,
+    ErrorCode,
+    Setting,
+    nutrition_table,
+    startup_summary,
+)
 
 SERVER_SETTINGS = {
     "bind": (Setting("GUNICORN_BIND"), "0.0.0.0:8083"),
@@ -78,6 +86,7 @@ def read_settings() -> tuple[Config, dict[str, Any]]:
     )
     try:
         config = Config.from_env()
+        nutrition_table(config)  # loaded once, here in the master, before the workers fork
     except ConfigError as error:
         problems[:0] = error.problems
     if problems:

@@ -53,6 +53,7 @@ def meal_key(config: Config) -> str:
         PROMPT_VERSION,
         config.openai_image_detail,
         str(config.image_max_side),
+        "table=no-table",
         "lang=en",
         "note=",
     )

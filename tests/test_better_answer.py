@@ -683,7 +683,11 @@ def test_schema_asks_for_items_suggestions_and_assumptions(
     analysis_of(api.analyze())
     properties = model.last_payload()["response_format"]["json_schema"]["schema"]["properties"]
     assert {"isFood", "items", "caloriesRange", "assumptions", "suggestions"} <= set(properties)
-    assert set(properties["items"]["items"]["properties"]) == set(ITEMS[0])
+    assert set(properties["items"]["items"]["properties"]) == {
+        *ITEMS[0],
+        "description",
+        "cookingMethod",
+    }
 
 
 # ------------------------------------------------------------------ unusable answers

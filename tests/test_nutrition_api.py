@@ -1,0 +1,356 @@
+"""The service's numbers from USDA SR28: grounded items, POST /nutrition, GET /foods, /health."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+
+from app import ConfigError, create_app
+from nutrition import NUTRIENT_UNITS, NutritionTable
+from tests import images
+from tests.conftest import assert_json_error, post_photo
+from tests.fakes import ChatCompletionsServer, UserServiceServer
+from tests.nutrition_labels import COMMON_FOODS, LABELLED_FOODS
+
+ROOT = Path(__file__).resolve().parents[1]
+SR28 = ROOT.parent / "shared" / "usda-sr28"
+SR28_FILES = ("FOOD_DES.txt", "FD_GROUP.txt", "ABBREV.txt", "ABBREV.columns", "NUTR_DEF.txt")
+
+
+@pytest.fixture(scope="module")
+def table() -> NutritionTable:
+    """The real SR28 table; its absence is a failure, never a skip."""
+    if not SR28.is_dir():
+        pytest.fail(f"USDA SR28 is missing at {SR28}: the nutrition tests need the real table")
+    return NutritionTable.load(SR28)
+
+
+@pytest.fixture
+def grounded(client_with: Callable[..., FlaskClient], table: NutritionTable) -> FlaskClient:
+    """A client for an app that counts from the SR28 table."""
+    return client_with(usda_sr28_dir=str(SR28))
+
+
+def item(description: str, grams: float = 100, calories: float = 1, **extra: Any) -> dict[str, Any]:
+    """A model's item with deliberately wrong numbers."""
+    return {
+        "name": description,
+        "description": description,
+        "cookingMethod": None,
+        "grams": grams,
+        "calories": calories,
+        "protein": 0,
+        "carbs": 0,
+        "fat": 0,
+        "confidence": 0.8,
+        **extra,
+    }
+
+
+def answer(*items: dict[str, Any]) -> dict[str, Any]:
+    """A model's full answer holding these items."""
+    return {
+        "isFood": True,
+        "name": "A meal",
+        "items": list(items),
+        "caloriesRange": None,
+        "servingSize": "one plate",
+        "ingredients": [],
+        "assumptions": [],
+        "suggestions": [],
+        "confidence": 0.8,
+    }
+
+
+def analysis_of(client: FlaskClient, auth_headers: dict[str, str], shade: int = 1) -> Any:
+    """POST a photo and give the analysis of a 200 answer."""
+    response = post_photo(client, auth_headers, images.jpeg(40, 30, color=(shade * 29 % 256, 5, 5)))
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()["analysis"]
+
+
+# ------------------------------------------------------------------ photos grounded in the table
+
+
+def test_thirty_common_foods_are_counted_from_the_table(
+    grounded: FlaskClient,
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+    table: NutritionTable,
+) -> None:
+    labels = {label.description: label for label in LABELLED_FOODS}
+    model.analysis = answer(
+        *(item(food, cookingMethod=labels[food].method) for food in COMMON_FOODS)
+    )
+    analysis = analysis_of(grounded, auth_headers)
+    items = analysis["items"]
+    assert len(items) == 30
+    inside = []
+    for food, counted in zip(COMMON_FOODS, items, strict=True):
+        assert counted["nutritionSource"] == "usda-sr28", food
+        assert len(counted["ndbNo"]) == 5
+        assert counted["ndbNo"].isdigit()
+        fitting = [table.food(number) for number in labels[food].acceptable]
+        kcal = [candidate.kcal_per_100g for candidate in fitting if candidate]
+        inside.append(min(kcal) <= counted["calories"] <= max(kcal))
+    assert sum(inside) / len(inside) >= 0.85
+    assert analysis["calories"] == sum(counted["calories"] for counted in items)
+    for name in ("protein", "carbs", "fat"):
+        assert analysis[name] == pytest.approx(sum(counted[name] for counted in items), abs=0.05)
+
+
+def test_a_grounded_item_is_the_tables_values_scaled_to_its_grams(
+    grounded: FlaskClient,
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+    table: NutritionTable,
+) -> None:
+    model.analysis = answer(item("Salmon, Atlantic, farmed, cooked, dry heat", grams=178))
+    [salmon] = analysis_of(grounded, auth_headers)["items"]
+    expected = table.nutrients("15237", 178)
+    assert salmon["ndbNo"] == "15237"
+    assert salmon["usdaDescription"] == "Fish, salmon, Atlantic, farmed, cooked, dry heat"
+    assert salmon["calories"] == expected["calories"]
+    assert (salmon["protein"], salmon["carbs"], salmon["fat"]) == pytest.approx(
+        (expected["protein"], expected["carbs"], expected["fat"])
+    )
+    assert salmon["nutrients"] == expected["nutrients"]
+    assert set(salmon["nutrients"]) == set(NUTRIENT_UNITS)
+
+
+def test_an_item_the_table_does_not_know_keeps_the_models_numbers(
+    grounded: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.analysis = answer(item("xqzt plate", grams=50, calories=120))
+    [unknown] = analysis_of(grounded, auth_headers)["items"]
+    assert unknown["nutritionSource"] == "model"
+    assert unknown["calories"] == 120
+    assert "ndbNo" not in unknown
+
+
+def test_a_grounded_item_offers_alternatives_and_a_household_portion(
+    grounded: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.analysis = answer(item("banana", grams=118))
+    [banana] = analysis_of(grounded, auth_headers)["items"]
+    assert 1 <= len(banana["alternatives"]) <= 3
+    for other in banana["alternatives"]:
+        assert set(other) == {"ndbNo", "usdaDescription", "kcalPer100g"}
+        assert other["ndbNo"] != banana["ndbNo"]
+    assert banana["portion"].endswith("g)")
+
+
+def test_the_totals_carry_the_sums_of_the_nutrients(
+    grounded: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.analysis = answer(item("banana", grams=100), item("whole milk", grams=244))
+    analysis = analysis_of(grounded, auth_headers)
+    for name in NUTRIENT_UNITS:
+        values = [
+            counted["nutrients"][name]
+            for counted in analysis["items"]
+            if counted["nutrients"][name] is not None
+        ]
+        assert analysis["nutrients"][name] == pytest.approx(sum(values), abs=0.051)
+
+
+def test_without_the_table_answers_are_the_models(
+    client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.analysis = answer(item("banana", grams=100, calories=1))
+    analysis = analysis_of(client, auth_headers)
+    assert analysis["items"][0]["calories"] == 1
+    assert "nutrients" not in analysis
+    assert "nutritionSource" not in analysis["items"][0]
+
+
+def test_turning_the_table_on_does_not_serve_an_old_ungrounded_answer(
+    make_config: Callable[..., Any],
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+    table: NutritionTable,
+) -> None:
+    model.analysis = answer(item("banana", grams=100, calories=1))
+    config = make_config()
+    analysis_of(create_app(config).test_client(), auth_headers, 3)
+    with_table = create_app(dataclasses.replace(config, usda_sr28_dir=str(SR28)))
+    again = analysis_of(with_table.test_client(), auth_headers, 3)
+    assert len(model.calls) == 2
+    assert again["items"][0]["nutritionSource"] == "usda-sr28"
+
+
+def test_a_save_sends_the_grounded_items(
+    grounded: FlaskClient,
+    model: ChatCompletionsServer,
+    user_service: UserServiceServer,
+    auth_headers: dict[str, str],
+) -> None:
+    model.analysis = answer(item("apple", grams=182))
+    response = post_photo(grounded, auth_headers, images.jpeg(30, 30), "?save=true")
+    assert response.status_code == 200
+    entry = user_service.entries[-1]
+    assert entry["items"][0]["ndbNo"] == response.get_json()["analysis"]["items"][0]["ndbNo"]
+    assert entry["nutrients"] == response.get_json()["analysis"]["nutrients"]
+
+
+# ------------------------------------------------------------------ POST /nutrition
+
+
+def post_nutrition(client: FlaskClient, headers: dict[str, str], body: Any) -> Any:
+    """POST a JSON body to /nutrition."""
+    return client.post("/nutrition", json=body, headers=headers)
+
+
+def test_nutrition_by_ndb_number_counts_from_the_table_without_a_model(
+    grounded: FlaskClient,
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+    table: NutritionTable,
+) -> None:
+    response = post_nutrition(grounded, auth_headers, {"items": [{"ndbNo": "15237", "grams": 150}]})
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["source"] == "usda-sr28"
+    [salmon] = body["analysis"]["items"]
+    assert salmon["calories"] == table.nutrients("15237", 150)["calories"]
+    assert body["analysis"]["calories"] == salmon["calories"]
+    assert model.calls == []
+
+
+def test_nutrition_by_name_matches_and_sums(
+    grounded: FlaskClient, auth_headers: dict[str, str]
+) -> None:
+    items = [
+        {"name": "grilled chicken breast", "grams": 120},
+        {"name": "white rice, cooked", "grams": 150},
+    ]
+    analysis = post_nutrition(grounded, auth_headers, {"items": items}).get_json()["analysis"]
+    assert [found["nutritionSource"] for found in analysis["items"]] == ["usda-sr28"] * 2
+    assert analysis["calories"] == sum(found["calories"] for found in analysis["items"])
+    assert set(analysis) >= {
+        "name",
+        "calories",
+        "protein",
+        "carbs",
+        "fat",
+        "servingSize",
+        "ingredients",
+        "confidence",
+        "items",
+        "nutrients",
+    }
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"items": []},
+        {"items": [{"ndbNo": "99999", "grams": 100}]},
+        {"items": [{"name": "xqzt plate", "grams": 100}]},
+        {"items": [{"name": "banana", "grams": -5}]},
+        {"items": [{"name": "banana"}]},
+        {"items": ["banana"]},
+        {"items": [{"grams": 100}]},
+    ],
+)
+def test_nutrition_refuses_what_it_cannot_count(
+    grounded: FlaskClient, auth_headers: dict[str, str], body: Any
+) -> None:
+    assert_json_error(post_nutrition(grounded, auth_headers, body), 400, "invalid_parameter")
+
+
+def test_nutrition_without_the_table_answers_503(
+    client: FlaskClient, auth_headers: dict[str, str]
+) -> None:
+    response = post_nutrition(client, auth_headers, {"items": [{"ndbNo": "15237", "grams": 150}]})
+    assert_json_error(response, 503, "nutrition_not_configured")
+    assert "USDA_SR28_DIR" in response.get_json()["error"]
+
+
+def test_nutrition_needs_a_token(grounded: FlaskClient) -> None:
+    assert_json_error(post_nutrition(grounded, {}, {"items": []}), 401, "missing_token")
+
+
+# ------------------------------------------------------------------ GET /foods
+
+
+def test_foods_finds_salmon(grounded: FlaskClient, auth_headers: dict[str, str]) -> None:
+    response = grounded.get("/foods?q=salmon&limit=5", headers=auth_headers)
+    foods = response.get_json()["foods"]
+    assert 1 <= len(foods) <= 5
+    assert all("salmon" in food["usdaDescription"].lower() for food in foods)
+    assert set(foods[0]) == {"ndbNo", "usdaDescription", "commonName", "group", "kcalPer100g"}
+
+
+@pytest.mark.parametrize(
+    "query", ["", "?q=", "?q=salmon&limit=0", "?q=salmon&limit=x", "?q=salmon&limit=51"]
+)
+def test_foods_refuses_a_bad_query(
+    grounded: FlaskClient, auth_headers: dict[str, str], query: str
+) -> None:
+    assert_json_error(
+        grounded.get(f"/foods{query}", headers=auth_headers), 400, "invalid_parameter"
+    )
+
+
+def test_foods_without_the_table_answers_503(
+    client: FlaskClient, auth_headers: dict[str, str]
+) -> None:
+    assert_json_error(
+        client.get("/foods?q=salmon", headers=auth_headers), 503, "nutrition_not_configured"
+    )
+
+
+# ------------------------------------------------------------------ health and start-up
+
+
+def test_health_names_the_table(grounded: FlaskClient) -> None:
+    assert grounded.get("/health").get_json()["checks"]["nutrition"] == "usda-sr28 (8790 foods)"
+
+
+def test_health_says_when_there_is_no_table(client: FlaskClient) -> None:
+    assert client.get("/health").get_json()["checks"]["nutrition"] == "not configured"
+
+
+def broken_copy(tmp_path: Path) -> Path:
+    """SR28 with one line of FOOD_DES.txt cut short."""
+    folder = tmp_path / "sr28"
+    folder.mkdir()
+    for name in (*SR28_FILES, "WEIGHT.txt"):
+        shutil.copyfile(SR28 / name, folder / name)
+    lines = (folder / "FOOD_DES.txt").read_bytes().split(b"\r\n")
+    lines[3] = lines[3].split(b"^")[0]
+    (folder / "FOOD_DES.txt").write_bytes(b"\r\n".join(lines))
+    return folder
+
+
+def test_a_malformed_table_stops_the_app(make_config: Callable[..., Any], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"FOOD_DES\.txt"):
+        create_app(make_config(usda_sr28_dir=str(broken_copy(tmp_path))))
+
+
+def test_a_malformed_table_stops_gunicorn_with_one_line(tmp_path: Path) -> None:
+    environment = {"PATH": "/usr/bin:/bin", "USDA_SR28_DIR": str(broken_copy(tmp_path))}
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("gunicorn")), "app:app"],
+        cwd=ROOT,
+        env={**environment, "SECRETS_DIR": str(tmp_path), "GUNICORN_BIND": "127.0.0.1:0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode != 0
+    assert len(output.splitlines()) == 1, output
+    assert "USDA_SR28_DIR" in output
+    assert "FOOD_DES.txt" in output

@@ -51,7 +51,8 @@ RUN groupadd --system --gid 10001 appuser \
 
 # The code stays owned by root: the service can read it, not change it.
 WORKDIR /app
-COPY app.py gunicorn.conf.py openapi.yaml ./
+# gunicorn.conf.py imports app, and app imports nutrition: all three modules are needed.
+COPY app.py nutrition.py gunicorn.conf.py openapi.yaml ./
 COPY --chmod=0755 docker-entrypoint.sh ./
 
 USER 10001:10001

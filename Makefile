@@ -11,7 +11,7 @@ USER_ID ?= dev-user
 RESULTS ?= .local/bench/RESULTS.md
 
 .DEFAULT_GOAL := help
-.PHONY: help run user-service test lint token secrets bench image-test clean
+.PHONY: help run user-service test lint token secrets bench image-test nutrition-data clean
 
 # `make help` prints the `##` line of each target, in this file's order.
 help: ## list the targets (the default)
@@ -52,10 +52,13 @@ lint: $(VENV)/.dev ## ruff, ruff format, mypy, hadolint, shellcheck, compose sch
 test: lint ## lint, then run the tests (needs redis-server and nc)
 	$(BIN)/pytest
 
+nutrition-data: $(VENV)/.runtime ## download USDA SR28 into data/usda-sr28 (then USDA_SR28_DIR=data/usda-sr28)
+	$(BIN)/python tools/fetch_usda_sr28.py --dest data/usda-sr28
+
 secrets: ## write the compose stack's secret files into secrets/
 	sh tools/make-secrets.sh
 
-bench: $(VENV)/.dev ## measure the real stack (~2.5 min); RESULTS=bench/RESULTS.md to commit it
+bench: $(VENV)/.dev ## measure the real stack (~3.5 min); RESULTS=bench/RESULTS.md to commit it
 	$(BIN)/python bench/run.py --out $(RESULTS)
 
 image-test: $(VENV)/.runtime ## build the image and try it and the compose stack (needs Docker)

@@ -1659,7 +1659,8 @@ class SingleFlight:
                 return compute(), True
             if leader:
                 SINGLE_FLIGHT.labels("leader").inc()
-                return self.lead(lock_key, failure_key, token, compute), True
+                with self.leading(lock_key, failure_key, token):
+                    return compute(), True
             SINGLE_FLIGHT.labels("follower").inc()
             try:
                 result = self.follow(lock_key, failure_key, read_result, deadline)
@@ -1671,13 +1672,12 @@ class SingleFlight:
                 raise UpstreamTimeout("the analysis of this photo by another request is overdue")
             SINGLE_FLIGHT.labels("takeover").inc()
 
-    def lead(
-        self, lock_key: str, failure_key: str, token: str, compute: Callable[[], dict[str, Any]]
-    ) -> dict[str, Any]:
-        """Compute while holding the lock; leave a short failure notice for the waiters."""
+    @contextlib.contextmanager
+    def leading(self, lock_key: str, failure_key: str, token: str) -> Iterator[None]:
+        """Hold the lock while the block computes; leave a short failure notice for the waiters."""
         try:
             with heartbeat(self.store, lock_key, token, self.lock_seconds):
-                return compute()
+                yield
         except ServiceError as error:
             notice = {
                 "token": token,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import re
@@ -361,3 +362,56 @@ def test_dockerfile_builds_without_a_remote_frontend_and_names_its_base_once() -
     assert instructions[0] == "ARG PYTHON_IMAGE=python:3.11.15-slim-bookworm"
     stages = [line for line in instructions if line.startswith("FROM ")]
     assert stages == ["FROM ${PYTHON_IMAGE} AS build", "FROM ${PYTHON_IMAGE} AS runtime"]
+
+
+def local_modules(path: Path) -> set[str]:
+    """The repository's own top-level modules that a file imports."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    names |= {
+        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    }
+    return {name for name in names if (ROOT / f"{name}.py").is_file()}
+
+
+def test_the_image_carries_every_module_gunicorn_imports() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    copied = {
+        name
+        for line in re.findall(r"^COPY (?!--from)(.*) \./$", dockerfile, flags=re.MULTILINE)
+        for name in line.split()
+        if not name.startswith("--")
+    }
+    ignored = {
+        line.strip().rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    needed = {"gunicorn.conf.py", "app.py", "openapi.yaml"}
+    for module in ("app.py", "gunicorn.conf.py"):
+        needed |= {f"{name}.py" for name in local_modules(ROOT / module)}
+
+    assert "nutrition.py" in needed
+    assert needed <= copied, needed - copied
+    assert not needed & ignored
+    assert "data" in ignored  # the downloaded SR28 files are mounted, never copied
+
+
+def test_the_sr28_override_mounts_the_folder_read_only_where_the_service_reads_it() -> None:
+    override: dict[str, Any] = yaml.safe_load(
+        (ROOT / "deploy" / "compose.usda-sr28.yml").read_text()
+    )
+    service = override["services"]["image-service"]
+    (volume,) = service["volumes"]
+
+    assert set(override["services"]) == {"image-service"}
+    assert volume["target"] == service["environment"]["USDA_SR28_DIR"]
+    assert volume["type"] == "bind"
+    assert volume["read_only"] is True
+    assert volume["bind"]["create_host_path"] is False
+    assert volume["source"] == "${USDA_SR28_DIR:-./data/usda-sr28}"

@@ -10,7 +10,10 @@
    own: analyses, a cache hit and a save through the gateway, the gateway's own JSON errors, the
    Image Service unpublished, and /health and a cache hit timed while 200 slow-header
    connections are held open against the gateway.
-4. No tini warning in any container's log; everything is removed at the end, pass or fail.
+4. With a USDA SR28 folder (USDA_SR28_DIR, else data/usda-sr28 when present): the stack again
+   with deploy/compose.usda-sr28.yml, the folder mounted read-only, the table loaded, GET /foods
+   and POST /nutrition answered from it. Without one, this step is skipped and says so.
+5. No tini warning in any container's log; everything is removed at the end, pass or fail.
 
 Every wait is bounded and all traffic goes to 127.0.0.1.
 """
@@ -50,6 +53,7 @@ PROBE_TIMEOUT = 5.0
 LATENCY_GOAL = 1.0
 TINI_WARNING = "Tini is not running as PID 1"
 TOKEN_USER = "image-test-user"
+SR28_OVERRIDE = "deploy/compose.usda-sr28.yml"
 
 
 class ImageTestFailure(AssertionError):
@@ -350,15 +354,24 @@ class Stack:
 
     environment: dict[str, str]
     url: str
+    files: tuple[str, ...] = ()
+
+    def compose_args(self) -> list[str]:
+        """The project, its profile and, when there are extra files, every compose file."""
+        named = ["docker-compose.yml", *self.files] if self.files else []
+        return [
+            "-p",
+            PROJECT,
+            "--profile",
+            "stub",
+            *(arg for name in named for arg in ("-f", name)),
+        ]
 
     def compose(self, *args: str, timeout: float = 180) -> str:
         """A `docker compose` command on this project."""
         return docker(
             "compose",
-            "-p",
-            PROJECT,
-            "--profile",
-            "stub",
+            *self.compose_args(),
             *args,
             timeout=timeout,
             env=self.environment,
@@ -366,7 +379,9 @@ class Stack:
 
 
 @contextlib.contextmanager
-def running_stack(secrets_dir: Path) -> Iterator[Stack]:
+def running_stack(
+    secrets_dir: Path, log_file: Path, files: tuple[str, ...] = (), **extra: str
+) -> Iterator[Stack]:
     """The stack up and healthy, with the stub model; taken down whatever happens."""
     port = free_port()
     environment = {
@@ -377,15 +392,16 @@ def running_stack(secrets_dir: Path) -> Iterator[Stack]:
         "REDIS_PASSWORD_FILE": str(secrets_dir / "redis_password"),
         "OPENAI_API_KEY_FILE": str(secrets_dir / "openai_api_key"),
         "JWT_SECRET_FILE": str(secrets_dir / "jwt_secret"),
+        **extra,
     }
-    stack = Stack(environment, f"http://127.0.0.1:{port}")
+    stack = Stack(environment, f"http://127.0.0.1:{port}", files)
     try:
         stack.compose("up", "-d", "--wait", "--no-build")
         say(f"compose stack up; the gateway listens on 127.0.0.1:{port}")
         yield stack
     finally:
         logs = subprocess.run(
-            ["docker", "compose", "-p", PROJECT, "--profile", "stub", "logs", "--no-color"],
+            ["docker", "compose", *stack.compose_args(), "logs", "--no-color"],
             capture_output=True,
             text=True,
             timeout=60,
@@ -393,7 +409,7 @@ def running_stack(secrets_dir: Path) -> Iterator[Stack]:
             check=False,
             cwd=ROOT,
         )
-        Path(secrets_dir.parent / "compose.log").write_text(logs.stdout + logs.stderr)
+        log_file.write_text(logs.stdout + logs.stderr)
         stack.compose("down", "--volumes", "--remove-orphans", "--timeout", "30")
         say("compose stack removed")
 
@@ -488,6 +504,16 @@ def check_stack(stack: Stack, token: str) -> None:
     )
     metrics = requests.get(f"{stack.url}/metrics", timeout=5)
     check(gateway_error(metrics, 404, "not_found"), "/metrics stays off the gateway: 404")
+    foods = requests.get(
+        f"{stack.url}/foods",
+        params={"q": "salmon"},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=5,
+    )
+    check(
+        foods.status_code == 503 and foods.json()["code"] == "nutrition_not_configured",
+        "without a nutrition table, GET /foods gets the service's 503 nutrition_not_configured",
+    )
 
     timings, _ = under_slow_headers(
         int(stack.url.rsplit(":", 1)[1]),
@@ -531,9 +557,57 @@ def check_stack(stack: Stack, token: str) -> None:
     )
 
 
-def check_logs(log_file: Path) -> None:
+def sr28_folder() -> Path | None:
+    """The host's SR28 folder: USDA_SR28_DIR (which must exist), else data/usda-sr28 if present."""
+    named = os.environ.get("USDA_SR28_DIR", "").strip()
+    if named:
+        if not Path(named).is_dir():
+            raise ImageTestFailure(f"USDA_SR28_DIR={named} is not a folder")
+        return Path(named).resolve()
+    default = ROOT / "data" / "usda-sr28"
+    return default.resolve() if default.is_dir() else None
+
+
+def check_nutrition_stack(stack: Stack, token: str) -> None:
+    """The SR28 folder mounted read-only and loaded; /foods and /nutrition answered from it."""
+    health = requests.get(f"{stack.url}/health", timeout=5).json()["checks"]
+    check(
+        health["nutrition"].startswith("usda-sr28 ("),
+        f"the table is loaded: nutrition {health['nutrition']!r}",
+    )
+    container = stack.compose("ps", "-q", "image-service").strip()
+    mounts = docker(
+        "inspect", "-f", "{{range .Mounts}}{{.Destination}}:{{.RW}} {{end}}", container
+    ).split()
+    check("/srv/usda-sr28:false" in mounts, f"the SR28 folder is mounted read-only ({mounts})")
+    auth = {"Authorization": f"Bearer {token}"}
+    foods = requests.get(f"{stack.url}/foods", params={"q": "salmon"}, headers=auth, timeout=5)
+    found = foods.json().get("foods", []) if foods.ok else []
+    check(
+        foods.status_code == 200 and bool(found),
+        f"GET /foods?q=salmon through the gateway: {foods.status_code}, {len(found)} foods",
+    )
+    counted = requests.post(
+        f"{stack.url}/nutrition",
+        json={"items": [{"name": "grilled salmon", "grams": 150}]},
+        headers=auth,
+        timeout=5,
+    )
+    check(
+        counted.status_code == 200 and counted.json()["source"] == "usda-sr28",
+        f"POST /nutrition counts 150 g of grilled salmon: {counted.status_code}"
+        f" {counted.json().get('analysis', {}).get('calories')} kcal",
+    )
+    first = analyze(stack, token, photo())
+    check(
+        first.status_code == 200 and first.json()["source"] == "api",
+        f"an analysis with the table: {first.status_code}",
+    )
+
+
+def check_logs(*log_files: Path) -> None:
     """No container of the stack warned about its init."""
-    logs = log_file.read_text()
+    logs = "".join(log_file.read_text() for log_file in log_files if log_file.exists())
     check(TINI_WARNING not in logs and "[WARN  tini" not in logs, "no tini warning in any log")
 
 
@@ -572,14 +646,22 @@ def main() -> int:
         check(True, f"docker build -t {IMAGE} . succeeded")
         check_image_alone(secrets_dir)
         token = token_for(secrets_dir)
-        with running_stack(secrets_dir) as stack:
+        with running_stack(secrets_dir, work / "compose.log") as stack:
             check_stack(stack, token)
-        check_logs(work / "compose.log")
+        folder = sr28_folder()
+        if folder is None:
+            say("no USDA SR28 folder (USDA_SR28_DIR, data/usda-sr28): the table's stack skipped")
+        else:
+            files = (SR28_OVERRIDE,)
+            log_file = work / "compose-sr28.log"
+            with running_stack(secrets_dir, log_file, files, USDA_SR28_DIR=str(folder)) as stack:
+                check_nutrition_stack(stack, token)
+        check_logs(work / "compose.log", work / "compose-sr28.log")
     except (ImageTestFailure, subprocess.SubprocessError, requests.RequestException) as error:
         print(f"image-test: FAILED: {error}", file=sys.stderr)
-        log_file = work / "compose.log"
-        if log_file.exists():
-            print(log_file.read_text()[-6000:], file=sys.stderr)
+        for log_file in (work / "compose.log", work / "compose-sr28.log"):
+            if log_file.exists():
+                print(log_file.read_text()[-6000:], file=sys.stderr)
         return 1
     finally:
         subprocess.run(["docker", "rm", "-f", CONTAINER], capture_output=True, check=False)

@@ -288,6 +288,8 @@ SECRET_FILES = {
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
 MAX_REASONING_OUTPUT_TOKENS = 128_000
+# Pillow refuses to open anything larger as a decompression bomb, whatever the service allows.
+PILLOW_MAX_PIXELS = 2 * 89_478_485
 HEADER_NAME_PATTERN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")
 HTTP_URL_PATTERN = re.compile(r"^https?://[^\s/]+")
 REDIS_URL_PATTERN = re.compile(r"^(rediss?|unix|redis\+sentinel)://")
@@ -399,7 +401,7 @@ class Config:
     )
     image_max_side: int = setting("IMAGE_MAX_SIDE", 1024, "integer", low=64, high=8192)
     image_max_pixels: int = setting(
-        "IMAGE_MAX_PIXELS", 60_000_000, "integer", low=1_000_000, high=400_000_000
+        "IMAGE_MAX_PIXELS", 60_000_000, "integer", low=1_000_000, high=PILLOW_MAX_PIXELS
     )
     decode_budget_mb: int = setting("DECODE_BUDGET_MB", 768, "integer", low=16, high=65536)
     single_flight_lock_seconds: float = setting(
@@ -441,6 +443,7 @@ class Config:
             if (problem := item.metadata["setting"].problem(getattr(self, item.name)))
         ]
         problems.extend(jwt_problems(self))
+        problems.extend(redis_problems(self))
         if problems:
             raise ConfigError(problems)
 
@@ -548,6 +551,39 @@ def jwt_problems(config: Config) -> list[str]:
     if wrong:
         return [f"JWT_PUBLIC_KEY is a {type(key).__name__}, which cannot verify {', '.join(wrong)}"]
     return []
+
+
+def redis_problems(config: Config) -> list[str]:
+    """What is wrong with the Redis settings beyond their form (ports, database, service)."""
+    url = config.redis_url
+    if url is None:
+        cluster_db = config.redis_cluster and config.redis_db != 0
+        return ["REDIS_CLUSTER takes database 0 only (REDIS_DB)"] if cluster_db else []
+    parts = urlsplit(url)
+    if url.startswith("redis+sentinel://"):
+        hosts = parts.netloc.rpartition("@")[2].split(",")
+        if any(not re.fullmatch(r"[^:]+(:[0-9]{1,5})?", host) for host in hosts):
+            return ["REDIS_URL names a Sentinel without a host, or with a port that is no number"]
+        service, _, db = parts.path.strip("/").partition("/")
+        if not service or not re.fullmatch(r"[0-9]*", db):
+            return ["REDIS_URL must name the Sentinel service: redis+sentinel://h1:26379/mymaster"]
+        return []
+    try:
+        _ = parts.port
+    except ValueError:
+        return ["REDIS_URL has a port that is not one"]
+    if url.startswith(("redis://", "rediss://")) and not re.fullmatch(r"/?[0-9]*", parts.path):
+        return ["REDIS_URL's database (its path) must be a number, e.g. redis://cache:6379/0"]
+    if config.redis_cluster and (
+        url.startswith("unix://") or parts.path.strip("/") not in ("", "0")
+    ):
+        return ["REDIS_CLUSTER takes a redis:// or rediss:// node URL with database 0"]
+    return []
+
+
+def redis_url_password(url: str | None) -> str | None:
+    """The password inside a Redis URL, if any, so that logs can blank it out."""
+    return urlsplit(url).password if url else None
 
 
 def read_secret_file(path: Path, problems: list[str]) -> str | None:
@@ -730,7 +766,13 @@ LOG_FILTER = RequestContextFilter()
 def configure_logging(config: Config) -> None:
     """Send the service's lines to stdout, once per process; redact every app's secrets."""
     logger.setLevel(config.log_level)
-    LOG_FILTER.redact_also(config.openai_api_key, config.jwt_secret, config.redis_password)
+    LOG_FILTER.redact_also(
+        config.openai_api_key,
+        config.jwt_secret,
+        config.redis_password,
+        config.redis_sentinel_password,
+        redis_url_password(config.redis_url),
+    )
     if LOG_FILTER in logger.filters:
         return
     logger.propagate = False
@@ -1061,7 +1103,7 @@ def read_note() -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The store (Redis, or bounded in-process LRUs)
+# The store (Redis, or an embedded SQLite file shared by the host's workers)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -1070,6 +1112,8 @@ def read_note() -> str | None:
 REDIS_ERRORS = (redis.RedisError, RedisClusterException)
 # How long an embedded-store statement waits for another process's write to finish.
 STORE_BUSY_SECONDS = 2.0
+# How often (in writes) a table without a size bound drops its expired rows.
+EXPIRE_EVERY = 256
 
 
 class StoreUnavailable(Exception):
@@ -1291,6 +1335,7 @@ class EmbeddedStore:
         """Store a value only if the key is absent (or expired); True when stored."""
         now = time.time()
         cursor = self.run("add", key, value, now + ttl, now, len(key) + len(value), now)
+        self.note_written(len(key) + len(value))
         return cursor.rowcount == 1
 
     def delete_if(self, key: str, value: str) -> None:
@@ -1311,8 +1356,17 @@ class EmbeddedStore:
         return f"embedded ({self.path})"
 
     def note_written(self, size: int) -> None:
-        """Evict once a twentieth of the bound has been written since the last look."""
+        """Evict once a twentieth of the bound has been written since the last look.
+
+        A table without a bound (locks, idempotency records) drops its expired rows every
+        ``EXPIRE_EVERY`` writes instead.
+        """
         if self.max_bytes is None:
+            with self.lock:
+                self.written += 1
+                due = self.written % EXPIRE_EVERY == 0
+            if due:
+                self.run("expire", time.time())
             return
         with self.lock:
             self.written += size
@@ -1418,6 +1472,7 @@ def sentinel_master(url: str, config: Config, options: dict[str, Any]) -> redis.
         sentinel_kwargs={
             "socket_timeout": config.redis_timeout,
             "socket_connect_timeout": config.redis_timeout,
+            "retry": Retry(NoBackoff(), 0),
             "password": config.redis_sentinel_password,
         },
     )
@@ -3036,6 +3091,8 @@ def normalise_analysis(raw: Mapping[str, Any]) -> dict[str, Any]:
     if not name:
         raise UpstreamError("the vision model's answer names no dish")
     totals = sum_items(items) if items else model_totals(raw)
+    if totals["calories"] > MAX_CALORIES:
+        raise UpstreamError(f"the vision model's items add up to {totals['calories']} kcal")
     analysis: dict[str, Any] = {
         "name": name,
         **totals,
@@ -3109,8 +3166,6 @@ def described(raw: Mapping[str, Any]) -> dict[str, str]:
 def sum_items(items: list[dict[str, Any]]) -> dict[str, Any]:
     """The meal's totals: the sums over its items."""
     calories = sum(item["calories"] for item in items)
-    if calories > MAX_CALORIES:
-        raise UpstreamError(f"the vision model's items add up to {calories} kcal")
     return {
         "calories": calories,
         **{name: grams(sum(item[name] for item in items)) for name in ("protein", "carbs", "fat")},
@@ -3573,6 +3628,11 @@ def nutrition() -> Response:
     table = current_services().table_or_503()
     items = [nutrition_item(table, number, asked) for number, asked in read_nutrition_items()]
     totals = sum_items(items)
+    if totals["calories"] > MAX_CALORIES:
+        raise BadRequest(
+            f"the items add up to {totals['calories']} kcal, more than one meal holds "
+            f"({MAX_CALORIES}); check their grams"
+        )
     analysis = {
         "name": ", ".join(item["name"] for item in items)[:MAX_NAME_LENGTH],
         **totals,
@@ -3625,6 +3685,7 @@ def nutrition_item(table: NutritionTable, number: int, asked: Mapping[str, Any])
     if not isinstance(name, str) or not name.strip():
         raise BadRequest(f"item {number}: give a name or an ndbNo")
     method = asked.get("cookingMethod")
+    name = clean_text(name, MAX_NAME_LENGTH)
     found = table.match(name, method=method if isinstance(method, str) else None)
     if found is None:
         raise BadRequest(
@@ -3648,7 +3709,7 @@ def foods() -> Response:
     if not query or len(query) > MAX_NAME_LENGTH:
         raise BadRequest(f"q must be 1 to {MAX_NAME_LENGTH} characters, e.g. q=salmon")
     limit = request.args.get("limit", "10")
-    if not limit.isdigit() or not 1 <= int(limit) <= MAX_FOODS:
+    if not re.fullmatch(r"[0-9]{1,3}", limit) or not 1 <= int(limit) <= MAX_FOODS:
         raise BadRequest(f"limit must be a whole number from 1 to {MAX_FOODS}, got {limit[:10]!r}")
     found = [
         {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import subprocess
 import sys
@@ -497,3 +498,46 @@ def test_redis_password_file_makes_health_connected(file_secrets_client: FlaskCl
     assert response.status_code == 200
     assert checks["redis"] == "connected"
     assert checks["openai"] == "configured"
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"REDIS_URL": "redis+sentinel://h1:abc/mymaster"},
+        {"REDIS_URL": "redis+sentinel://h1:26379/mymaster/x"},
+        {"REDIS_URL": "redis+sentinel://h1:26379"},
+        {"REDIS_URL": "redis://cache:99999/0"},
+        {"REDIS_URL": "redis://cache:6379/zero"},
+        {"REDIS_URL": "unix:///run/redis.sock", "REDIS_CLUSTER": "true"},
+        {"REDIS_URL": "redis://cache:6379/5", "REDIS_CLUSTER": "true"},
+        {"REDIS_HOST": "cache", "REDIS_DB": "5", "REDIS_CLUSTER": "true"},
+    ],
+)
+def test_a_redis_setting_that_cannot_connect_is_named(
+    settings: dict[str, str], secrets_dir: Path
+) -> None:
+    with pytest.raises(ConfigError, match="REDIS_"):
+        Config.from_env(settings, secrets_dir)
+
+
+def test_a_redis_url_password_is_redacted_from_log_lines(
+    make_config: Callable[..., Config],
+) -> None:
+    from app import LOG_FILTER
+
+    create_app(make_config(redis_url="redis://:url-Secret-9876@127.0.0.1:1/0"))
+    record = logging.LogRecord(
+        "image_service", logging.INFO, __file__, 1, "%s", ("url-Secret-9876",), None
+    )
+    LOG_FILTER.filter(record)
+    assert "url-Secret-9876" not in record.getMessage()
+
+
+def test_a_stalled_sentinel_is_asked_once_per_call(
+    make_config: Callable[..., Config],
+) -> None:
+    with StalledServer() as stalled:
+        url = f"redis+sentinel://{stalled.host}:{stalled.port}/mymaster"
+        client = create_app(make_config(redis_url=url, redis_timeout=0.2)).test_client()
+        assert client.get("/health").get_json()["checks"]["redis"] == "connection failed"
+        assert stalled.accepted == 1

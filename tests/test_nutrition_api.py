@@ -354,3 +354,28 @@ def test_a_malformed_table_stops_gunicorn_with_one_line(tmp_path: Path) -> None:
     assert len(output.splitlines()) == 1, output
     assert "USDA_SR28_DIR" in output
     assert "FOOD_DES.txt" in output
+
+
+def test_foods_refuses_a_limit_in_other_digits(
+    grounded: FlaskClient, auth_headers: dict[str, str]
+) -> None:
+    response = grounded.get("/foods?q=salmon&limit=\u00b2", headers=auth_headers)
+    assert_json_error(response, 400, "invalid_parameter")
+
+
+def test_nutrition_items_adding_up_past_any_meal_answer_400(
+    grounded: FlaskClient, auth_headers: dict[str, str]
+) -> None:
+    items = [{"ndbNo": "01001", "grams": 5000}] * 3
+    response = post_nutrition(grounded, auth_headers, {"items": items})
+    assert_json_error(response, 400, "invalid_parameter")
+    assert "kcal" in response.get_json()["error"]
+
+
+def test_a_photo_counted_past_the_models_bound_is_still_answered(
+    grounded: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.analysis = answer(item("butter", grams=1500, calories=10), item("butter", grams=1500))
+    analysis = analysis_of(grounded, auth_headers, 9)
+    assert analysis["calories"] > 10_000
+    assert analysis["calories"] == sum(found["calories"] for found in analysis["items"])

@@ -226,3 +226,16 @@ def test_the_service_carries_on_through_a_sentinel_failover(
     assert [response.status_code for response in statuses + after] == [200] * (len(statuses) + 2)
     assert failed_over
     assert [response.json()["source"] for response in after] == ["api", "cache"]
+
+
+def test_expired_records_are_dropped_as_the_table_is_written(tmp_path: Path) -> None:
+    from app import EXPIRE_EVERY, EmbeddedStore
+
+    store = EmbeddedStore(tmp_path / "store.sqlite3", "records")
+    for number in range(EXPIRE_EVERY - 1):
+        store.set(f"gone-{number}", "x" * 100, 0.001)
+    time.sleep(0.01)
+    store.set("kept", "y", 60)
+    rows = store.connection().execute("SELECT count(*) FROM records").fetchone()[0]
+    assert rows == 1
+    assert store.get("kept") == "y"

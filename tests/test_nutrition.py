@@ -18,9 +18,9 @@ from nutrition import (
     NutritionDataError,
     NutritionTable,
 )
+from tests.conftest import SR28
 from tests.nutrition_labels import COMMON_FOODS, HELD_OUT_FOODS, LABELLED_FOODS, Label
 
-SR28 = Path(__file__).resolve().parents[1].parent / "shared" / "usda-sr28"
 SR28_FILES = (
     "FOOD_DES.txt",
     "FD_GROUP.txt",
@@ -33,14 +33,6 @@ SR28_FILES = (
 LABELLED_MATCH_FLOOR = 0.94
 HELD_OUT_MATCH_FLOOR = 0.90
 ACCEPTANCE_FLOOR = 0.85
-
-
-@pytest.fixture(scope="module")
-def table() -> NutritionTable:
-    """The real SR28 table; its absence is a failure, never a skip."""
-    if not SR28.is_dir():
-        pytest.fail(f"USDA SR28 is missing at {SR28}: the nutrition tests need the real table")
-    return NutritionTable.load(SR28)
 
 
 @pytest.fixture

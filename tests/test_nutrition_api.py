@@ -16,21 +16,12 @@ from flask.testing import FlaskClient
 from app import ConfigError, create_app
 from nutrition import NUTRIENT_UNITS, NutritionTable
 from tests import images
-from tests.conftest import assert_json_error, post_photo
+from tests.conftest import SR28, assert_json_error, post_photo
 from tests.fakes import ChatCompletionsServer, UserServiceServer
 from tests.nutrition_labels import COMMON_FOODS, LABELLED_FOODS
 
 ROOT = Path(__file__).resolve().parents[1]
-SR28 = ROOT.parent / "shared" / "usda-sr28"
 SR28_FILES = ("FOOD_DES.txt", "FD_GROUP.txt", "ABBREV.txt", "ABBREV.columns", "NUTR_DEF.txt")
-
-
-@pytest.fixture(scope="module")
-def table() -> NutritionTable:
-    """The real SR28 table; its absence is a failure, never a skip."""
-    if not SR28.is_dir():
-        pytest.fail(f"USDA SR28 is missing at {SR28}: the nutrition tests need the real table")
-    return NutritionTable.load(SR28)
 
 
 @pytest.fixture

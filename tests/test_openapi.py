@@ -98,12 +98,9 @@ def routed_operations(app: Flask) -> set[tuple[str, str]]:
 
 
 @pytest.fixture
-def app(make_config: Callable[..., Config]) -> Flask:
+def app(make_config: Callable[..., Config], sr28_dir: Path) -> Flask:
     """The app the document is checked against, with the USDA SR28 table loaded too."""
-    sr28 = Path(__file__).resolve().parents[2] / "shared" / "usda-sr28"
-    if not sr28.is_dir():
-        pytest.fail(f"USDA SR28 is missing at {sr28}: the nutrition endpoints need the real table")
-    flask_app = create_app(make_config(usda_sr28_dir=str(sr28)))
+    flask_app = create_app(make_config(usda_sr28_dir=str(sr28_dir)))
     flask_app.testing = True
     return flask_app
 

@@ -5,21 +5,14 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
-import signal
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import requests
 from flask import Flask
 
 from app import LOCK_PREFIX, Config, cache_key_for, create_app, image_digest
 from tests import images
-from tests.conftest import bearer, running_gunicorn
-from tests.fakes import ChatCompletionsServer, RedisServer, Reply, UserServiceServer
-from tests.servers import Gunicorn
+from tests.fakes import ChatCompletionsServer, RedisServer, Reply
 
 PHOTO = images.jpeg(320, 240, color=(200, 90, 40))
 
@@ -40,16 +33,6 @@ def post_in_parallel(app: Flask, headers: dict[str, str], count: int) -> list[tu
 
     with ThreadPoolExecutor(max_workers=count) as pool:
         return list(pool.map(post, range(count)))
-
-
-def post_over_socket(server: Gunicorn) -> requests.Response:
-    """POST PHOTO to a running gunicorn."""
-    return requests.post(
-        f"{server.url}/analyze-food",
-        files={"image": ("meal.jpg", PHOTO, "image/jpeg")},
-        headers=bearer(),
-        timeout=30,
-    )
 
 
 def test_concurrent_misses_in_one_process_make_one_model_call(
@@ -125,55 +108,3 @@ def test_a_changed_model_detail_or_max_side_is_a_new_analysis(
         sources.append(post_in_parallel(app, auth_headers, 1)[0][1]["source"])
     assert sources == ["api", "api", "api", "api", "cache"]
     assert len(model.calls) == 4
-
-
-def test_twenty_uploads_over_two_gunicorns_sharing_redis_make_one_model_call(
-    redis: RedisServer,
-    model: ChatCompletionsServer,
-    user_service: UserServiceServer,
-    tmp_path: Path,
-) -> None:
-    model.enqueue(slow_answer(model, 1.0))
-    first, second = tmp_path / "a", tmp_path / "b"
-    first.mkdir()
-    second.mkdir()
-    env = {"GUNICORN_WORKERS": "2", "GUNICORN_THREADS": "8"}
-    with (
-        running_gunicorn(redis, model, user_service, first, **env) as server_a,
-        running_gunicorn(redis, model, user_service, second, **env) as server_b,
-        ThreadPoolExecutor(max_workers=20) as pool,
-    ):
-        servers = [server_a, server_b] * 10
-        responses = list(pool.map(post_over_socket, servers))
-    assert [response.status_code for response in responses] == [200] * 20
-    assert len(model.calls) == 1
-    assert sorted(response.json()["source"] for response in responses) == ["api"] + ["cache"] * 19
-
-
-def test_a_holder_killed_mid_call_is_taken_over_by_a_waiter_on_another_replica(
-    redis: RedisServer,
-    model: ChatCompletionsServer,
-    user_service: UserServiceServer,
-    tmp_path: Path,
-) -> None:
-    model.enqueue(slow_answer(model, 30.0), slow_answer(model, 0.2))
-    first, second = tmp_path / "a", tmp_path / "b"
-    first.mkdir()
-    second.mkdir()
-    env = {"GUNICORN_WORKERS": "1", "SINGLE_FLIGHT_LOCK_SECONDS": "1", "OPENAI_API_TIMEOUT": "60"}
-    with (
-        running_gunicorn(redis, model, user_service, first, **env) as holder,
-        running_gunicorn(redis, model, user_service, second, **env) as waiter,
-        ThreadPoolExecutor(max_workers=2) as pool,
-    ):
-        lost = pool.submit(post_over_socket, holder)
-        model.wait_for_requests(1, timeout=10)
-        waiting = pool.submit(post_over_socket, waiter)
-        time.sleep(0.3)
-        for pid in holder.worker_pids():
-            os.kill(pid, signal.SIGKILL)
-        response = waiting.result(timeout=30)
-        assert lost.exception(timeout=30) is not None or lost.result().status_code >= 500
-    assert response.status_code == 200
-    assert response.json()["source"] == "api"
-    assert len(model.calls) == 2

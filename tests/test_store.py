@@ -22,7 +22,7 @@ import requests
 
 from tests import images
 from tests.conftest import REDIS_PASSWORD, analyze_over_socket, bearer, running_gunicorn
-from tests.fakes import ChatCompletionsServer, Reply, UserServiceServer
+from tests.fakes import ChatCompletionsServer, RedisServer, Reply, UserServiceServer
 from tests.redis_topologies import RedisCluster, RedisSentinelSet
 from tests.servers import Gunicorn
 
@@ -48,12 +48,19 @@ def sentinels() -> Iterator[RedisSentinelSet]:
         yield topology
 
 
-@pytest.fixture(params=["embedded", "redis-cluster", "redis-sentinel"])
+@pytest.fixture(params=["embedded", "redis", "redis-cluster", "redis-sentinel"])
 def store_settings(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str | None]:
     """The service's settings for one kind of store, empty of anything an earlier test left."""
     kind = request.param
     if kind == "embedded":
         return {"STORE_PATH": str(tmp_path / "shared-store.sqlite3")}
+    if kind == "redis":
+        server: RedisServer = request.getfixturevalue("redis")
+        return {
+            "REDIS_HOST": server.host,
+            "REDIS_PORT": str(server.port),
+            "REDIS_PASSWORD": REDIS_PASSWORD,
+        }
     if kind == "redis-cluster":
         topology: RedisCluster | RedisSentinelSet = request.getfixturevalue("cluster")
         topology.flush()
@@ -93,6 +100,8 @@ def test_each_store_is_named_in_health(
         checks = requests.get(f"{server.url}/health", timeout=5).json()["checks"]
     if "REDIS_CLUSTER" in store_settings:
         assert (checks["store"], checks["redis"]) == ("redis-cluster", "connected")
+    elif "REDIS_HOST" in store_settings:
+        assert (checks["store"], checks["redis"]) == ("redis", "connected")
     elif "REDIS_URL" in store_settings:
         assert (checks["store"], checks["redis"]) == ("redis-sentinel", "connected")
     else:
@@ -142,6 +151,7 @@ def test_twenty_uploads_over_two_gunicorns_make_one_model_call(
             )
     assert [response.status_code for response in responses] == [200] * 20
     assert len(model.calls) == 1
+    assert sorted(response.json()["source"] for response in responses) == ["api"] + ["cache"] * 19
 
 
 def test_four_saves_with_one_key_over_two_workers_make_one_entry(

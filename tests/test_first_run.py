@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from flask.testing import FlaskClient
 
@@ -88,3 +89,20 @@ def test_without_a_model_the_503_names_both_settings(
     assert_json_error(response, 503, "ai_not_configured")
     assert "OPENAI_API_KEY" in response.get_json()["error"]
     assert "OPENAI_BASE_URL" in response.get_json()["error"]
+
+
+def test_an_unreachable_user_service_is_named_in_the_error_and_the_log(
+    client_with: Callable[..., FlaskClient], auth_headers: dict[str, str], logs: Any
+) -> None:
+    from tests.conftest import post_photo
+    from tests.fakes import free_port
+    from tests.images import jpeg
+
+    url = f"http://127.0.0.1:{free_port()}"
+    response = post_photo(
+        client_with(user_service_url=url), auth_headers, jpeg(20, 20), "?save=true"
+    )
+    assert_json_error(response, 502, "user_service_error")
+    assert url in response.get_json()["error"]
+    assert "could not be reached" in response.get_json()["error"]
+    assert any(url in line and "Error saving food entry" in line for line in logs.lines)

@@ -404,7 +404,7 @@ def test_the_image_carries_every_module_gunicorn_imports() -> None:
 
 def test_the_sr28_override_mounts_the_folder_read_only_where_the_service_reads_it() -> None:
     override: dict[str, Any] = yaml.safe_load(
-        (ROOT / "deploy" / "compose.usda-sr28.yml").read_text()
+        (ROOT / "deploy" / "compose.nutrition.yml").read_text()
     )
     service = override["services"]["image-service"]
     (volume,) = service["volumes"]

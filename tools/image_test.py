@@ -11,7 +11,7 @@
    Image Service unpublished, and /health and a cache hit timed while 200 slow-header
    connections are held open against the gateway.
 4. With a USDA SR28 folder (USDA_SR28_DIR, else data/usda-sr28 when present): the stack again
-   with deploy/compose.usda-sr28.yml, the folder mounted read-only, the table loaded, GET /foods
+   with deploy/compose.nutrition.yml, the folder mounted read-only, the table loaded, GET /foods
    and POST /nutrition answered from it. Without one, this step is skipped and says so.
 5. No tini warning in any container's log; everything is removed at the end, pass or fail.
 
@@ -53,7 +53,7 @@ PROBE_TIMEOUT = 5.0
 LATENCY_GOAL = 1.0
 TINI_WARNING = "Tini is not running as PID 1"
 TOKEN_USER = "image-test-user"
-SR28_OVERRIDE = "deploy/compose.usda-sr28.yml"
+SR28_OVERRIDE = "deploy/compose.nutrition.yml"
 
 
 class ImageTestFailure(AssertionError):

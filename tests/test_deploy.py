@@ -19,8 +19,9 @@ from flask.testing import FlaskClient
 
 from app import REQUEST_ID_PATTERN, Config
 from tests import images
+from tests.conftest import analyze_over_socket as analyze
+from tests.conftest import bearer, running_gunicorn
 from tests.fakes import ChatCompletionsServer, RedisServer, UserServiceServer
-from tests.test_gunicorn import analyze, bearer, running_gunicorn
 
 MODEL_DELAY = 2.0
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,6 @@ from tests.conftest import (
     OPENAI_API_KEY,
     REDIS_PASSWORD,
     REQUEST_TIMEOUT,
-    bearer,
     running_gunicorn,
 )
 from tests.conftest import analyze_over_socket as analyze
@@ -26,7 +25,6 @@ SECRETS = {
     "JWT_SECRET": JWT_SECRET,
     "REDIS_PASSWORD": REDIS_PASSWORD,
 }
-__all__ = ["analyze", "bearer", "running_gunicorn"]  # also used by test_deploy
 
 
 def fresh_redis(redis_server: RedisServer) -> RedisServer:

@@ -378,6 +378,19 @@ def running_gunicorn(
         server.kill()
 
 
+@pytest.fixture(scope="module")
+def served(
+    redis_server: RedisServer,
+    model_server: ChatCompletionsServer,
+    user_service_server: UserServiceServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Gunicorn]:
+    """One real gunicorn with gunicorn.conf.py's defaults per test module."""
+    workdir = tmp_path_factory.mktemp("gunicorn-served")
+    with running_gunicorn(redis_server, model_server, user_service_server, workdir) as server:
+        yield server
+
+
 def bearer(user_id: str = "user-42") -> dict[str, str]:
     """An Authorization header with a fresh access token signed with the tests' secret."""
     now = int(time.time())

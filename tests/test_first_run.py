@@ -9,18 +9,24 @@ from typing import Any
 
 from flask.testing import FlaskClient
 
-from tests.conftest import assert_json_error, running_gunicorn
+from tests.conftest import (
+    JWT_SECRET,
+    OPENAI_API_KEY,
+    REDIS_PASSWORD,
+    assert_json_error,
+    running_gunicorn,
+)
 from tests.fakes import ChatCompletionsServer, RedisServer, UserServiceServer
+from tests.servers import Gunicorn
 
 
 def test_gunicorn_says_at_start_what_is_configured(
+    served: Gunicorn,
     redis: RedisServer,
     model: ChatCompletionsServer,
     user_service: UserServiceServer,
-    tmp_path: Path,
 ) -> None:
-    with running_gunicorn(redis, model, user_service, tmp_path) as server:
-        output = server.output()
+    output = served.output()
     summary = next(line for line in output.splitlines() if "Image Service: model" in line)
     assert "gpt-4.1-mini" in summary
     assert model.base_url in summary
@@ -44,16 +50,8 @@ def test_gunicorn_warns_at_start_when_no_model_is_configured(
     assert "OPENAI_BASE_URL" in warning
 
 
-def test_the_start_up_summary_holds_no_secret(
-    redis: RedisServer,
-    model: ChatCompletionsServer,
-    user_service: UserServiceServer,
-    tmp_path: Path,
-) -> None:
-    from tests.conftest import JWT_SECRET, OPENAI_API_KEY, REDIS_PASSWORD
-
-    with running_gunicorn(redis, model, user_service, tmp_path) as server:
-        output = server.output()
+def test_the_start_up_summary_holds_no_secret(served: Gunicorn) -> None:
+    output = served.output()
     for secret in (JWT_SECRET, OPENAI_API_KEY, REDIS_PASSWORD):
         assert secret not in output
 

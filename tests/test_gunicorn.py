@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -33,19 +32,6 @@ def fresh_redis(redis_server: RedisServer) -> RedisServer:
         redis_server.start()
     redis_server.flush()
     return redis_server
-
-
-@pytest.fixture(scope="module")
-def served(
-    redis_server: RedisServer,
-    model_server: ChatCompletionsServer,
-    user_service_server: UserServiceServer,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Gunicorn]:
-    """One gunicorn for the module's request tests; each test resets what it looks at."""
-    workdir = tmp_path_factory.mktemp("gunicorn-served")
-    with running_gunicorn(redis_server, model_server, user_service_server, workdir) as server:
-        yield server
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,7 @@ import json
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import jwt
@@ -34,8 +33,8 @@ from app import (
     prepare_image,
 )
 from tests import images
-from tests.conftest import JWT_SECRET, base_environment, bearer, running_gunicorn
-from tests.fakes import ChatCompletionsServer, RedisServer, UserServiceServer
+from tests.conftest import JWT_SECRET, base_environment, bearer
+from tests.fakes import ChatCompletionsServer, UserServiceServer
 from tests.servers import Gunicorn
 
 MIB = 1024 * 1024
@@ -436,19 +435,6 @@ def test_body_over_max_upload_names_the_size_limit(
 
 
 # ---------------------------------------------------------------------------- over the socket
-
-
-@pytest.fixture(scope="module")
-def served(
-    redis_server: RedisServer,
-    model_server: ChatCompletionsServer,
-    user_service_server: UserServiceServer,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Gunicorn]:
-    """One real gunicorn (gunicorn.conf.py, default MAX_UPLOAD_MB) for the socket tests."""
-    workdir: Path = tmp_path_factory.mktemp("gunicorn-hostile")
-    with running_gunicorn(redis_server, model_server, user_service_server, workdir) as server:
-        yield server
 
 
 @dataclasses.dataclass(frozen=True)

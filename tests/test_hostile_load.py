@@ -322,14 +322,8 @@ def test_a_save_whose_worker_died_can_be_retried_within_seconds(
 # ------------------------------------------------------------------ small things
 
 
-def test_a_header_over_gunicorns_limit_gets_a_json_431(
-    redis: RedisServer,
-    model: ChatCompletionsServer,
-    user_service: UserServiceServer,
-    tmp_path: Path,
-) -> None:
-    with running_gunicorn(redis, model, user_service, tmp_path) as server:
-        response = requests.get(f"{server.url}/health", headers={"X-Big": "x" * 80_000}, timeout=10)
+def test_a_header_over_gunicorns_limit_gets_a_json_431(served: Gunicorn) -> None:
+    response = requests.get(f"{served.url}/health", headers={"X-Big": "x" * 80_000}, timeout=10)
     assert response.status_code == 431
     assert response.headers["Content-Type"] == "application/json"
     assert response.json()["code"] == "header_too_large"
@@ -382,15 +376,11 @@ def test_an_exp_that_is_not_a_time_is_refused(client: FlaskClient, exp: object) 
 
 
 def test_a_socket_closed_by_the_client_mid_upload_leaves_the_worker_serving(
-    redis: RedisServer,
-    model: ChatCompletionsServer,
-    user_service: UserServiceServer,
-    tmp_path: Path,
+    served: Gunicorn,
 ) -> None:
-    with running_gunicorn(redis, model, user_service, tmp_path) as server:
-        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
-            raw.sendall(
-                b"POST /analyze-food HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
-                b"Content-Type: multipart/form-data; boundary=XYZ\r\n\r\n--XYZ\r\n"
-            )
-        assert requests.get(f"{server.url}/health/live", timeout=5).status_code == 200
+    with socket.create_connection(("127.0.0.1", served.port), timeout=5) as raw:
+        raw.sendall(
+            b"POST /analyze-food HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+            b"Content-Type: multipart/form-data; boundary=XYZ\r\n\r\n--XYZ\r\n"
+        )
+    assert requests.get(f"{served.url}/health/live", timeout=5).status_code == 200

@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import threading
 import time
 import uuid
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import FrameType
+from http.server import ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
+
+from stub_http import JsonHandler, serve_until_stopped
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 COMPLETION_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
@@ -85,11 +85,10 @@ def openai_error(message: str) -> dict[str, Any]:
     }
 
 
-class ModelHandler(BaseHTTPRequestHandler):
+class ModelHandler(JsonHandler):
     """Routes the three endpoints; every answer is JSON."""
 
     server: ModelServer
-    protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
         """GET /health, GET /stats and GET /v1/models/<id>."""
@@ -132,19 +131,6 @@ class ModelHandler(BaseHTTPRequestHandler):
         self.server.count_completion()
         self.answer(HTTPStatus.OK, completion(str(request.get("model") or "model-stub")))
 
-    def answer(self, status: HTTPStatus, payload: dict[str, Any]) -> None:
-        """Send `payload` as JSON with `status`."""
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """One line per request on standard output (the base class writes to stderr)."""
-        print(f"{self.address_string()} - {format % args}", flush=True)
-
 
 class ModelServer(ThreadingHTTPServer):
     """The HTTP server, counting the completions its handlers serve."""
@@ -167,19 +153,7 @@ def main() -> int:
     """Serve on 0.0.0.0:$PORT (8090) until SIGTERM or Ctrl-C."""
     port = int(os.environ.get("PORT", "8090"))
     server = ModelServer(("0.0.0.0", port), float(os.environ.get("MODEL_STUB_DELAY", "0")))
-
-    def stop(signum: int, _frame: FrameType | None) -> None:
-        # shutdown() waits for serve_forever() to return, so it must run on another thread.
-        print(f"model-stub: {signal.Signals(signum).name}, stopping", flush=True)
-        threading.Thread(target=server.shutdown).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    print(f"model-stub: listening on 0.0.0.0:{port}", flush=True)
-    with server:
-        server.serve_forever()
-    print("model-stub: stopped", flush=True)
-    return 0
+    return serve_until_stopped(server, "model-stub")
 
 
 if __name__ == "__main__":

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import threading
 import uuid
 from datetime import UTC, datetime
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import FrameType
+from http.server import ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from stub_http import JsonHandler, serve_until_stopped
 
 MAX_BODY_BYTES = 1024 * 1024
 REQUIRED_FIELDS = ("userId", "name")
@@ -68,11 +68,10 @@ def parse_entry(body: bytes) -> dict[str, Any]:
     return fields
 
 
-class UserServiceHandler(BaseHTTPRequestHandler):
+class UserServiceHandler(JsonHandler):
     """Routes the three endpoints; every answer is JSON."""
 
     server: UserServiceServer
-    protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
         """GET /health and GET /food-entries."""
@@ -105,19 +104,6 @@ class UserServiceHandler(BaseHTTPRequestHandler):
             return
         self.answer(HTTPStatus.CREATED, self.server.store.add(fields))
 
-    def answer(self, status: HTTPStatus, payload: dict[str, Any]) -> None:
-        """Send `payload` as JSON with `status`."""
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """One line per request on standard output (the base class writes to stderr)."""
-        print(f"{self.address_string()} - {format % args}", flush=True)
-
 
 class UserServiceServer(ThreadingHTTPServer):
     """The HTTP server, holding the store its handlers share."""
@@ -134,19 +120,7 @@ def main() -> int:
     host = os.environ.get("HOST", "0.0.0.0")
     port = int(os.environ.get("PORT", "8082"))
     server = UserServiceServer((host, port))
-
-    def stop(signum: int, _frame: FrameType | None) -> None:
-        # shutdown() waits for serve_forever() to return, so it must run on another thread.
-        print(f"user-service-stub: {signal.Signals(signum).name}, stopping", flush=True)
-        threading.Thread(target=server.shutdown).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    print(f"user-service-stub: listening on {host}:{port}", flush=True)
-    with server:
-        server.serve_forever()
-    print("user-service-stub: stopped", flush=True)
-    return 0
+    return serve_until_stopped(server, "user-service-stub")
 
 
 if __name__ == "__main__":

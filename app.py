@@ -1292,6 +1292,7 @@ class EmbeddedStore:
         self.sql = {name: template.format(table=table) for name, template in EMBEDDED_SQL.items()}
         self.max_bytes = max_bytes
         self.local = threading.local()
+        self.created_in: int | None = None
         self.written = 0
         self.lock = threading.Lock()
 
@@ -1304,10 +1305,13 @@ class EmbeddedStore:
         connection = sqlite3.connect(
             self.path, timeout=STORE_BUSY_SECONDS, isolation_level=None, check_same_thread=False
         )
-        connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")
-        connection.execute(self.sql["create"])
-        connection.execute(self.sql["index"])
+        if self.created_in != os.getpid():
+            # The file's journal mode and the table outlive the connection: set once a process.
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute(self.sql["create"])
+            connection.execute(self.sql["index"])
+            self.created_in = os.getpid()
         self.local.connection, self.local.pid = connection, os.getpid()
         return connection
 

@@ -3317,9 +3317,10 @@ def ground_in_table(analysis: dict[str, Any], table: NutritionTable | None) -> d
     grounded = {**analysis, **totals, "items": items, "nutrients": total_nutrients(items)}
     if "caloriesRange" in analysis:
         grounded["caloriesRange"] = clean_range(analysis["caloriesRange"], totals["calories"])
-    grounded["warnings"] = consistency_warnings(totals) + [
-        warning for warning in analysis.get("warnings", []) if "foods" in warning
-    ]
+    # The model's totals' consistency gives way to the counted totals'; other warnings stay.
+    stale = consistency_warnings(analysis)
+    kept = [warning for warning in analysis.get("warnings", []) if warning not in stale]
+    grounded["warnings"] = consistency_warnings(totals) + kept
     return grounded
 
 

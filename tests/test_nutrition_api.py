@@ -370,3 +370,11 @@ def test_a_photo_counted_past_the_models_bound_is_still_answered(
     analysis = analysis_of(grounded, auth_headers, 9)
     assert analysis["calories"] > 10_000
     assert analysis["calories"] == sum(found["calories"] for found in analysis["items"])
+
+
+def test_counting_replaces_the_models_consistency_warning_and_keeps_the_others(
+    grounded: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.analysis = answer(*[item("banana", grams=10, calories=300, fat=0)] * 31)
+    warnings = analysis_of(grounded, auth_headers, 11)["warnings"]
+    assert warnings == ["the model listed 31 foods; the first 30 are kept and summed"]

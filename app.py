@@ -3019,7 +3019,17 @@ def count_tokens(usage: Mapping[str, int]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-NUMBER_PATTERN = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+# A number the model wrote as text: ASCII digits with an optional minus and decimal point, then
+# the field's own unit if any ("450 kcal", "12.5 g", "92%"); "1e3", "1,5" or "2.5kg" are not read.
+DECIMAL_TEXT = re.compile(
+    r"\s*(-?(?:[0-9]+\.?[0-9]*|\.[0-9]+))\s*([a-z%]*)\s*", re.ASCII | re.IGNORECASE
+)
+MAX_NUMBER_TEXT = 30
+ENERGY_UNIT = "kcal"
+MASS_UNIT = "g"
+PERCENT = "%"
+# How much of any one string from the model is looked at; every text field keeps far less.
+MAX_TEXT_READ = 1_000
 CODE_FENCE_PATTERN = re.compile(r"^\s*```[A-Za-z0-9_-]*\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)
 # Bounds beyond which a model's estimate for one photographed meal is not believable.
 MAX_CALORIES = 10_000
@@ -3033,6 +3043,14 @@ MAX_ASSUMPTIONS = 10
 MAX_SUGGESTIONS = 3
 MAX_STATEMENT_LENGTH = 200
 MAX_ENERGY_GAP = 0.25
+# What one meal holds: the meal's totals, and each item's grams, calories and macronutrients.
+MEAL_LIMITS = (
+    ("calories", MAX_CALORIES, ENERGY_UNIT),
+    ("protein", MAX_GRAMS, MASS_UNIT),
+    ("carbs", MAX_GRAMS, MASS_UNIT),
+    ("fat", MAX_GRAMS, MASS_UNIT),
+)
+ITEM_LIMITS = (("grams", MAX_ITEM_GRAMS, MASS_UNIT), *MEAL_LIMITS)
 
 
 def parse_model_payload(payload: Mapping[str, Any], requested_model: str) -> ModelAnswer:
@@ -3122,10 +3140,10 @@ def normalise_analysis(raw: Mapping[str, Any]) -> dict[str, Any]:
 def model_totals(raw: Mapping[str, Any]) -> dict[str, Any]:
     """The totals as the model gave them, from servers that answer without items."""
     return {
-        "calories": round(bounded_number(raw["calories"], "calories", MAX_CALORIES)),
-        "protein": grams(bounded_number(raw["protein"], "protein", MAX_GRAMS)),
-        "carbs": grams(bounded_number(raw["carbs"], "carbs", MAX_GRAMS)),
-        "fat": grams(bounded_number(raw["fat"], "fat", MAX_GRAMS)),
+        "calories": round(bounded_number(raw["calories"], "calories", MAX_CALORIES, ENERGY_UNIT)),
+        "protein": grams(bounded_number(raw["protein"], "protein", MAX_GRAMS, MASS_UNIT)),
+        "carbs": grams(bounded_number(raw["carbs"], "carbs", MAX_GRAMS, MASS_UNIT)),
+        "fat": grams(bounded_number(raw["fat"], "fat", MAX_GRAMS, MASS_UNIT)),
     }
 
 
@@ -3145,16 +3163,21 @@ def clean_items(value: Any) -> list[dict[str, Any]]:
         items.append(
             {
                 "name": clean_text(raw["name"], MAX_NAME_LENGTH) or "unnamed food",
-                "grams": grams(bounded_number(raw["grams"], "item grams", MAX_ITEM_GRAMS)),
-                "calories": round(bounded_number(raw["calories"], "item calories", MAX_CALORIES)),
-                "protein": grams(bounded_number(raw["protein"], "item protein", MAX_GRAMS)),
-                "carbs": grams(bounded_number(raw["carbs"], "item carbs", MAX_GRAMS)),
-                "fat": grams(bounded_number(raw["fat"], "item fat", MAX_GRAMS)),
+                **item_numbers(raw),
                 "confidence": clean_confidence(raw["confidence"]),
                 **described(raw),
             }
         )
     return items
+
+
+def item_numbers(raw: Mapping[str, Any]) -> dict[str, float | int]:
+    """An item's grams, calories and macronutrients, each within what one meal holds."""
+    numbers: dict[str, float | int] = {}
+    for name, high, unit in ITEM_LIMITS:
+        number = bounded_number(raw[name], f"item {name}", high, unit)
+        numbers[name] = round(number) if unit == ENERGY_UNIT else grams(number)
+    return numbers
 
 
 def described(raw: Mapping[str, Any]) -> dict[str, str]:
@@ -3180,8 +3203,8 @@ def clean_range(value: Any, calories: int) -> dict[str, int] | None:
     """The calorie range, ordered and widened so that ``low <= calories <= high``."""
     if not isinstance(value, dict) or "low" not in value or "high" not in value:
         return None
-    low = round(bounded_number(value["low"], "calorie range", MAX_CALORIES))
-    high = round(bounded_number(value["high"], "calorie range", MAX_CALORIES))
+    low = round(bounded_number(value["low"], "calorie range", MAX_CALORIES, ENERGY_UNIT))
+    high = round(bounded_number(value["high"], "calorie range", MAX_CALORIES, ENERGY_UNIT))
     low, high = min(low, high), max(low, high)
     return {"low": min(low, calories), "high": max(high, calories)}
 
@@ -3195,7 +3218,9 @@ def clean_strings(value: Any, limit: int) -> list[str]:
     if not isinstance(value, list):
         raise UpstreamError("the vision model's answer holds a non-list where a list belongs")
     texts = (
-        " ".join(item.split())[:MAX_STATEMENT_LENGTH] for item in value if isinstance(item, str)
+        " ".join(item[:MAX_TEXT_READ].split())[:MAX_STATEMENT_LENGTH]
+        for item in value
+        if isinstance(item, str)
     )
     return [text for text in texts if text][:limit]
 
@@ -3215,30 +3240,42 @@ def consistency_warnings(totals: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def parse_number(value: Any) -> float | None:
-    """A number from a number or a string such as ``"450 kcal"`` or ``"1,200"``."""
-    if isinstance(value, bool):
+def parse_number(value: Any, unit: str = "") -> float | None:
+    """A finite number from a JSON number, or from plain decimal text in the field's own unit.
+
+    Text is read only as ASCII digits with an optional minus and decimal point, so that "1e3",
+    "1,5", "2.5kg", "0x10" or another script's digits are never taken for some other number.
+    """
+    if isinstance(value, str):
+        return decimal_text(value, unit)
+    return json_number(value)
+
+
+def json_number(value: Any) -> float | None:
+    """A JSON number (not a boolean) as a finite float, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     try:
-        if isinstance(value, (int, float)):
-            number = float(value)
-        elif isinstance(value, str):
-            found = NUMBER_PATTERN.search(value)
-            if not found:
-                return None
-            number = float(found.group().replace(",", ""))
-        else:
-            return None
+        number = float(value)
     except OverflowError:
         return None
     return number if math.isfinite(number) else None
 
 
-def bounded_number(value: Any, name: str, high: float) -> float:
-    """A non-negative, believable number, or UpstreamError."""
-    number = parse_number(value)
+def decimal_text(text: str, unit: str) -> float | None:
+    """The number in a short plain decimal text, bare or in ``unit``, else None."""
+    found = DECIMAL_TEXT.fullmatch(text) if len(text) <= MAX_NUMBER_TEXT else None
+    if found is None or found.group(2).lower() not in ("", unit):
+        return None
+    return json_number(float(found.group(1)))
+
+
+def bounded_number(value: Any, name: str, high: float, unit: str) -> float:
+    """A non-negative, believable number (text only plain decimal in ``unit``), or UpstreamError."""
+    number = parse_number(value, unit)
     if number is None:
-        raise UpstreamError(f"the vision model's {name} is not a number")
+        shown = str(value)[:MAX_NUMBER_TEXT]
+        raise UpstreamError(f"the vision model's {name} ({shown!r}) is not a number in {unit}")
     if number < 0 or number > high:
         raise UpstreamError(f"the vision model's {name} ({number:g}) is not believable")
     return number
@@ -3256,7 +3293,7 @@ def clean_text(value: Any, limit: int) -> str:
         value = str(value)
     if not isinstance(value, str):
         raise UpstreamError("the vision model's answer holds a non-text value where text belongs")
-    return " ".join(value.split())[:limit]
+    return " ".join(value[:MAX_TEXT_READ].split())[:limit]
 
 
 def clean_ingredients(value: Any) -> list[str]:
@@ -3265,18 +3302,20 @@ def clean_ingredients(value: Any) -> list[str]:
         value = value.split(",")
     if not isinstance(value, list):
         raise UpstreamError("the vision model's ingredients are not a list")
-    seen: dict[str, None] = {}
+    kept: dict[str, str] = {}
     for item in value:
+        if len(kept) == MAX_INGREDIENTS:
+            break
         if isinstance(item, str):
-            text = " ".join(item.split())[:MAX_INGREDIENT_LENGTH]
-            if text and text.lower() not in {key.lower() for key in seen}:
-                seen[text] = None
-    return list(seen)[:MAX_INGREDIENTS]
+            text = " ".join(item[:MAX_TEXT_READ].split())[:MAX_INGREDIENT_LENGTH]
+            if text:
+                kept.setdefault(text.lower(), text)
+    return list(kept.values())
 
 
 def clean_confidence(value: Any) -> float:
     """A confidence in [0, 1]; a percentage such as 92 or "92%" is read as 0.92."""
-    number = parse_number(value)
+    number = parse_number(value, PERCENT)
     if number is None:
         raise UpstreamError("the vision model's confidence is not a number")
     looks_like_percent = (isinstance(value, str) and "%" in value) or number.is_integer()
@@ -3671,9 +3710,11 @@ def read_nutrition_items() -> list[tuple[int, Mapping[str, Any]]]:
 
 def nutrition_item(table: NutritionTable, number: int, asked: Mapping[str, Any]) -> dict[str, Any]:
     """One item of ``POST /nutrition``: the food picked by ``ndbNo``, or matched by its name."""
-    weight = parse_number(asked.get("grams"))
+    weight = json_number(asked.get("grams"))
     if weight is None or not 0 <= weight <= MAX_ITEM_GRAMS:
-        raise BadRequest(f"item {number}: grams must be a number from 0 to {MAX_ITEM_GRAMS}")
+        raise BadRequest(
+            f"item {number}: grams must be a JSON number (not text) from 0 to {MAX_ITEM_GRAMS}"
+        )
     ndb_no, name = asked.get("ndbNo"), asked.get("name")
     if isinstance(ndb_no, str) and ndb_no:
         food = table.food(ndb_no)
@@ -3691,7 +3732,8 @@ def nutrition_item(table: NutritionTable, number: int, asked: Mapping[str, Any])
         raise BadRequest(f"item {number}: give a name or an ndbNo")
     method = asked.get("cookingMethod")
     name = clean_text(name, MAX_NAME_LENGTH)
-    found = table.match(name, method=method if isinstance(method, str) else None)
+    method = clean_text(method, MAX_NAME_LENGTH) if isinstance(method, str) else None
+    found = table.match(name, method=method)
     if found is None:
         raise BadRequest(
             f"item {number}: no USDA SR28 food matches {name[:60]!r}; pick one with GET /foods?q="

@@ -18,12 +18,16 @@ from requests.structures import CaseInsensitiveDict
 from werkzeug.test import TestResponse
 
 from app import (
+    MAX_INGREDIENTS,
+    MAX_NAME_LENGTH,
+    MAX_TEXT_READ,
     AnalysisRequest,
     Config,
     NotFood,
     UpstreamError,
     UpstreamReply,
     build_model_request,
+    clean_text,
     normalise_analysis,
     parse_model_content,
     parse_number,
@@ -328,11 +332,21 @@ def test_numbers_given_as_strings_are_parsed(
     )
 
 
-def test_calories_with_a_thousands_separator_are_parsed(
+def test_an_items_numbers_given_as_strings_in_their_units_are_parsed(
     api: AnalyzeActions, model: ChatCompletionsServer
 ) -> None:
-    model.enqueue(answer_with(calories="1,200"))
-    assert api.analyze().get_json()["analysis"]["calories"] == 1200
+    food = {"name": "rice", "grams": "180 g", "calories": "234kcal", "protein": "4.3 g"}
+    model.enqueue(answer_with(items=[{**food, "carbs": "51.5", "fat": ".5", "confidence": "80%"}]))
+    [counted] = api.analyze().get_json()["analysis"]["items"]
+    assert counted == {
+        **food,
+        "grams": 180,
+        "calories": 234,
+        "protein": 4.3,
+        "carbs": 51.5,
+        "fat": 0.5,
+        "confidence": 0.8,
+    }
 
 
 def test_calories_are_a_whole_number(api: AnalyzeActions, model: ChatCompletionsServer) -> None:
@@ -377,6 +391,35 @@ def test_negative_confidence_is_clamped_to_zero(
     assert api.analyze().get_json()["analysis"]["confidence"] == 0.0
 
 
+LONG_TEXT = "word " * 10_000
+
+
+def test_every_string_from_the_model_is_cut_to_its_cap(
+    api: AnalyzeActions, model: ChatCompletionsServer
+) -> None:
+    food = {
+        "name": LONG_TEXT,
+        "grams": 100,
+        "calories": 100,
+        "protein": 5,
+        "carbs": 10,
+        "fat": 4,
+        "confidence": 0.8,
+        "description": LONG_TEXT,
+        "cookingMethod": LONG_TEXT,
+    }
+    texts = {"name": LONG_TEXT, "servingSize": LONG_TEXT, "ingredients": [LONG_TEXT]}
+    listed = {"assumptions": [LONG_TEXT], "suggestions": [LONG_TEXT], "items": [food]}
+    model.enqueue(answer_with(**texts, **listed))
+    analysis = api.analyze().get_json()["analysis"]
+    [counted] = analysis["items"]
+    strings = [analysis["name"], analysis["servingSize"], *analysis["ingredients"]]
+    strings += [*analysis["assumptions"], *analysis["suggestions"]]
+    strings += [counted["name"], counted["description"], counted["cookingMethod"]]
+    assert len(strings) == 8
+    assert all(0 < len(text) <= MAX_NAME_LENGTH for text in strings)
+
+
 # ------------------------------------------------------------------ answers the service refuses
 
 UNUSABLE_ANSWERS = {
@@ -384,6 +427,35 @@ UNUSABLE_ANSWERS = {
     "absurd calories": answer_with(calories=50_000),
     "absurd grams": answer_with(fat=5_000),
     "calories not a number": answer_with(calories="lots"),
+    "calories in exponent notation": answer_with(calories="1e3"),
+    "calories beyond a float as text": answer_with(calories="1e308"),
+    "calories with a thousands separator": answer_with(calories="1,200"),
+    "protein in kilograms": answer_with(protein="2.5kg"),
+    "protein in calories": answer_with(protein="40 kcal"),
+    "calories in grams": answer_with(calories="450 g"),
+    "fat with a decimal comma": answer_with(fat="1,5"),
+    "carbs with a unicode minus": answer_with(carbs="\u22125"),
+    "calories in hexadecimal": answer_with(calories="0x10"),
+    "protein in arabic-indic digits": answer_with(protein="\u0661\u0662"),
+    "protein in fullwidth digits": answer_with(protein="\uff14\uff10"),
+    "fat with words around it": answer_with(fat="about 25 g"),
+    "calories as infinity": answer_with(calories="Infinity"),
+    "calories with an underscore": answer_with(calories="1_000"),
+    "confidence in exponent notation": answer_with(confidence="9e-1"),
+    "item grams in kilograms": answer_with(
+        items=[
+            {
+                "name": "rice",
+                "grams": "2.5kg",
+                "calories": 234,
+                "protein": 4,
+                "carbs": 51,
+                "fat": 0,
+                "confidence": 0.8,
+            }
+        ]
+    ),
+    "calorie range in exponent notation": answer_with(caloriesRange={"low": "4e2", "high": 500}),
     "missing field": answer_with(protein=None),
     "empty name": answer_with(name=""),
     "prose": completion("This looks like grilled salmon with about 450 kcal."),
@@ -534,21 +606,97 @@ def test_failed_analysis_logs_error_analyzing_food_image(
     [
         (450, 450.0),
         (12.5, 12.5),
-        ("450 kcal", 450.0),
-        ("40 g", 40.0),
-        ("1,200", 1200.0),
-        ("about 12.5g", 12.5),
+        ("450", 450.0),
+        (" 12.5 ", 12.5),
         (".5", 0.5),
         ("-3", -3.0),
+        ("0012", 12.0),
+        ("5.", 5.0),
     ],
 )
-def test_parse_number_reads_numbers_and_numeric_strings(value: Any, expected: float) -> None:
+def test_parse_number_reads_numbers_and_plain_decimal_strings(value: Any, expected: float) -> None:
     assert parse_number(value) == expected
 
 
-@pytest.mark.parametrize("value", ["lots", "", None, True, [450], float("nan"), float("inf")])
-def test_parse_number_refuses_what_is_not_a_finite_number(value: Any) -> None:
+@pytest.mark.parametrize(
+    ("value", "unit", "expected"),
+    [
+        ("450 kcal", "kcal", 450.0),
+        ("450kcal", "kcal", 450.0),
+        ("450 KCAL", "kcal", 450.0),
+        ("40 g", "g", 40.0),
+        ("12.5g", "g", 12.5),
+        ("92%", "%", 92.0),
+        ("12.5", "g", 12.5),
+        (12.5, "g", 12.5),
+    ],
+)
+def test_parse_number_reads_a_decimal_string_in_its_own_unit(
+    value: Any, unit: str, expected: float
+) -> None:
+    assert parse_number(value, unit) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "lots",
+        "",
+        " ",
+        None,
+        True,
+        [450],
+        float("nan"),
+        float("inf"),
+        pytest.param(10**400, id="an int beyond a float"),
+        "1e3",
+        "1E3",
+        "1e308",
+        "1,5",
+        "1,200",
+        "1.200,5",
+        "\u22125",
+        "+5",
+        "--5",
+        "0x10",
+        "0b101",
+        "1_000",
+        "\u0661\u0662",
+        "\uff15",
+        "\u00b2",
+        "inf",
+        "nan",
+        "Infinity",
+        "about 12.5",
+        "12.5 or so",
+        "1.2.3",
+        "-",
+        ".",
+        "12 5",
+        "1" * 400,
+    ],
+)
+def test_parse_number_refuses_what_is_not_a_plain_finite_decimal(value: Any) -> None:
     assert parse_number(value) is None
+    assert parse_number(value, "g") is None
+
+
+@pytest.mark.parametrize(
+    ("value", "unit"),
+    [
+        ("2.5kg", "g"),
+        ("2.5 mg", "g"),
+        ("450 kcal", "g"),
+        ("40 g", "kcal"),
+        ("92%", "g"),
+        ("450 cal", "kcal"),
+        ("40 grams", "g"),
+        ("40 g g", "g"),
+        ("40 g", ""),
+    ],
+)
+def test_parse_number_refuses_a_unit_not_the_fields_own(value: str, unit: str) -> None:
+    assert parse_number(value, unit) is None
 
 
 @pytest.mark.parametrize(
@@ -613,6 +761,25 @@ def test_normalise_analysis_turns_comma_separated_ingredients_into_a_list() -> N
 def test_normalise_analysis_drops_non_text_and_repeated_ingredients() -> None:
     raw = {**DEFAULT_ANALYSIS, "ingredients": ["salmon", 7, "Salmon", "", "  lemon  "]}
     assert normalise_analysis(raw)["ingredients"] == ["salmon", "lemon"]
+
+
+def test_normalise_analysis_keeps_the_first_distinct_ingredients() -> None:
+    names = [f"food {number}" for number in range(MAX_INGREDIENTS * 3)]
+    raw = {**DEFAULT_ANALYSIS, "ingredients": ["salmon", "SALMON", *names]}
+    assert normalise_analysis(raw)["ingredients"] == ["salmon", *names[: MAX_INGREDIENTS - 1]]
+
+
+def test_text_from_the_model_is_read_no_further_than_its_bound() -> None:
+    late = " " * MAX_TEXT_READ + "late words"
+    raw = {**DEFAULT_ANALYSIS, "name": "soup", "servingSize": late, "assumptions": [late]}
+    analysis = normalise_analysis({**raw, "ingredients": [late], "suggestions": [late]})
+    assert analysis["servingSize"] == ""
+    assert (analysis["ingredients"], analysis["assumptions"], analysis["suggestions"]) == (
+        [],
+        [],
+        [],
+    )
+    assert clean_text(late, MAX_NAME_LENGTH) == ""
 
 
 def response_with(headers: dict[str, str]) -> UpstreamReply:

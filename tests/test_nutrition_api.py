@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from app import ConfigError, create_app
+from app import MAX_TEXT_READ, ConfigError, create_app
 from nutrition import NUTRIENT_UNITS, NutritionTable
 from tests import images
 from tests.conftest import SR28, assert_json_error, post_photo
@@ -370,6 +370,67 @@ def test_a_photo_counted_past_the_models_bound_is_still_answered(
     analysis = analysis_of(grounded, auth_headers, 9)
     assert analysis["calories"] > 10_000
     assert analysis["calories"] == sum(found["calories"] for found in analysis["items"])
+
+
+@pytest.mark.parametrize(
+    "grams",
+    [
+        "1e3",
+        "2.5kg",
+        "1,5",
+        "\u22125",
+        "0x10",
+        "1e308",
+        "150",
+        "\u0661\u0665\u0660",
+        True,
+        None,
+        [150],
+        {"value": 150},
+    ],
+)
+def test_nutrition_refuses_grams_that_are_not_a_json_number(
+    grounded: FlaskClient, auth_headers: dict[str, str], grams: Any
+) -> None:
+    body = {"items": [{"ndbNo": "15237", "grams": 150}, {"name": "banana", "grams": grams}]}
+    response = post_nutrition(grounded, auth_headers, body)
+    assert_json_error(response, 400, "invalid_parameter")
+    assert "item 2: grams" in response.get_json()["error"]
+
+
+@pytest.mark.parametrize("grams", ["1e400", "-1e400", "NaN", "Infinity"])
+def test_nutrition_refuses_grams_beyond_a_float(
+    grounded: FlaskClient, auth_headers: dict[str, str], grams: str
+) -> None:
+    body = f'{{"items": [{{"ndbNo": "15237", "grams": {grams}}}]}}'
+    response = grounded.post(
+        "/nutrition", data=body, content_type="application/json", headers=auth_headers
+    )
+    assert_json_error(response, 400, "invalid_parameter")
+    assert "grams" in response.get_json()["error"]
+
+
+@pytest.mark.parametrize("grams", [0, 150, 150.5, 5000])
+def test_nutrition_takes_grams_as_json_numbers(
+    grounded: FlaskClient, auth_headers: dict[str, str], grams: float
+) -> None:
+    response = post_nutrition(
+        grounded, auth_headers, {"items": [{"ndbNo": "09040", "grams": grams}]}
+    )
+    assert response.status_code == 200
+    assert response.get_json()["analysis"]["items"][0]["grams"] == grams
+
+
+def test_nutrition_reads_a_cooking_method_no_further_than_its_bound(
+    grounded: FlaskClient, auth_headers: dict[str, str]
+) -> None:
+    def matched(method: str) -> Any:
+        items = [{"name": "chicken breast", "grams": 100, "cookingMethod": method}]
+        return post_nutrition(grounded, auth_headers, {"items": items}).get_json()["analysis"]
+
+    plain = matched("")
+    assert matched("x " * MAX_TEXT_READ + "fried")["items"] == plain["items"]
+    assert matched("fried")["items"][0]["ndbNo"] != plain["items"][0]["ndbNo"]
 
 
 def test_counting_replaces_the_models_consistency_warning_and_keeps_the_others(

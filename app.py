@@ -3051,6 +3051,8 @@ MEAL_LIMITS = (
     ("fat", MAX_GRAMS, MASS_UNIT),
 )
 ITEM_LIMITS = (("grams", MAX_ITEM_GRAMS, MASS_UNIT), *MEAL_LIMITS)
+RANGE_LIMITS = (("low", MAX_CALORIES, ENERGY_UNIT), ("high", MAX_CALORIES, ENERGY_UNIT))
+MAX_PROBLEMS_SHOWN = 3
 
 
 def parse_model_payload(payload: Mapping[str, Any], requested_model: str) -> ModelAnswer:
@@ -3113,8 +3115,6 @@ def normalise_analysis(raw: Mapping[str, Any]) -> dict[str, Any]:
     if not name:
         raise UpstreamError("the vision model's answer names no dish")
     totals = sum_items(items) if items else model_totals(raw)
-    if totals["calories"] > MAX_CALORIES:
-        raise UpstreamError(f"the vision model's items add up to {totals['calories']} kcal")
     analysis: dict[str, Any] = {
         "name": name,
         **totals,
@@ -3134,7 +3134,7 @@ def normalise_analysis(raw: Mapping[str, Any]) -> dict[str, Any]:
         analysis["warnings"].append(
             f"the model listed {len(listed)} foods; the first {MAX_ITEMS} are kept and summed"
         )
-    return analysis
+    return believable(analysis, UpstreamError, "the vision model's answer")
 
 
 def model_totals(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -3281,6 +3281,53 @@ def bounded_number(value: Any, name: str, high: float, unit: str) -> float:
     return number
 
 
+def beyond_limits(analysis: Mapping[str, Any]) -> list[str]:
+    """Each number of a final answer outside the limits a model's own estimate is held to.
+
+    Whoever counted the answer (the model, the table, or anything later that changes numbers),
+    the same bounds hold, so no way of computing a meal serves what no meal holds.
+    """
+    problems = numbers_outside(analysis, MEAL_LIMITS, "the meal's")
+    items = analysis.get("items", [])
+    if not isinstance(items, list):
+        return [*problems, "the items are not a list"]
+    for number, item in enumerate(items, 1):
+        problems += numbers_outside(item, ITEM_LIMITS, f"item {number}'s")
+    calories_range = analysis.get("caloriesRange")
+    if calories_range is not None:
+        problems += numbers_outside(calories_range, RANGE_LIMITS, "the calorie range's")
+    return problems
+
+
+def numbers_outside(
+    values: Any, limits: tuple[tuple[str, float, str], ...], whose: str
+) -> list[str]:
+    """The fields of ``values`` that are not JSON numbers from 0 to their limit, in words."""
+    if not isinstance(values, Mapping):
+        return [f"{whose} numbers are not an object"]
+    problems = []
+    for name, high, unit in limits:
+        number = json_number(values.get(name))
+        if number is None:
+            problems.append(f"{whose} {name}: not a number")
+        elif not 0 <= number <= high:
+            problems.append(f"{whose} {name}: {number:.10g} {unit}, not within 0 to {high} {unit}")
+    return problems
+
+
+def believable(
+    analysis: dict[str, Any],
+    refusal: type[ServiceError] = UpstreamError,
+    whose: str = "the analysis",
+) -> dict[str, Any]:
+    """The answer unchanged when its numbers are within one meal's limits, else ``refusal``."""
+    problems = beyond_limits(analysis)
+    if problems:
+        shown = "; ".join(problems[:MAX_PROBLEMS_SHOWN])
+        raise refusal(f"{whose}: not believable as one meal ({shown})")
+    return analysis
+
+
 def grams(value: float) -> float | int:
     """Grams with at most one decimal; a whole number stays whole (``40``, not ``40.0``)."""
     rounded = round(float(value), 1)
@@ -3361,6 +3408,11 @@ def ground_in_table(analysis: dict[str, Any], table: NutritionTable | None) -> d
     kept = [warning for warning in analysis.get("warnings", []) if warning not in stale]
     grounded["warnings"] = consistency_warnings(totals) + kept
     return grounded
+
+
+def final_analysis(analysis: dict[str, Any], table: NutritionTable | None) -> dict[str, Any]:
+    """The model's analysis counted from the table, refused as absurd past one meal's limits."""
+    return believable(ground_in_table(analysis, table), whose="the analysis counted from the table")
 
 
 def ground_item(item: Mapping[str, Any], table: NutritionTable) -> dict[str, Any]:
@@ -3637,13 +3689,13 @@ def fresh_analysis(services: Services, form: AnalysisForm, key: str) -> dict[str
     try:
         with services.model_slots.hold():
             answer = services.model.analyze(prepared.jpeg, form.wanted, g.request_id)
+        analysis = final_analysis(answer.analysis, services.table)
     except NotFood:
         services.cache.set(key, NOT_FOOD_VERDICT)
         raise
     except (UpstreamError, UpstreamRateLimited, AINotConfigured, Overloaded) as error:
         logger.error("Error analyzing food image: %s", error.message)
         raise
-    analysis = ground_in_table(answer.analysis, services.table)
     services.cache.set(key, analysis)
     return analysis
 
@@ -3672,11 +3724,6 @@ def nutrition() -> Response:
     table = current_services().table_or_503()
     items = [nutrition_item(table, number, asked) for number, asked in read_nutrition_items()]
     totals = sum_items(items)
-    if totals["calories"] > MAX_CALORIES:
-        raise BadRequest(
-            f"the items add up to {totals['calories']} kcal, more than one meal holds "
-            f"({MAX_CALORIES}); check their grams"
-        )
     analysis = {
         "name": ", ".join(item["name"] for item in items)[:MAX_NAME_LENGTH],
         **totals,
@@ -3689,7 +3736,8 @@ def nutrition() -> Response:
         "suggestions": [],
         "warnings": consistency_warnings(totals),
     }
-    return jsonify(analysis=analysis, source="usda-sr28")
+    checked = believable(analysis, BadRequest, "the items' grams")
+    return jsonify(analysis=checked, source="usda-sr28")
 
 
 def read_nutrition_items() -> list[tuple[int, Mapping[str, Any]]]:

@@ -697,6 +697,7 @@ UNUSABLE_ANSWERS = {
     "item with negative grams": new_answer(items=[item(grams=-50)]),
     "item of 50 kg": new_answer(items=[item(grams=50_000)]),
     "items above 10000 kcal": new_answer(items=[item(calories=4_000)] * 3),
+    "items above 2 kg of protein": new_answer(items=[item(calories=300, protein=1_500)] * 2),
     "item without calories": new_answer(
         items=[{key: value for key, value in ITEMS[0].items() if key != "calories"}]
     ),

@@ -18,7 +18,10 @@ from requests.structures import CaseInsensitiveDict
 from werkzeug.test import TestResponse
 
 from app import (
+    MAX_CALORIES,
+    MAX_GRAMS,
     MAX_INGREDIENTS,
+    MAX_ITEM_GRAMS,
     MAX_NAME_LENGTH,
     MAX_TEXT_READ,
     AnalysisRequest,
@@ -26,6 +29,7 @@ from app import (
     NotFood,
     UpstreamError,
     UpstreamReply,
+    beyond_limits,
     build_model_request,
     clean_text,
     normalise_analysis,
@@ -780,6 +784,56 @@ def test_text_from_the_model_is_read_no_further_than_its_bound() -> None:
         [],
     )
     assert clean_text(late, MAX_NAME_LENGTH) == ""
+
+
+def final_answer(**changes: Any) -> dict[str, Any]:
+    """A believable final answer of two items, with some of its numbers changed."""
+    food = {"name": "rice", "grams": 180, "calories": 234, "protein": 4, "carbs": 51, "fat": 1}
+    analysis: dict[str, Any] = {
+        **normalise_analysis({**DEFAULT_ANALYSIS, "items": [{**food, "confidence": 1}] * 2}),
+        "caloriesRange": {"low": 400, "high": 600},
+    }
+    for path, value in changes.items():
+        *parents, name = path.split("__")
+        holder = analysis
+        for parent in parents:
+            holder = holder[int(parent)] if parent.isdigit() else holder[parent]
+        holder[name] = value
+    return analysis
+
+
+def test_a_believable_final_answer_is_within_the_limits() -> None:
+    assert beyond_limits(final_answer()) == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"calories": MAX_CALORIES + 1}, "calories"),
+        ({"protein": MAX_GRAMS + 0.1}, "protein"),
+        ({"carbs": MAX_GRAMS * 2}, "carbs"),
+        ({"fat": -1}, "fat"),
+        ({"items__1__grams": MAX_ITEM_GRAMS + 1}, "item 2's grams"),
+        ({"items__0__calories": MAX_CALORIES + 1}, "item 1's calories"),
+        ({"items__0__fat": MAX_GRAMS + 1}, "item 1's fat"),
+        ({"items__1__protein": -0.5}, "item 2's protein"),
+        ({"caloriesRange__high": MAX_CALORIES + 1}, "calorie range"),
+        ({"calories": "450"}, "calories"),
+        ({"items__0__carbs": None}, "item 1's carbs"),
+        ({"fat": float("nan")}, "fat"),
+        ({"protein": True}, "protein"),
+    ],
+)
+def test_beyond_limits_names_each_number_past_a_meals_limits(
+    changes: dict[str, Any], named: str
+) -> None:
+    [problem] = beyond_limits(final_answer(**changes))
+    assert named in problem
+
+
+def test_beyond_limits_names_every_number_past_them() -> None:
+    analysis = final_answer(calories=MAX_CALORIES * 2, items__0__fat=MAX_GRAMS * 2)
+    assert len(beyond_limits(analysis)) == 2
 
 
 def response_with(headers: dict[str, str]) -> UpstreamReply:

@@ -16,8 +16,8 @@ from flask.testing import FlaskClient
 from app import MAX_TEXT_READ, ConfigError, create_app
 from nutrition import NUTRIENT_UNITS, NutritionTable
 from tests import images
-from tests.conftest import SR28, assert_json_error, post_photo
-from tests.fakes import ChatCompletionsServer, UserServiceServer
+from tests.conftest import SR28, assert_json_error, cached_keys, post_photo
+from tests.fakes import ChatCompletionsServer, RedisServer, UserServiceServer
 from tests.nutrition_labels import COMMON_FOODS, LABELLED_FOODS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -363,13 +363,63 @@ def test_nutrition_items_adding_up_past_any_meal_answer_400(
     assert "kcal" in response.get_json()["error"]
 
 
-def test_a_photo_counted_past_the_models_bound_is_still_answered(
+def upload_twice(client: FlaskClient, headers: dict[str, str], shade: int) -> list[Any]:
+    """POST the same photo twice; both responses."""
+    photo = images.jpeg(40, 30, color=(shade * 29 % 256, 5, 5))
+    return [post_photo(client, headers, photo) for _ in range(2)]
+
+
+@pytest.mark.parametrize(
+    ("foods", "named"),
+    [
+        ([item("olive oil", grams=5000), item("butter", grams=5000)], "kcal"),
+        ([item("Sugars, granulated", grams=2100, calories=10)], "carbs"),
+        ([item("Oil, olive, salad or cooking", grams=2100, calories=10)], "fat"),
+    ],
+    ids=["oil and butter past the calories", "sugar past the carbs", "oil past the fat"],
+)
+def test_a_photo_counted_past_the_limits_answers_502_and_is_not_cached(
+    grounded: FlaskClient,
+    model: ChatCompletionsServer,
+    redis: RedisServer,
+    auth_headers: dict[str, str],
+    foods: list[dict[str, Any]],
+    named: str,
+) -> None:
+    model.analysis = answer(*foods)
+    responses = upload_twice(grounded, auth_headers, 9)
+    for response in responses:
+        assert_json_error(response, 502, "upstream_error")
+        assert named in response.get_json()["error"]
+    assert len(model.calls) == 2
+    assert cached_keys(redis) == []
+
+
+def test_a_photo_counted_within_the_limits_is_answered_and_cached(
     grounded: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
 ) -> None:
-    model.analysis = answer(item("butter", grams=1500, calories=10), item("butter", grams=1500))
-    analysis = analysis_of(grounded, auth_headers, 9)
-    assert analysis["calories"] > 10_000
-    assert analysis["calories"] == sum(found["calories"] for found in analysis["items"])
+    model.analysis = answer(item("olive oil", grams=100), item("butter", grams=1000))
+    first, again = upload_twice(grounded, auth_headers, 10)
+    assert first.status_code == 200
+    assert first.get_json()["analysis"]["calories"] == 884 + 7170
+    assert again.get_json()["source"] == "cache"
+    assert len(model.calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("items", "named"),
+    [
+        ([{"ndbNo": "19335", "grams": 2100}], "carbs"),
+        ([{"ndbNo": "04053", "grams": 2100}], "fat"),
+    ],
+    ids=["sugar past the carbs", "oil past the fat"],
+)
+def test_nutrition_items_past_a_macronutrients_limit_answer_400(
+    grounded: FlaskClient, auth_headers: dict[str, str], items: list[Any], named: str
+) -> None:
+    response = post_nutrition(grounded, auth_headers, {"items": items})
+    assert_json_error(response, 400, "invalid_parameter")
+    assert named in response.get_json()["error"]
 
 
 @pytest.mark.parametrize(

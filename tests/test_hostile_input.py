@@ -10,6 +10,7 @@ import dataclasses
 import http.client
 import io
 import json
+import re
 import socket
 import struct
 import time
@@ -748,6 +749,35 @@ def test_malformed_chunked_body_answers_json_4xx(
     answer = send_chunked(served, path, frame(BODIES[path][1]))
 
     assert_json_answer(answer, expected)
+
+
+def statuses_until_closed(server: Gunicorn, request: bytes) -> list[int]:
+    """Send one request and read until the service closes: the status of every answer it sent."""
+    host, port = server.url.removeprefix("http://").split(":")
+    received = b""
+    with socket.create_connection((host, int(port)), timeout=SOCKET_TIMEOUT) as connection:
+        connection.sendall(request)
+        while data := connection.recv(65536):
+            received += data
+    return [int(status) for status in re.findall(rb"(?m)^HTTP/1\.1 ([0-9]{3}) ", received)]
+
+
+@pytest.mark.parametrize("malformation", list(MALFORMED_CHUNKED_BODIES))
+@pytest.mark.parametrize("path", list(BODIES))
+def test_malformed_chunked_body_left_unread_gets_one_answer(
+    served: Gunicorn, path: str, malformation: str
+) -> None:
+    frame, _ = MALFORMED_CHUNKED_BODIES[malformation]
+    head = (
+        f"POST {path} HTTP/1.1\r\n"
+        f"Host: {served.url.removeprefix('http://')}\r\n"
+        "Transfer-Encoding: chunked\r\n"
+        "\r\n"
+    ).encode()
+
+    statuses = statuses_until_closed(served, head + frame(BODIES[path][1]))
+
+    assert statuses == [401]
 
 
 @pytest.mark.parametrize("path", list(BODIES))

@@ -1,7 +1,8 @@
-"""Hostile uploads and request shapes: each answers the contract's 400/405/413 or a 200, never 5xx.
+"""Hostile uploads and request bodies: each answers the contract's JSON 4xx or a 200, never 5xx.
 
 The Flask test client walks the whole list once; the real gunicorn shows what only a socket can:
-a 413 before an announced body arrives, a 64 KB header, thousands of form parts on the wire.
+a 413 before an announced body arrives, a 64 KB header, thousands of form parts on the wire,
+chunked bodies framed wrong.
 """
 
 from __future__ import annotations

@@ -70,6 +70,16 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from flask import Blueprint, Flask, Response, current_app, g, has_request_context, jsonify, request
 from flask.wrappers import Request
 from flask_cors import CORS
+from gunicorn.http.errors import (
+    ChunkMissingTerminator,
+    InvalidChunkExtension,
+    InvalidChunkSize,
+    InvalidHeader,
+    InvalidHeaderName,
+    LimitRequestHeaders,
+    ObsoleteFolding,
+    ParseException,
+)
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from prometheus_client import Counter, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -79,7 +89,7 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 from requests.adapters import HTTPAdapter
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
 
 from nutrition import NUTRIENT_UNITS, FoodMatch, NutritionDataError, NutritionTable
 
@@ -150,6 +160,13 @@ class BadRequest(ServiceError):
 
     status = 400
     code = ErrorCode.INVALID_PARAMETER
+
+
+class UnsupportedMediaType(ServiceError):
+    """The body is in a media type the endpoint does not take (415)."""
+
+    status = 415
+    code = ErrorCode.UNSUPPORTED_MEDIA_TYPE
 
 
 class Unauthorized(ServiceError):
@@ -3740,9 +3757,28 @@ def nutrition() -> Response:
     return jsonify(analysis=checked, source="usda-sr28")
 
 
+def read_json_body() -> Any:
+    """The JSON body: 415 in another media type, 413 past ``MAX_UPLOAD_MB``, 400 when not JSON."""
+    if not request.is_json:
+        raise UnsupportedMediaType(
+            "send the items as JSON, with Content-Type: application/json "
+            f"(got {request.mimetype[:60] or 'no Content-Type'})"
+        )
+    data = request.get_data(cache=False)
+    limit = request.max_content_length
+    if limit is not None and len(data) >= limit:
+        raise RequestEntityTooLarge()  # werkzeug stops a chunked body there without a word
+    try:
+        return parse_json(data)
+    except ValueError as error:
+        raise BadRequest(
+            f"the body is not JSON ({str(error)[:100]})", code=ErrorCode.BAD_REQUEST
+        ) from None
+
+
 def read_nutrition_items() -> list[tuple[int, Mapping[str, Any]]]:
     """The ``items`` of a ``POST /nutrition`` body, numbered, each an object."""
-    body = request.get_json(silent=True)
+    body = read_json_body()
     items = body.get("items") if isinstance(body, dict) else None
     if not isinstance(items, list) or not items:
         raise BadRequest(
@@ -3913,6 +3949,12 @@ HTTP_ERROR_CODES = {
 }
 
 
+def body_framing() -> str:
+    """How the request's body is framed, as error messages name it."""
+    chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    return "chunked body" if chunked else "body"
+
+
 def http_error_response(error: HTTPException) -> tuple[Response, int, dict[str, str]]:
     """JSON instead of Werkzeug's HTML for routing and protocol errors."""
     status = error.code or 500
@@ -3927,6 +3969,8 @@ def http_error_response(error: HTTPException) -> tuple[Response, int, dict[str, 
             f"{' or '.join(m for m in allowed if m not in ('HEAD', 'OPTIONS'))} "
             f"(the service answers {ENDPOINTS})"
         )
+    elif isinstance(error, ClientDisconnected):
+        message = f"the {body_framing()} ended before it was complete"
     else:
         message = error.description or error.name
     headers = {"Allow": ", ".join(allowed)} if status == 405 and allowed else {}
@@ -3939,10 +3983,41 @@ def too_large_message(config: Config) -> str:
     limit = config.max_upload_bytes
     if request.content_length is not None and request.content_length > limit:
         return f"the request body is larger than {config.max_upload_mb:g} MB"
+    if body_framing() == "chunked body" and request.stream.tell() >= limit:
+        return f"the chunked request body is larger than {config.max_upload_mb:g} MB"
     return (
         f"the form is too large: at most {config.max_upload_mb:g} MB in all, "
         f"{MAX_FORM_PARTS} parts and {MAX_FORM_FIELD_BYTES // 1024} KiB per text field"
     )
+
+
+# What gunicorn raises, while the app reads a body, about framing it cannot parse.
+BODY_FRAMING_PROBLEMS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], str], ...] = (
+    (
+        InvalidChunkSize,
+        "invalid chunk size (hexadecimal digits, on a line no longer than a header)",
+    ),
+    (InvalidChunkExtension, "invalid chunk extension"),
+    (ChunkMissingTerminator, "a chunk's data is not followed by CRLF"),
+    ((InvalidHeader, InvalidHeaderName, ObsoleteFolding), "invalid trailer"),
+)
+
+
+def unreadable_body_response(error: Exception) -> tuple[Response, int]:
+    """JSON for a body gunicorn cannot read: 431 for trailers past its header limits, else 400."""
+    framing = body_framing()
+    if isinstance(error, LimitRequestHeaders):
+        message = (
+            f"the {framing}'s trailers are too large: at most GUNICORN_LIMIT_REQUEST_FIELD_SIZE "
+            "bytes a line and GUNICORN_LIMIT_REQUEST_FIELDS lines"
+        )
+        return jsonify(error=message, code=str(ErrorCode.HEADER_TOO_LARGE)), 431
+    problem = next(
+        (words for kinds, words in BODY_FRAMING_PROBLEMS if isinstance(error, kinds)),
+        "its framing cannot be parsed",
+    )
+    message = f"the {framing} could not be read: {problem}"
+    return jsonify(error=message, code=str(ErrorCode.BAD_REQUEST)), 400
 
 
 def unexpected_error_response(error: Exception) -> tuple[Response, int]:
@@ -4047,6 +4122,7 @@ def create_app(config: Config | None = None) -> Flask:
     app.after_request(finish_request)
     app.register_error_handler(ServiceError, error_response)
     app.register_error_handler(HTTPException, http_error_response)
+    app.register_error_handler(ParseException, unreadable_body_response)
     app.register_error_handler(Exception, unexpected_error_response)
     app.register_blueprint(bp)
     return app

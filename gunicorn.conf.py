@@ -131,8 +131,26 @@ class JsonErrorSocket:
 class JsonErrorWorker(ThreadWorker):  # type: ignore[misc]
     """gunicorn's threaded worker, answering the malformed requests it refuses in JSON."""
 
+    def handle_request(self, req: Any, conn: Any) -> bool:
+        """gunicorn's own, noting on the request that it has been answered."""
+        keepalive: bool = super().handle_request(req, conn)
+        req.answered = True
+        return keepalive
+
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
-        """gunicorn's own handling, written as the service's JSON error."""
+        """gunicorn's own handling, written as the service's JSON error; one answer a request.
+
+        A body the app left unread is drained after its answer; when that body cannot be parsed
+        the connection closes, rather than send an answer nobody asked for.
+        """
+        if getattr(req, "answered", False):
+            self.log.info(
+                "Closing the connection after %s %s: its unread body could not be parsed (%s)",
+                req.method,
+                req.path,
+                type(exc).__name__,
+            )
+            return
         super().handle_error(req, JsonErrorSocket(client), addr, exc)
 
 

@@ -1,7 +1,8 @@
-"""Hostile uploads and request shapes: each answers the contract's 400/405/413 or a 200, never 5xx.
+"""Hostile uploads and request bodies: each answers the contract's JSON 4xx or a 200, never 5xx.
 
 The Flask test client walks the whole list once; the real gunicorn shows what only a socket can:
-a 413 before an announced body arrives, a 64 KB header, thousands of form parts on the wire.
+a 413 before an announced body arrives, a 64 KB header, thousands of form parts on the wire,
+chunked bodies framed wrong.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ import dataclasses
 import http.client
 import io
 import json
+import re
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -33,8 +36,14 @@ from app import (
     prepare_image,
 )
 from tests import images
-from tests.conftest import JWT_SECRET, base_environment, bearer
-from tests.fakes import ChatCompletionsServer, UserServiceServer
+from tests.conftest import (
+    JWT_SECRET,
+    assert_json_error,
+    base_environment,
+    bearer,
+    running_gunicorn,
+)
+from tests.fakes import ChatCompletionsServer, RedisServer, UserServiceServer
 from tests.servers import Gunicorn
 
 MIB = 1024 * 1024
@@ -434,6 +443,88 @@ def test_body_over_max_upload_names_the_size_limit(
     assert "larger than 10 MB" in message
 
 
+# ---------------------------------------------------------------------------- /nutrition's body
+
+NUTRITION_ITEMS = {"items": [{"ndbNo": "15237", "grams": 150}]}
+
+
+@pytest.fixture
+def counting(client_with: Callable[..., FlaskClient], sr28_dir: Path) -> FlaskClient:
+    """A client for an app that counts POST /nutrition from the SR28 table."""
+    return client_with(usda_sr28_dir=str(sr28_dir))
+
+
+def nested_json(depth: int) -> str:
+    """A /nutrition body whose items hold lists nested this deep."""
+    return '{"items": ' + "[" * depth + "]" * depth + "}"
+
+
+@pytest.mark.parametrize("depth", [1_000, 100_000])
+def test_json_nested_thousands_deep_answers_400(
+    counting: FlaskClient, auth_headers: dict[str, str], depth: int
+) -> None:
+    response = counting.post(
+        "/nutrition", data=nested_json(depth), content_type="application/json", headers=auth_headers
+    )
+
+    assert_json_error(response, 400, "bad_request")
+
+
+def test_json_nested_500_deep_answers_400(
+    counting: FlaskClient, auth_headers: dict[str, str]
+) -> None:
+    response = counting.post(
+        "/nutrition", data=nested_json(500), content_type="application/json", headers=auth_headers
+    )
+
+    assert_json_error(response, 400, "invalid_parameter")
+
+
+def test_a_body_that_is_not_json_answers_400_bad_request(
+    counting: FlaskClient, auth_headers: dict[str, str]
+) -> None:
+    response = counting.post(
+        "/nutrition", data='{"items": [', content_type="application/json", headers=auth_headers
+    )
+
+    assert_json_error(response, 400, "bad_request")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"data": json.dumps(NUTRITION_ITEMS), "content_type": "text/plain"},
+        {"data": json.dumps(NUTRITION_ITEMS)},
+        {"data": {"items": json.dumps(NUTRITION_ITEMS["items"])}},
+        {
+            "data": {"items": json.dumps(NUTRITION_ITEMS["items"])},
+            "content_type": "multipart/form-data",
+        },
+    ],
+    ids=["text-plain", "no-content-type", "urlencoded-form", "multipart-form"],
+)
+def test_nutrition_body_that_is_not_json_answers_415(
+    counting: FlaskClient, auth_headers: dict[str, str], options: dict[str, Any]
+) -> None:
+    response = counting.post("/nutrition", headers=auth_headers, **options)
+
+    assert_json_error(response, 415, "unsupported_media_type")
+    assert "application/json" in response.get_json()["error"]
+
+
+def test_nutrition_takes_json_with_a_charset(
+    counting: FlaskClient, auth_headers: dict[str, str]
+) -> None:
+    response = counting.post(
+        "/nutrition",
+        data=json.dumps(NUTRITION_ITEMS),
+        content_type="application/json; charset=utf-8",
+        headers=auth_headers,
+    )
+
+    assert response.status_code == 200
+
+
 # ---------------------------------------------------------------------------- over the socket
 
 
@@ -508,3 +599,217 @@ def test_thousands_of_form_parts_answer_413_json_over_the_socket(served: Gunicor
     assert response.status_code == 413
     assert response.headers["Content-Type"].startswith("application/json")
     assert response.json()["code"] == "payload_too_large"
+
+
+# ---------------------------------------------------------------------------- chunked bodies
+
+
+@pytest.fixture(scope="module")
+def served(
+    redis_server: RedisServer,
+    model_server: ChatCompletionsServer,
+    user_service_server: UserServiceServer,
+    sr28_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Gunicorn]:
+    """This module's real gunicorn counts from SR28, so POST /nutrition reads its body too."""
+    workdir = tmp_path_factory.mktemp("gunicorn-hostile")
+    with running_gunicorn(
+        redis_server, model_server, user_service_server, workdir, USDA_SR28_DIR=str(sr28_dir)
+    ) as server:
+        yield server
+
+
+def meal_form() -> bytes:
+    """A multipart form holding the photo, with the boundary ``edge``."""
+    head = (
+        b"--edge\r\n"
+        b'Content-Disposition: form-data; name="image"; filename="meal.jpg"\r\n'
+        b"Content-Type: image/jpeg\r\n\r\n"
+    )
+    return head + MEAL + b"\r\n--edge--\r\n"
+
+
+# Each POST endpoint, with the media type and a valid body it takes.
+BODIES = {
+    "/nutrition": ("application/json", json.dumps(NUTRITION_ITEMS).encode()),
+    "/analyze-food": ("multipart/form-data; boundary=edge", meal_form()),
+}
+
+
+def chunked(
+    payload: bytes,
+    *,
+    size: bytes | None = None,
+    extension: bytes = b"",
+    after_data: bytes = b"\r\n",
+    trailers: bytes = b"",
+) -> bytes:
+    """The payload as one chunk and the last chunk, each part of the framing replaceable."""
+    size_line = (b"%x" % len(payload) if size is None else size) + extension
+    return size_line + b"\r\n" + payload + after_data + b"0\r\n" + trailers + b"\r\n"
+
+
+def with_size(size: bytes) -> Callable[[bytes], bytes]:
+    """The payload chunked under a size line that reads ``size``."""
+    return lambda payload: chunked(payload, size=size)
+
+
+BAD_FRAMING = (400, "bad_request")
+TRAILERS_TOO_LARGE = (431, "header_too_large")
+MALFORMED_CHUNKED_BODIES: dict[str, tuple[Callable[[bytes], bytes], Answer]] = {
+    "size-zz": (with_size(b"zz"), BAD_FRAMING),
+    "size-minus-5": (with_size(b"-5"), BAD_FRAMING),
+    "size-1x": (with_size(b"1x"), BAD_FRAMING),
+    "size-0x2a": (with_size(b"0x2a"), BAD_FRAMING),
+    "size-plus-5": (with_size(b"+5"), BAD_FRAMING),
+    "size-5_0": (with_size(b"5_0"), BAD_FRAMING),
+    "size-arabic-indic-five": (with_size("\u0665".encode()), BAD_FRAMING),
+    "empty-size-line": (with_size(b""), BAD_FRAMING),
+    "100-kb-extension": (
+        lambda payload: chunked(payload, extension=b";" + b"e" * 100_000),
+        BAD_FRAMING,
+    ),
+    "no-crlf-after-data": (lambda payload: chunked(payload, after_data=b""), BAD_FRAMING),
+    "invalid-extension": (lambda payload: chunked(payload, extension=b";=x"), BAD_FRAMING),
+    "trailer-without-a-colon": (
+        lambda payload: chunked(payload, trailers=b"X-Trailer\r\n"),
+        BAD_FRAMING,
+    ),
+    "100-kb-trailer": (
+        lambda payload: chunked(payload, trailers=b"X-Trailer: " + b"t" * 100_000 + b"\r\n"),
+        TRAILERS_TOO_LARGE,
+    ),
+    "1000-trailer-lines": (
+        lambda payload: chunked(
+            payload, trailers=b"".join(b"X-Trailer-%d: t\r\n" % n for n in range(1000))
+        ),
+        TRAILERS_TOO_LARGE,
+    ),
+}
+
+
+def json_or_none(data: bytes) -> Any:
+    """The body as JSON, or None when it is not JSON (gunicorn's own HTML page, say)."""
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
+
+
+def send_chunked(
+    server: Gunicorn, path: str, body: bytes, *, then_stop_sending: bool = False
+) -> RawAnswer:
+    """POST a chunked body, framed by hand, with a valid token; the answer off the socket."""
+    media_type = BODIES[path][0]
+    head = (
+        f"POST {path} HTTP/1.1\r\n"
+        f"Host: {server.url.removeprefix('http://')}\r\n"
+        f"Authorization: {bearer()['Authorization']}\r\n"
+        f"Content-Type: {media_type}\r\n"
+        "Transfer-Encoding: chunked\r\n"
+        "\r\n"
+    ).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=SOCKET_TIMEOUT) as connection:
+        connection.sendall(head + body)
+        if then_stop_sending:
+            connection.shutdown(socket.SHUT_WR)
+        response = http.client.HTTPResponse(connection)
+        response.begin()
+        return RawAnswer(
+            status=response.status,
+            content_type=response.getheader("Content-Type", ""),
+            body=json_or_none(response.read()),
+        )
+
+
+def assert_json_answer(answer: RawAnswer, expected: Answer) -> None:
+    """A JSON error with this status and code, whose message names the chunked framing."""
+    assert answer.status == expected[0], answer.body
+    assert answer.content_type == "application/json"
+    assert isinstance(answer.body, dict)
+    assert answer.body.get("code") == expected[1]
+    assert "chunked" in answer.body.get("error", "")
+
+
+@pytest.mark.parametrize("path", list(BODIES))
+def test_well_formed_chunked_body_is_answered(served: Gunicorn, path: str) -> None:
+    answer = send_chunked(served, path, chunked(BODIES[path][1]))
+
+    assert answer.status == 200, answer.body
+
+
+@pytest.mark.parametrize("malformation", list(MALFORMED_CHUNKED_BODIES))
+@pytest.mark.parametrize("path", list(BODIES))
+def test_malformed_chunked_body_answers_json_4xx(
+    served: Gunicorn, path: str, malformation: str
+) -> None:
+    frame, expected = MALFORMED_CHUNKED_BODIES[malformation]
+
+    answer = send_chunked(served, path, frame(BODIES[path][1]))
+
+    assert_json_answer(answer, expected)
+
+
+def statuses_until_closed(server: Gunicorn, request: bytes) -> list[int]:
+    """Send one request and read until the service closes: the status of every answer it sent."""
+    host, port = server.url.removeprefix("http://").split(":")
+    received = b""
+    with socket.create_connection((host, int(port)), timeout=SOCKET_TIMEOUT) as connection:
+        connection.sendall(request)
+        while data := connection.recv(65536):
+            received += data
+    return [int(status) for status in re.findall(rb"(?m)^HTTP/1\.1 ([0-9]{3}) ", received)]
+
+
+@pytest.mark.parametrize("malformation", list(MALFORMED_CHUNKED_BODIES))
+@pytest.mark.parametrize("path", list(BODIES))
+def test_malformed_chunked_body_left_unread_gets_one_answer(
+    served: Gunicorn, path: str, malformation: str
+) -> None:
+    frame, _ = MALFORMED_CHUNKED_BODIES[malformation]
+    head = (
+        f"POST {path} HTTP/1.1\r\n"
+        f"Host: {served.url.removeprefix('http://')}\r\n"
+        "Transfer-Encoding: chunked\r\n"
+        "\r\n"
+    ).encode()
+
+    statuses = statuses_until_closed(served, head + frame(BODIES[path][1]))
+
+    assert statuses == [401]
+
+
+@pytest.mark.parametrize("path", list(BODIES))
+def test_chunked_body_cut_short_answers_400_json(served: Gunicorn, path: str) -> None:
+    payload = BODIES[path][1]
+    cut = b"%x\r\n" % len(payload) + payload[: len(payload) // 2]
+
+    answer = send_chunked(served, path, cut, then_stop_sending=True)
+
+    assert_json_answer(answer, BAD_FRAMING)
+
+
+@pytest.mark.parametrize("path", list(BODIES))
+def test_chunked_body_past_max_upload_answers_413_json(served: Gunicorn, path: str) -> None:
+    payload = BODIES[path][1]
+    padding = b" " * (MAX_UPLOAD_BYTES - len(payload) + 1024)
+    body = payload + padding if path == "/nutrition" else payload.replace(MEAL, MEAL + padding)
+
+    answer = send_chunked(served, path, chunked(body))
+
+    assert_json_answer(answer, (413, "payload_too_large"))
+    assert "10 MB" in answer.body["error"]
+
+
+def test_json_nested_thousands_deep_answers_400_json_over_the_socket(served: Gunicorn) -> None:
+    response = served.session.post(
+        f"{served.url}/nutrition",
+        data=nested_json(1_000),
+        headers={**bearer(), "Content-Type": "application/json"},
+        timeout=SOCKET_TIMEOUT,
+    )
+
+    assert response.status_code == 400
+    assert response.json()["code"] == "bad_request"

@@ -310,3 +310,14 @@ def test_an_unhealthy_service_matches_the_document(make_config: Callable[..., Co
 
     assert response.status_code == 503
     assert response.json()["checks"]["redis"] == "connection failed"
+
+
+def test_a_nutrition_body_that_is_not_json_matches_the_document(
+    app: Flask, auth_headers: dict[str, str]
+) -> None:
+    operation = schemathesis.openapi.from_wsgi("/openapi.json", app)["/nutrition"]["POST"]
+    case = operation.Case(body="salmon, 150 g", media_type="text/plain")
+
+    response = case.call_and_validate(app=app, headers=auth_headers, checks=DOCUMENT_CHECKS)
+
+    assert response.status_code == 415

@@ -286,7 +286,7 @@ SECRET_FILES = {
     "jwt_public_key": "JWT_PUBLIC_KEY",
 }
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 MAX_REASONING_OUTPUT_TOKENS = 128_000
 # Pillow refuses to open anything larger as a decompression bomb, whatever the service allows.
 PILLOW_MAX_PIXELS = 2 * 89_478_485
@@ -363,7 +363,7 @@ class Config:
     )
     openai_api_key: str | None = setting("OPENAI_API_KEY", None, secret=True)
     openai_base_url: str = setting("OPENAI_BASE_URL", "https://api.openai.com/v1", "url")
-    openai_model: str = setting("OPENAI_MODEL", "gpt-4.1-mini")
+    openai_model: str = setting("OPENAI_MODEL", "gpt-6-luna")
     openai_api_timeout: float = setting("OPENAI_API_TIMEOUT", 30.0, "number", low=0.1, high=600)
     openai_max_attempts: int = setting("OPENAI_MAX_ATTEMPTS", 3, "integer", low=1, high=10)
     openai_image_detail: str = setting(
@@ -379,8 +379,8 @@ class Config:
         low=1000,
         high=MAX_REASONING_OUTPUT_TOKENS,
     )
-    openai_reasoning_effort: str | None = setting(
-        "OPENAI_REASONING_EFFORT", None, "choice", choices=REASONING_EFFORTS
+    openai_reasoning_effort: str = setting(
+        "OPENAI_REASONING_EFFORT", "none", "choice", choices=REASONING_EFFORTS
     )
     openai_strict_schema: bool = setting("OPENAI_STRICT_SCHEMA", True, "flag")
     # setting() gives a dict default its own default_factory.
@@ -2283,9 +2283,9 @@ TOKEN_CAP_FIELDS = ("max_tokens", "max_completion_tokens")
 # Request fields a server may refuse: the output cap goes under its other name, the rest are left
 # out. Nothing else is changed behind the caller's back.
 ADJUSTABLE_FIELDS = (*TOKEN_CAP_FIELDS, "temperature", "reasoning_effort")
-# Reasoning models known by name (the last path segment, so "openai/o4-mini" counts too); others
-# show it in their answers: a refused max_tokens, or reasoning tokens in the usage.
-REASONING_MODEL_PATTERN = re.compile(r"(?:gpt-5(?!-chat)|o[134])(?![a-z0-9])", re.IGNORECASE)
+# Reasoning models known by their family (the last path segment, so "openai/gpt-6-luna" counts
+# too); others show it in their answers: a refused max_tokens, or reasoning tokens in the usage.
+REASONING_MODEL_PATTERN = re.compile(r"(?:gpt-5(?!-chat)|gpt-6|o[0-9]+)(?![a-z0-9])", re.IGNORECASE)
 PROFILE_PREFIX = "model_profile:"
 PROFILE_TTL_SECONDS = 30 * 86400
 MAX_TOKEN_COUNT = 10**9
@@ -2317,10 +2317,13 @@ class ServerProfile:
     reasoning: bool = False
 
     @classmethod
-    def assumed(cls, model: str) -> ServerProfile:
-        """What is assumed before the server has said anything: reasoning models by name."""
-        if REASONING_MODEL_PATTERN.match(model.rsplit("/", 1)[-1]):
-            return cls(cap_field="max_completion_tokens", temperature=False, reasoning=True)
+    def assumed(cls, model: str, effort: str) -> ServerProfile:
+        """What is assumed before the server has said anything: reasoning models by family.
+
+        They refuse ``max_tokens`` whatever the effort, and take a temperature only at ``none``.
+        """
+        if reasoning_family(model):
+            return cls("max_completion_tokens", temperature=effort == "none", reasoning=True)
         return cls()
 
     @classmethod
@@ -2336,8 +2339,12 @@ class ServerProfile:
         """The profile as stored."""
         return json.dumps(dataclasses.asdict(self))
 
-    def without(self, field_name: str) -> ServerProfile | None:
-        """The profile once the server refused this field; None when nothing is left to try."""
+    def without(self, field_name: str, effort: str = "") -> ServerProfile | None:
+        """The profile once the server refused this field; None when nothing is left to try.
+
+        A reasoning model that refuses the effort ``none`` reasons at its own default, where it
+        takes no temperature.
+        """
         if field_name == self.cap_field:
             other = TOKEN_CAP_FIELDS[1 - TOKEN_CAP_FIELDS.index(field_name)]
             # OpenAI refuses max_tokens for its reasoning models only.
@@ -2346,8 +2353,14 @@ class ServerProfile:
         if field_name == "temperature" and self.temperature:
             return dataclasses.replace(self, temperature=False)
         if field_name == "reasoning_effort" and self.reasoning_effort:
-            return dataclasses.replace(self, reasoning_effort=False)
+            sampled = self.temperature and not (self.reasoning and effort == "none")
+            return dataclasses.replace(self, reasoning_effort=False, temperature=sampled)
         return None
+
+
+def reasoning_family(model: str) -> bool:
+    """Whether a model is of a reasoning family: ``gpt-5*`` (not ``gpt-5-chat*``), ``gpt-6*``, o."""
+    return REASONING_MODEL_PATTERN.match(model.rsplit("/", 1)[-1]) is not None
 
 
 @dataclass(frozen=True)
@@ -2372,9 +2385,13 @@ class VisionModel:
         self.config = config
         self.session = session
         self.store = store
-        identity = f"{config.openai_base_url}\n{config.openai_model}"
+        # What a server takes depends on the effort (GPT-6 takes a temperature at none only).
+        identity = "\n".join(
+            (config.openai_base_url, config.openai_model, config.openai_reasoning_effort)
+        )
         self.profile_key = PROFILE_PREFIX + hashlib.sha256(identity.encode()).hexdigest()
-        self.learnt = ServerProfile.assumed(config.openai_model)
+        self.family = reasoning_family(config.openai_model)
+        self.learnt = ServerProfile.assumed(config.openai_model, config.openai_reasoning_effort)
         self.retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(config.openai_max_attempts) | StopAtDeadline(),
             wait=RetryAfterWait(config),
@@ -2416,7 +2433,8 @@ class VisionModel:
                 )
             except UpstreamError as error:
                 field_name = error.rejected_parameter or ""
-                revised = None if field_name in refused else profile.without(field_name)
+                effort = self.config.openai_reasoning_effort
+                revised = None if field_name in refused else profile.without(field_name, effort)
                 if revised is None or revised.cap_field in refused:
                     raise
                 if time.monotonic() >= deadline:
@@ -2460,14 +2478,27 @@ class VisionModel:
         body: dict[str, Any] = {**base, profile.cap_field: cap}
         if profile.temperature:
             body["temperature"] = 0
-        if self.config.openai_reasoning_effort and profile.reasoning_effort:
-            body["reasoning_effort"] = self.config.openai_reasoning_effort
+        effort = self.effort_for(profile)
+        if effort:
+            body["reasoning_effort"] = effort
         body.update(self.config.openai_extra_body)
         return body
 
+    def effort_for(self, profile: ServerProfile) -> str | None:
+        """The effort to send; ``none`` only to a model known or shown to reason."""
+        # A model that does not reason needs no telling, and a plain server may refuse the field.
+        effort = self.config.openai_reasoning_effort
+        if not profile.reasoning_effort or (effort == "none" and not profile.reasoning):
+            return None
+        return effort
+
+    def reasons(self, profile: ServerProfile) -> bool:
+        """Whether the model spends output tokens reasoning: not a family model told ``none``."""
+        return profile.reasoning and not (self.family and self.effort_for(profile) == "none")
+
     def output_cap(self, profile: ServerProfile) -> int:
         """The output-token cap: reasoning models need room to reason before they answer."""
-        if profile.reasoning:
+        if self.reasons(profile):
             return self.config.openai_reasoning_max_output_tokens
         return self.config.openai_max_output_tokens
 
@@ -2487,7 +2518,7 @@ class VisionModel:
         reasoning = usage.get("reasoning_tokens", 0)
         spent = f"{cap} output tokens" + (f", {reasoning} of them reasoning" if reasoning else "")
         logger.warning("OpenAI API request failed: the answer ran out of output tokens (%s)", spent)
-        if profile.reasoning:
+        if self.reasons(profile):
             setting = (
                 "raise OPENAI_REASONING_MAX_OUTPUT_TOKENS (the cap for reasoning models; "
                 "OPENAI_MAX_OUTPUT_TOKENS is the cap for the others) or lower "

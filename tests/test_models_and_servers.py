@@ -15,6 +15,7 @@ from app import Config, ConfigError, create_app
 from tests import images
 from tests.conftest import OPENAI_API_KEY, assert_json_error, post_photo
 from tests.fakes import (
+    GPT6_EFFORTS,
     MISTRAL_FIELDS,
     ChatCompletionsServer,
     Reply,
@@ -57,6 +58,14 @@ def gpt5(model: ChatCompletionsServer) -> ChatCompletionsServer:
 
 
 @pytest.fixture
+def gpt6(model: ChatCompletionsServer) -> ChatCompletionsServer:
+    """A server that answers as OpenAI does for gpt-6-luna: it reasons unless told `none`."""
+    model.reasoning_tokens = 1500
+    model.efforts = GPT6_EFFORTS
+    return model
+
+
+@pytest.fixture
 def mistral(model: ChatCompletionsServer) -> ChatCompletionsServer:
     """A server that refuses, as Mistral's does, every field it does not know with a 422."""
     model.known_fields = MISTRAL_FIELDS
@@ -66,12 +75,83 @@ def mistral(model: ChatCompletionsServer) -> ChatCompletionsServer:
 # ------------------------------------------------------------------ reasoning models
 
 
-def test_gpt5_mini_with_the_defaults_answers_200_in_one_call(
+def test_with_no_model_settings_gpt_6_luna_is_asked_once_at_effort_none(
+    client: FlaskClient, gpt6: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    analyse(client, auth_headers)
+    assert len(gpt6.calls) == 1
+    sent = gpt6.last_payload()
+    assert sent["model"] == "gpt-6-luna"
+    assert sent["reasoning_effort"] == "none"
+    assert sent["temperature"] == 0
+    assert sent["max_completion_tokens"] == Config().openai_max_output_tokens
+    assert "max_tokens" not in sent
+
+
+@pytest.mark.parametrize("effort", sorted(GPT6_EFFORTS - {"none"}))
+def test_gpt6_at_a_reasoning_effort_gets_the_reasoning_cap_and_no_temperature(
+    client_with: Callable[..., FlaskClient],
+    gpt6: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+    effort: str,
+) -> None:
+    analyse(client_with(openai_reasoning_effort=effort), auth_headers)
+    assert len(gpt6.calls) == 1
+    sent = gpt6.last_payload()
+    assert sent["reasoning_effort"] == effort
+    assert "temperature" not in sent
+    assert sent["max_completion_tokens"] == Config().openai_reasoning_max_output_tokens
+
+
+def test_effort_none_is_not_sent_to_a_model_not_known_to_reason(
+    client_with: Callable[..., FlaskClient],
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    analyse(client_with(openai_model="llava"), auth_headers)
+    sent = model.last_payload()
+    assert "reasoning_effort" not in sent
+    assert sent["temperature"] == 0
+    assert sent["max_tokens"] == Config().openai_max_output_tokens
+
+
+def test_a_deployment_of_gpt6_unknown_by_name_costs_one_extra_call_once(
+    client_with: Callable[..., FlaskClient],
+    gpt6: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    client = client_with(openai_model="food-photos-deployment")
+    analyse(client, auth_headers, 1)
+    first, second = (call.json() for call in gpt6.calls)
+    assert "reasoning_effort" not in first
+    assert second["reasoning_effort"] == "none"
+    assert second["temperature"] == 0
+    analyse(client, auth_headers, 2)
+    assert len(gpt6.calls) == 3
+
+
+def test_gpt5_mini_refusing_effort_none_reasons_at_its_default_after_one_extra_call(
     client_with: Callable[..., FlaskClient],
     gpt5: ChatCompletionsServer,
     auth_headers: dict[str, str],
 ) -> None:
     client = client_with(openai_model="gpt-5-mini")
+    analyse(client, auth_headers, 1)
+    first, second = (call.json() for call in gpt5.calls)
+    assert (first["reasoning_effort"], first["temperature"]) == ("none", 0)
+    assert "reasoning_effort" not in second
+    assert "temperature" not in second
+    assert second["max_completion_tokens"] == Config().openai_reasoning_max_output_tokens
+    analyse(client, auth_headers, 2)
+    assert len(gpt5.calls) == 3
+
+
+def test_gpt5_mini_at_an_effort_it_takes_answers_200_in_one_call(
+    client_with: Callable[..., FlaskClient],
+    gpt5: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    client = client_with(openai_model="gpt-5-mini", openai_reasoning_effort="low")
     analyse(client, auth_headers, 1)
     assert len(gpt5.calls) == 1
     analyse(client, auth_headers, 2)
@@ -82,15 +162,40 @@ def test_gpt5_mini_with_the_defaults_answers_200_in_one_call(
     assert "temperature" not in sent
 
 
-@pytest.mark.parametrize("name", ["gpt-5", "gpt-5-nano", "o3", "o4-mini", "o1", "openai/gpt-5"])
-def test_reasoning_models_are_known_by_name(
+@pytest.mark.parametrize(
+    "name",
+    [
+        "gpt-6-luna",
+        "gpt-6-sol",
+        "gpt-6-astra",
+        "gpt-5.1",
+        "gpt-5",
+        "gpt-5-nano",
+        "o3",
+        "o4-mini",
+        "o1",
+        "openai/gpt-6-luna",
+    ],
+)
+def test_reasoning_models_are_known_by_their_family(
     client_with: Callable[..., FlaskClient],
     gpt5: ChatCompletionsServer,
     auth_headers: dict[str, str],
     name: str,
 ) -> None:
-    analyse(client_with(openai_model=name), auth_headers)
+    analyse(client_with(openai_model=name, openai_reasoning_effort="medium"), auth_headers)
     assert len(gpt5.calls) == 1
+
+
+@pytest.mark.parametrize("name", ["gpt-5-chat-latest", "gpt-60", "gpt-4.1-mini", "omni-vision"])
+def test_other_models_are_not_taken_for_reasoning_ones(
+    client_with: Callable[..., FlaskClient],
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+    name: str,
+) -> None:
+    analyse(client_with(openai_model=name), auth_headers)
+    assert model.last_payload()["max_tokens"] == Config().openai_max_output_tokens
 
 
 def test_a_reasoning_model_unknown_by_name_is_learnt_from_its_refusals(
@@ -99,7 +204,7 @@ def test_a_reasoning_model_unknown_by_name_is_learnt_from_its_refusals(
     auth_headers: dict[str, str],
     logs: RecordHandler,
 ) -> None:
-    client = client_with(openai_model="food-photos-deployment")
+    client = client_with(openai_model="food-photos-deployment", openai_reasoning_effort="medium")
     analyse(client, auth_headers, 1)
     first, second, third = (call.json() for call in gpt5.calls)
     assert first["max_tokens"] == Config().openai_max_output_tokens
@@ -160,15 +265,6 @@ def test_reasoning_effort_is_sent_when_configured(
     assert gpt5.last_payload()["reasoning_effort"] == "low"
 
 
-def test_reasoning_effort_is_not_sent_unless_configured(
-    client_with: Callable[..., FlaskClient],
-    gpt5: ChatCompletionsServer,
-    auth_headers: dict[str, str],
-) -> None:
-    analyse(client_with(openai_model="gpt-5-mini"), auth_headers)
-    assert "reasoning_effort" not in gpt5.last_payload()
-
-
 def test_an_answer_cut_short_by_reasoning_is_asked_again_with_a_larger_cap(
     client_with: Callable[..., FlaskClient],
     gpt5: ChatCompletionsServer,
@@ -176,7 +272,7 @@ def test_an_answer_cut_short_by_reasoning_is_asked_again_with_a_larger_cap(
 ) -> None:
     cap = Config().openai_reasoning_max_output_tokens
     gpt5.reasoning_tokens = cap + 1000
-    analyse(client_with(openai_model="gpt-5-mini"), auth_headers)
+    analyse(client_with(openai_model="gpt-5-mini", openai_reasoning_effort="medium"), auth_headers)
     first, second = (call.json()["max_completion_tokens"] for call in gpt5.calls)
     assert first == cap
     assert second > gpt5.reasoning_tokens + gpt5.answer_tokens
@@ -188,7 +284,8 @@ def test_an_answer_cut_short_twice_names_the_setting_to_raise(
     auth_headers: dict[str, str],
 ) -> None:
     gpt5.reasoning_tokens = 120_000
-    response = post_photo(client_with(openai_model="gpt-5-mini"), auth_headers, photo(1))
+    client = client_with(openai_model="gpt-5-mini", openai_reasoning_effort="medium")
+    response = post_photo(client, auth_headers, photo(1))
     assert_json_error(response, 502, "upstream_error")
     message = response.get_json()["error"]
     assert "ran out of output tokens" in message
@@ -251,14 +348,15 @@ def test_gpt5_mini_on_a_server_that_refuses_unknown_fields_answers_200(
     mistral: ChatCompletionsServer,
     auth_headers: dict[str, str],
 ) -> None:
-    client = client_with(openai_model="gpt-5-mini")
+    client = client_with(openai_model="gpt-5-mini", openai_reasoning_effort="medium")
     analyse(client, auth_headers, 1)
-    first, second = (call.json() for call in mistral.calls)
+    first, second, third = (call.json() for call in mistral.calls)
     assert "max_completion_tokens" in first
     assert "max_completion_tokens" not in second
     assert second["max_tokens"] == Config().openai_reasoning_max_output_tokens
+    assert "reasoning_effort" not in third
     analyse(client, auth_headers, 2)
-    assert len(mistral.calls) == 3
+    assert len(mistral.calls) == 4
 
 
 def test_a_plain_model_on_a_server_that_refuses_unknown_fields_costs_one_call(
@@ -581,6 +679,8 @@ def test_azure_classic_sends_api_version_and_api_key_header(
         ("OPENAI_API_VERSION", "2024-10-21", "openai_api_version", "2024-10-21"),
         ("OPENAI_API_KEY_HEADER", "api-key", "openai_api_key_header", "api-key"),
         ("OPENAI_REASONING_EFFORT", "minimal", "openai_reasoning_effort", "minimal"),
+        ("OPENAI_REASONING_EFFORT", "XHIGH", "openai_reasoning_effort", "xhigh"),
+        ("OPENAI_REASONING_EFFORT", "max", "openai_reasoning_effort", "max"),
         (
             "OPENAI_REASONING_MAX_OUTPUT_TOKENS",
             "32000",
@@ -645,7 +745,7 @@ def test_health_probe_tells_what_the_model_server_says(
     body = wait_for_probe(client, verdict)
     assert body["checks"]["openai_probe"] == verdict
     assert body["status"] == "healthy"
-    assert model.probes[-1].route == "/v1/models/gpt-4.1-mini"
+    assert model.probes[-1].route == "/v1/models/gpt-6-luna"
     assert model.probes[-1].header("authorization") == f"Bearer {OPENAI_API_KEY}"
 
 

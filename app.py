@@ -50,6 +50,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from pathlib import Path
@@ -71,7 +72,7 @@ from flask import Blueprint, Flask, Response, current_app, g, has_request_contex
 from flask.wrappers import Request
 from flask_cors import CORS
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
@@ -391,6 +392,9 @@ class Config:
     openai_api_key_header: str = setting("OPENAI_API_KEY_HEADER", "Authorization", "header")
     openai_probe_seconds: float = setting(
         "OPENAI_PROBE_SECONDS", 300.0, "number", low=0, high=86400
+    )
+    openai_shutdown_warn_days: int = setting(
+        "OPENAI_SHUTDOWN_WARN_DAYS", 60, "integer", low=0, high=366
     )
     openai_retry_initial_wait: float = setting(
         "OPENAI_RETRY_INITIAL_WAIT", 0.5, "number", low=0, high=60
@@ -817,6 +821,13 @@ SINGLE_FLIGHT = Counter(
     "image_service_single_flight",
     "Cache misses by role: leader (called the model), follower (waited), takeover.",
     ["role"],
+)
+# Every worker probes the same model; the fewest days a live worker counted is the one to alert on.
+MODEL_SHUTDOWN_DAYS = Gauge(
+    "image_service_model_shutdown_days",
+    "Days until the vision model's announced shutdown date (negative once past).",
+    ["model"],
+    multiprocess_mode="livemin",
 )
 USER_SERVICE_REQUESTS = Counter(
     "image_service_user_service_requests", "Food entries sent to the User Service.", ["outcome"]
@@ -2293,6 +2304,9 @@ MAX_UPSTREAM_WORDS = 300
 MAX_MODEL_NAME = 200
 REASONING_CAP_GROWTH = 2
 PROBE_TIMEOUT_SECONDS = 5.0
+SHUTDOWN_UNKNOWN = "unknown"
+NO_SHUTDOWN_ANNOUNCED = "none announced"
+DAY_PATTERN = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 DURATION_PART_PATTERN = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 DURATION_PATTERN = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|h|m|s))+")
 DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -2381,7 +2395,13 @@ class VisionModel:
     URL, shared with the other workers through the store) and probes the server for ``/health``.
     """
 
-    def __init__(self, config: Config, session: requests.Session, store: Store) -> None:
+    def __init__(
+        self,
+        config: Config,
+        session: requests.Session,
+        store: Store,
+        today: Callable[[], date] | None = None,
+    ) -> None:
         self.config = config
         self.session = session
         self.store = store
@@ -2403,6 +2423,10 @@ class VisionModel:
         self.probe_verdict = "checking" if config.openai_probe_seconds else "disabled"
         self.probe_due = 0.0 if config.openai_probe_seconds else math.inf
         self.probing = False
+        self.today = today or utc_today
+        self.shutdown = SHUTDOWN_UNKNOWN
+        self.shutdown_read = False
+        self.shutdown_warned: date | None = None
 
     # -- the analysis
 
@@ -2735,6 +2759,8 @@ class VisionModel:
                 timeout=min(self.attempt_seconds, PROBE_TIMEOUT_SECONDS),
             )
             verdict = probe_verdict(reply.status)
+            if reply.status == 200:
+                self.watch_shutdown(announced_shutdown(reply))
         except requests.RequestException as error:
             logger.info(
                 "The vision model's server did not answer the probe: %s", type(error).__name__
@@ -2744,6 +2770,38 @@ class VisionModel:
                 self.probe_verdict = verdict
                 self.probe_due = time.monotonic() + self.config.openai_probe_seconds
                 self.probing = False
+
+    def announced_shutdown(self) -> str:
+        """The model's shutdown date as the latest answer gave it, or what stands for none."""
+        with self.probe_lock:
+            return self.shutdown
+
+    def watch_shutdown(self, shown: str) -> None:
+        """Keep what the server says of the model's shutdown; say it, and warn as it nears."""
+        with self.probe_lock:
+            changed = not self.shutdown_read or shown != self.shutdown
+            self.shutdown, self.shutdown_read = shown, True
+        model = self.config.openai_model
+        shutdown = day_of(shown)
+        if shutdown is None:
+            if changed:
+                unsaid = shown == SHUTDOWN_UNKNOWN
+                said = "does not say when it shuts down" if unsaid else "announces no shutdown date"
+                logger.info("The vision model %s: its server %s", model, said)
+            return
+        today = self.today()
+        days_left = (shutdown - today).days
+        MODEL_SHUTDOWN_DAYS.labels(model).set(days_left)
+        if changed:
+            logger.info(
+                "The vision model %s shuts down on %s (%d days from today), its server says",
+                model,
+                shown,
+                days_left,
+            )
+        if days_left <= self.config.openai_shutdown_warn_days and self.shutdown_warned != today:
+            self.shutdown_warned = today
+            warn_of_shutdown(model, shown, days_left)
 
 
 class StopAtDeadline(tenacity.stop.stop_base):
@@ -2807,6 +2865,54 @@ def attempt_outcome(error: ServiceError) -> str:
     if isinstance(error, UpstreamRateLimited):
         return "rate_limited"
     return "error"
+
+
+def utc_today() -> date:
+    """Today's date in UTC, the calendar of OpenAI's shutdown dates."""
+    return datetime.now(UTC).date()
+
+
+def announced_shutdown(reply: UpstreamReply) -> str:
+    """A model object's ``shutdown_date`` as /health shows it: the date, none announced, unknown."""
+    try:
+        described = reply.json()
+    except ValueError:
+        return SHUTDOWN_UNKNOWN
+    if not isinstance(described, dict) or "shutdown_date" not in described:
+        return SHUTDOWN_UNKNOWN
+    shown = described["shutdown_date"]
+    if shown is None:
+        return NO_SHUTDOWN_ANNOUNCED
+    return shown if day_of(shown) is not None else SHUTDOWN_UNKNOWN
+
+
+def day_of(text: Any) -> date | None:
+    """The date a strict ``YYYY-MM-DD`` names, or None for anything else."""
+    if not isinstance(text, str) or not DAY_PATTERN.fullmatch(text):
+        return None
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        return None
+
+
+def warn_of_shutdown(model: str, shown: str, days_left: int) -> None:
+    """A WARNING while the model's shutdown nears; an ERROR once it is past."""
+    if days_left < 0:
+        logger.error(
+            "The vision model %s was shut down on %s: photos fail until OPENAI_MODEL names a "
+            "current model (see OpenAI's deprecations page) and the service restarts",
+            model,
+            shown,
+        )
+        return
+    logger.warning(
+        "The vision model %s shuts down on %s, in %d days: set OPENAI_MODEL to its replacement "
+        "(see OpenAI's deprecations page) and restart the service before then",
+        model,
+        shown,
+        days_left,
+    )
 
 
 def probe_verdict(status: int) -> str:
@@ -3770,6 +3876,7 @@ def health() -> tuple[Response, int]:
         "openai": "configured" if config.openai_configured else "missing credentials",
         "jwt": "configured" if config.jwt_configured else "missing secret",
         "openai_probe": services.model.reachability(),
+        "openai_model_shutdown": services.model.announced_shutdown(),
         "store": services.store.describe(),
         "nutrition": services.table.label if services.table else "not configured",
     }
@@ -3949,8 +4056,8 @@ def warn_about_weak_settings(config: Config) -> None:
         logger.warning("No JWT key is configured: every protected call will answer 401")
 
 
-def create_app(config: Config | None = None) -> Flask:
-    """Build the service; nothing connects until a request needs it."""
+def create_app(config: Config | None = None, *, today: Callable[[], date] | None = None) -> Flask:
+    """Build the service (``today``: the probe's clock); nothing connects until it is needed."""
     config = config or Config.from_env(os.environ)
     configure_logging(config)
     app = Flask(__name__, static_folder=None)
@@ -3973,7 +4080,7 @@ def create_app(config: Config | None = None) -> Flask:
         ),
         decode_budget=DecodeBudget(config.decode_budget_mb, config.model_queue_timeout),
         model_slots=ModelSlots(config.model_max_concurrency, config.model_queue_timeout),
-        model=VisionModel(config, build_session(config.model_max_concurrency), records),
+        model=VisionModel(config, build_session(config.model_max_concurrency), records, today),
         user_service=UserService(config, build_session(config.model_max_concurrency)),
         jwt_key=jwt_verification_key(config),
         started_at=time.monotonic(),

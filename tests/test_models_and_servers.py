@@ -6,6 +6,7 @@ import json
 import re
 import time
 from collections.abc import Callable
+from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -688,6 +689,7 @@ def test_azure_classic_sends_api_version_and_api_key_header(
             32000,
         ),
         ("OPENAI_PROBE_SECONDS", "60", "openai_probe_seconds", 60.0),
+        ("OPENAI_SHUTDOWN_WARN_DAYS", "90", "openai_shutdown_warn_days", 90),
     ],
 )
 def test_model_settings_are_read_from_the_environment(
@@ -705,6 +707,8 @@ def test_model_settings_are_read_from_the_environment(
         ("OPENAI_EXTRA_BODY", "{not json"),
         ("OPENAI_API_KEY_HEADER", "api key"),
         ("OPENAI_REASONING_EFFORT", "extreme"),
+        ("OPENAI_SHUTDOWN_WARN_DAYS", "-1"),
+        ("OPENAI_SHUTDOWN_WARN_DAYS", "1000"),
     ],
 )
 def test_bad_model_settings_are_named(variable: str, value: str) -> None:
@@ -801,3 +805,181 @@ def test_health_probe_can_be_disabled(
     client = client_with(openai_probe_seconds=0.0)
     assert client.get("/health").get_json()["checks"]["openai_probe"] == "disabled"
     assert model.probes == []
+
+
+# ------------------------------------------------------------------ the model's shutdown date
+
+
+TODAY = date(2026, 12, 3)
+
+
+class MovableDay:
+    """The probe's clock: a date the test sets and moves on, never the wall clock."""
+
+    def __init__(self, day: date) -> None:
+        self.day = day
+
+    def __call__(self) -> date:
+        return self.day
+
+    def advance(self, days: int) -> None:
+        """Move the clock on by whole days."""
+        self.day += timedelta(days=days)
+
+
+@pytest.fixture
+def day() -> MovableDay:
+    """The day the probe takes for today."""
+    return MovableDay(TODAY)
+
+
+@pytest.fixture
+def watched(make_config: Callable[..., Config], day: MovableDay) -> Callable[..., FlaskClient]:
+    """A test client whose probe reads today's date from `day`; keywords override Config fields."""
+
+    def build(**overrides: Any) -> FlaskClient:
+        flask_app = create_app(make_config(**overrides), today=day)
+        flask_app.testing = True
+        return flask_app.test_client()
+
+    return build
+
+
+def announce(model: ChatCompletionsServer, days_ahead: int) -> str:
+    """Have GET /models/{id} name a shutdown date this many days after TODAY; the date."""
+    shutdown = (TODAY + timedelta(days=days_ahead)).isoformat()
+    model.model_fields = {"shutdown_date": shutdown}
+    return shutdown
+
+
+def shutdown_lines(logs: RecordHandler, level: str) -> list[str]:
+    """The lines of one level that speak of the model's shutdown."""
+    return [line for line in logs.lines if line.startswith(level) and "shut" in line]
+
+
+def probe_times(client: FlaskClient, model: ChatCompletionsServer, count: int) -> None:
+    """Ask /health until `count` probes have finished (one starts only after the last ends)."""
+    deadline = time.monotonic() + 5.0
+    while len(model.probes) < count + 1:
+        assert time.monotonic() < deadline, f"{len(model.probes)} probes, not {count + 1}"
+        client.get("/health")
+        time.sleep(0.005)
+
+
+def test_a_shutdown_30_days_away_shows_on_health_and_warns(
+    watched: Callable[..., FlaskClient], model: ChatCompletionsServer, logs: RecordHandler
+) -> None:
+    shutdown = announce(model, 30)
+    body = wait_for_probe(watched(), "reachable")
+    assert body["checks"]["openai_model_shutdown"] == shutdown
+    assert body["checks"]["openai_probe"] == "reachable"
+    assert body["status"] == "healthy"
+    (warning,) = shutdown_lines(logs, "WARNING")
+    assert "gpt-6-luna" in warning
+    assert shutdown in warning
+    assert "OPENAI_MODEL" in warning
+    assert any(shutdown in line for line in shutdown_lines(logs, "INFO"))
+
+
+def test_a_shutdown_date_past_is_logged_as_an_error(
+    watched: Callable[..., FlaskClient], model: ChatCompletionsServer, logs: RecordHandler
+) -> None:
+    shutdown = announce(model, -1)
+    body = wait_for_probe(watched(openai_model="gpt-4.1-mini"), "reachable")
+    assert body["checks"]["openai_model_shutdown"] == shutdown
+    assert body["status"] == "healthy"
+    (error,) = shutdown_lines(logs, "ERROR")
+    assert "gpt-4.1-mini" in error
+    assert shutdown in error
+    assert "OPENAI_MODEL" in error
+    assert shutdown_lines(logs, "WARNING") == []
+
+
+def test_a_shutdown_beyond_the_warning_days_is_only_said_once(
+    watched: Callable[..., FlaskClient], model: ChatCompletionsServer, logs: RecordHandler
+) -> None:
+    shutdown = announce(model, Config().openai_shutdown_warn_days + 1)
+    body = wait_for_probe(watched(), "reachable")
+    assert body["checks"]["openai_model_shutdown"] == shutdown
+    assert [line for line in shutdown_lines(logs, "INFO") if shutdown in line]
+    assert shutdown_lines(logs, "WARNING") == []
+
+
+def test_the_warning_days_are_a_setting(
+    watched: Callable[..., FlaskClient], model: ChatCompletionsServer, logs: RecordHandler
+) -> None:
+    announce(model, 80)
+    wait_for_probe(watched(openai_shutdown_warn_days=90), "reachable")
+    assert len(shutdown_lines(logs, "WARNING")) == 1
+
+
+def test_the_warning_is_repeated_once_a_day(
+    watched: Callable[..., FlaskClient],
+    model: ChatCompletionsServer,
+    logs: RecordHandler,
+    day: MovableDay,
+) -> None:
+    announce(model, 30)
+    client = watched(openai_probe_seconds=0.001)
+    probe_times(client, model, 3)
+    assert len(shutdown_lines(logs, "WARNING")) == 1
+    day.advance(1)
+    probe_times(client, model, len(model.probes) + 2)
+    (_, next_day) = shutdown_lines(logs, "WARNING")
+    assert "29 days" in next_day
+
+
+def test_no_shutdown_announced_says_so(
+    watched: Callable[..., FlaskClient], model: ChatCompletionsServer, logs: RecordHandler
+) -> None:
+    model.model_fields = {"shutdown_date": None}
+    body = wait_for_probe(watched(), "reachable")
+    assert body["checks"]["openai_model_shutdown"] == "none announced"
+    assert shutdown_lines(logs, "WARNING") == shutdown_lines(logs, "ERROR") == []
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "verdict"),
+    [
+        ({}, 200, "reachable"),
+        ({"shutdown_date": "2027-1-2"}, 200, "reachable"),
+        ({"shutdown_date": "14 January 2027"}, 200, "reachable"),
+        ({"shutdown_date": "2027-02-30"}, 200, "reachable"),
+        ({"shutdown_date": "\uff12\uff10\uff12\uff17-01-14"}, 200, "reachable"),
+        ({"shutdown_date": 20270114}, 200, "reachable"),
+        ({"shutdown_date": "2027-01-14"}, 404, "model not found"),
+    ],
+    ids=["absent", "short", "words", "no-such-day", "wide-digits", "number", "not-found"],
+)
+def test_a_server_that_does_not_say_leaves_the_shutdown_unknown(
+    watched: Callable[..., FlaskClient],
+    model: ChatCompletionsServer,
+    logs: RecordHandler,
+    fields: dict[str, Any],
+    status: int,
+    verdict: str,
+) -> None:
+    model.model_fields = fields
+    model.model_status = status
+    body = wait_for_probe(watched(), verdict)
+    assert body["checks"]["openai_probe"] == verdict
+    assert body["checks"]["openai_model_shutdown"] == "unknown"
+    assert shutdown_lines(logs, "WARNING") == shutdown_lines(logs, "ERROR") == []
+
+
+def test_the_shutdown_is_unknown_before_the_first_probe_answers(
+    watched: Callable[..., FlaskClient],
+) -> None:
+    with StalledServer() as stalled:
+        client = watched(openai_base_url=stalled.http_url + "/v1")
+        assert client.get("/health").get_json()["checks"]["openai_model_shutdown"] == "unknown"
+
+
+def test_the_days_left_are_a_gauge(
+    watched: Callable[..., FlaskClient], model: ChatCompletionsServer
+) -> None:
+    announce(model, 30)
+    client = watched(openai_model="gpt-6-sol")
+    wait_for_probe(client, "reachable")
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'image_service_model_shutdown_days{model="gpt-6-sol"} 30.0' in text

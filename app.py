@@ -2391,8 +2391,9 @@ class VisionModel:
     """The Chat Completions server, one client per app.
 
     It owns its session and its one ``Retrying`` (bounded by attempts and by the call's time
-    budget), adapts the request to what the server has shown it takes (kept per model and base
-    URL, shared with the other workers through the store) and probes the server for ``/health``.
+    budget), adapts the request to what the server has shown it takes (kept per model, base
+    URL and effort, shared with the other workers through the store) and probes the server for
+    ``/health``, watching the model's shutdown date.
     """
 
     def __init__(
@@ -2760,7 +2761,7 @@ class VisionModel:
             )
             verdict = probe_verdict(reply.status)
             if reply.status == 200:
-                self.watch_shutdown(announced_shutdown(reply))
+                self.watch_shutdown(shutdown_in(reply))
         except requests.RequestException as error:
             logger.info(
                 "The vision model's server did not answer the probe: %s", type(error).__name__
@@ -2872,7 +2873,7 @@ def utc_today() -> date:
     return datetime.now(UTC).date()
 
 
-def announced_shutdown(reply: UpstreamReply) -> str:
+def shutdown_in(reply: UpstreamReply) -> str:
     """A model object's ``shutdown_date`` as /health shows it: the date, none announced, unknown."""
     try:
         described = reply.json()

@@ -257,6 +257,19 @@ def test_what_was_learnt_is_kept_per_base_url(
     assert len(gpt5.calls) == 6
 
 
+def test_what_was_learnt_is_kept_per_effort(
+    make_config: Callable[..., Config],
+    gpt5: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    medium = make_config(openai_model="food-photos-deployment", openai_reasoning_effort="medium")
+    analyse(create_app(medium).test_client(), auth_headers, 1)
+    assert len(gpt5.calls) == 3
+    low = make_config(openai_model="food-photos-deployment", openai_reasoning_effort="low")
+    analyse(create_app(low).test_client(), auth_headers, 2)
+    assert len(gpt5.calls) == 6
+
+
 def test_reasoning_effort_is_sent_when_configured(
     client_with: Callable[..., FlaskClient],
     gpt5: ChatCompletionsServer,

@@ -383,7 +383,8 @@ TEMPERATURE_UNSUPPORTED: dict[str, Any] = {
     }
 }
 # The reasoning efforts OpenAI's GPT-5 models (gpt-5, gpt-5-mini, gpt-5-nano) and its GPT-6
-# models take; a model left without one reasons at medium.
+# models take; a request that names no effort reasons at medium here, as both families reason by
+# default.
 GPT5_EFFORTS = frozenset({"minimal", "low", "medium", "high"})
 GPT6_EFFORTS = frozenset({"none", "minimal", "low", "medium", "high", "xhigh", "max"})
 DEFAULT_EFFORT = "medium"
@@ -500,7 +501,7 @@ class ChatCompletionsServer(RecordingServer):
             self._probes.append(request)
         model_id = request.route.rsplit("/", 1)[-1]
         if self.model_status == 200:
-            described = {"id": model_id, "object": "model", "created": 1758499200}
+            described = {"id": model_id, "object": "model", "created": 1790035200}
             return Reply(200, {**described, "owned_by": "openai", **self.model_fields})
         return self.error(self.model_status, f"The model '{model_id}' does not exist")
 

@@ -833,6 +833,7 @@ class MovableDay:
         self.day = day
 
     def __call__(self) -> date:
+        """The day it is now set to."""
         return self.day
 
     def advance(self, days: int) -> None:

@@ -50,6 +50,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from pathlib import Path
@@ -81,7 +82,7 @@ from gunicorn.http.errors import (
     ParseException,
 )
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
@@ -303,7 +304,7 @@ SECRET_FILES = {
     "jwt_public_key": "JWT_PUBLIC_KEY",
 }
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 MAX_REASONING_OUTPUT_TOKENS = 128_000
 # Pillow refuses to open anything larger as a decompression bomb, whatever the service allows.
 PILLOW_MAX_PIXELS = 2 * 89_478_485
@@ -380,7 +381,7 @@ class Config:
     )
     openai_api_key: str | None = setting("OPENAI_API_KEY", None, secret=True)
     openai_base_url: str = setting("OPENAI_BASE_URL", "https://api.openai.com/v1", "url")
-    openai_model: str = setting("OPENAI_MODEL", "gpt-4.1-mini")
+    openai_model: str = setting("OPENAI_MODEL", "gpt-6-luna")
     openai_api_timeout: float = setting("OPENAI_API_TIMEOUT", 30.0, "number", low=0.1, high=600)
     openai_max_attempts: int = setting("OPENAI_MAX_ATTEMPTS", 3, "integer", low=1, high=10)
     openai_image_detail: str = setting(
@@ -396,8 +397,8 @@ class Config:
         low=1000,
         high=MAX_REASONING_OUTPUT_TOKENS,
     )
-    openai_reasoning_effort: str | None = setting(
-        "OPENAI_REASONING_EFFORT", None, "choice", choices=REASONING_EFFORTS
+    openai_reasoning_effort: str = setting(
+        "OPENAI_REASONING_EFFORT", "none", "choice", choices=REASONING_EFFORTS
     )
     openai_strict_schema: bool = setting("OPENAI_STRICT_SCHEMA", True, "flag")
     # setting() gives a dict default its own default_factory.
@@ -408,6 +409,9 @@ class Config:
     openai_api_key_header: str = setting("OPENAI_API_KEY_HEADER", "Authorization", "header")
     openai_probe_seconds: float = setting(
         "OPENAI_PROBE_SECONDS", 300.0, "number", low=0, high=86400
+    )
+    openai_shutdown_warn_days: int = setting(
+        "OPENAI_SHUTDOWN_WARN_DAYS", 60, "integer", low=0, high=366
     )
     openai_retry_initial_wait: float = setting(
         "OPENAI_RETRY_INITIAL_WAIT", 0.5, "number", low=0, high=60
@@ -834,6 +838,13 @@ SINGLE_FLIGHT = Counter(
     "image_service_single_flight",
     "Cache misses by role: leader (called the model), follower (waited), takeover.",
     ["role"],
+)
+# Every worker probes the same model; the fewest days a live worker counted is the one to alert on.
+MODEL_SHUTDOWN_DAYS = Gauge(
+    "image_service_model_shutdown_days",
+    "Days until the vision model's announced shutdown date (negative once past).",
+    ["model"],
+    multiprocess_mode="livemin",
 )
 USER_SERVICE_REQUESTS = Counter(
     "image_service_user_service_requests", "Food entries sent to the User Service.", ["outcome"]
@@ -2300,9 +2311,9 @@ TOKEN_CAP_FIELDS = ("max_tokens", "max_completion_tokens")
 # Request fields a server may refuse: the output cap goes under its other name, the rest are left
 # out. Nothing else is changed behind the caller's back.
 ADJUSTABLE_FIELDS = (*TOKEN_CAP_FIELDS, "temperature", "reasoning_effort")
-# Reasoning models known by name (the last path segment, so "openai/o4-mini" counts too); others
-# show it in their answers: a refused max_tokens, or reasoning tokens in the usage.
-REASONING_MODEL_PATTERN = re.compile(r"(?:gpt-5(?!-chat)|o[134])(?![a-z0-9])", re.IGNORECASE)
+# Reasoning models known by their family (the last path segment, so "openai/gpt-6-luna" counts
+# too); others show it in their answers: a refused max_tokens, or reasoning tokens in the usage.
+REASONING_MODEL_PATTERN = re.compile(r"(?:gpt-5(?!-chat)|gpt-6|o[0-9]+)(?![a-z0-9])", re.IGNORECASE)
 PROFILE_PREFIX = "model_profile:"
 PROFILE_TTL_SECONDS = 30 * 86400
 MAX_TOKEN_COUNT = 10**9
@@ -2310,6 +2321,9 @@ MAX_UPSTREAM_WORDS = 300
 MAX_MODEL_NAME = 200
 REASONING_CAP_GROWTH = 2
 PROBE_TIMEOUT_SECONDS = 5.0
+SHUTDOWN_UNKNOWN = "unknown"
+NO_SHUTDOWN_ANNOUNCED = "none announced"
+DAY_PATTERN = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 DURATION_PART_PATTERN = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 DURATION_PATTERN = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|h|m|s))+")
 DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -2334,10 +2348,13 @@ class ServerProfile:
     reasoning: bool = False
 
     @classmethod
-    def assumed(cls, model: str) -> ServerProfile:
-        """What is assumed before the server has said anything: reasoning models by name."""
-        if REASONING_MODEL_PATTERN.match(model.rsplit("/", 1)[-1]):
-            return cls(cap_field="max_completion_tokens", temperature=False, reasoning=True)
+    def assumed(cls, model: str, effort: str) -> ServerProfile:
+        """What is assumed before the server has said anything: reasoning models by family.
+
+        They refuse ``max_tokens`` whatever the effort, and take a temperature only at ``none``.
+        """
+        if reasoning_family(model):
+            return cls("max_completion_tokens", temperature=effort == "none", reasoning=True)
         return cls()
 
     @classmethod
@@ -2353,8 +2370,12 @@ class ServerProfile:
         """The profile as stored."""
         return json.dumps(dataclasses.asdict(self))
 
-    def without(self, field_name: str) -> ServerProfile | None:
-        """The profile once the server refused this field; None when nothing is left to try."""
+    def without(self, field_name: str, effort: str = "") -> ServerProfile | None:
+        """The profile once the server refused this field; None when nothing is left to try.
+
+        A reasoning model that refuses the effort ``none`` reasons at its own default, where it
+        takes no temperature.
+        """
         if field_name == self.cap_field:
             other = TOKEN_CAP_FIELDS[1 - TOKEN_CAP_FIELDS.index(field_name)]
             # OpenAI refuses max_tokens for its reasoning models only.
@@ -2363,8 +2384,14 @@ class ServerProfile:
         if field_name == "temperature" and self.temperature:
             return dataclasses.replace(self, temperature=False)
         if field_name == "reasoning_effort" and self.reasoning_effort:
-            return dataclasses.replace(self, reasoning_effort=False)
+            sampled = self.temperature and not (self.reasoning and effort == "none")
+            return dataclasses.replace(self, reasoning_effort=False, temperature=sampled)
         return None
+
+
+def reasoning_family(model: str) -> bool:
+    """Whether a model is of a reasoning family: ``gpt-5*`` (not ``gpt-5-chat*``), ``gpt-6*``, o."""
+    return REASONING_MODEL_PATTERN.match(model.rsplit("/", 1)[-1]) is not None
 
 
 @dataclass(frozen=True)
@@ -2381,17 +2408,28 @@ class VisionModel:
     """The Chat Completions server, one client per app.
 
     It owns its session and its one ``Retrying`` (bounded by attempts and by the call's time
-    budget), adapts the request to what the server has shown it takes (kept per model and base
-    URL, shared with the other workers through the store) and probes the server for ``/health``.
+    budget), adapts the request to what the server has shown it takes (kept per model, base
+    URL and effort, shared with the other workers through the store) and probes the server for
+    ``/health``, watching the model's shutdown date.
     """
 
-    def __init__(self, config: Config, session: requests.Session, store: Store) -> None:
+    def __init__(
+        self,
+        config: Config,
+        session: requests.Session,
+        store: Store,
+        today: Callable[[], date] | None = None,
+    ) -> None:
         self.config = config
         self.session = session
         self.store = store
-        identity = f"{config.openai_base_url}\n{config.openai_model}"
+        # What a server takes depends on the effort (GPT-6 takes a temperature at none only).
+        identity = "\n".join(
+            (config.openai_base_url, config.openai_model, config.openai_reasoning_effort)
+        )
         self.profile_key = PROFILE_PREFIX + hashlib.sha256(identity.encode()).hexdigest()
-        self.learnt = ServerProfile.assumed(config.openai_model)
+        self.family = reasoning_family(config.openai_model)
+        self.learnt = ServerProfile.assumed(config.openai_model, config.openai_reasoning_effort)
         self.retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(config.openai_max_attempts) | StopAtDeadline(),
             wait=RetryAfterWait(config),
@@ -2403,6 +2441,10 @@ class VisionModel:
         self.probe_verdict = "checking" if config.openai_probe_seconds else "disabled"
         self.probe_due = 0.0 if config.openai_probe_seconds else math.inf
         self.probing = False
+        self.today = today or utc_today
+        self.shutdown = SHUTDOWN_UNKNOWN
+        self.shutdown_read = False
+        self.shutdown_warned: date | None = None
 
     # -- the analysis
 
@@ -2433,7 +2475,8 @@ class VisionModel:
                 )
             except UpstreamError as error:
                 field_name = error.rejected_parameter or ""
-                revised = None if field_name in refused else profile.without(field_name)
+                effort = self.config.openai_reasoning_effort
+                revised = None if field_name in refused else profile.without(field_name, effort)
                 if revised is None or revised.cap_field in refused:
                     raise
                 if time.monotonic() >= deadline:
@@ -2477,14 +2520,27 @@ class VisionModel:
         body: dict[str, Any] = {**base, profile.cap_field: cap}
         if profile.temperature:
             body["temperature"] = 0
-        if self.config.openai_reasoning_effort and profile.reasoning_effort:
-            body["reasoning_effort"] = self.config.openai_reasoning_effort
+        effort = self.effort_for(profile)
+        if effort:
+            body["reasoning_effort"] = effort
         body.update(self.config.openai_extra_body)
         return body
 
+    def effort_for(self, profile: ServerProfile) -> str | None:
+        """The effort to send; ``none`` only to a model known or shown to reason."""
+        # A model that does not reason needs no telling, and a plain server may refuse the field.
+        effort = self.config.openai_reasoning_effort
+        if not profile.reasoning_effort or (effort == "none" and not profile.reasoning):
+            return None
+        return effort
+
+    def reasons(self, profile: ServerProfile) -> bool:
+        """Whether the model spends output tokens reasoning: not a family model told ``none``."""
+        return profile.reasoning and not (self.family and self.effort_for(profile) == "none")
+
     def output_cap(self, profile: ServerProfile) -> int:
         """The output-token cap: reasoning models need room to reason before they answer."""
-        if profile.reasoning:
+        if self.reasons(profile):
             return self.config.openai_reasoning_max_output_tokens
         return self.config.openai_max_output_tokens
 
@@ -2504,7 +2560,7 @@ class VisionModel:
         reasoning = usage.get("reasoning_tokens", 0)
         spent = f"{cap} output tokens" + (f", {reasoning} of them reasoning" if reasoning else "")
         logger.warning("OpenAI API request failed: the answer ran out of output tokens (%s)", spent)
-        if profile.reasoning:
+        if self.reasons(profile):
             setting = (
                 "raise OPENAI_REASONING_MAX_OUTPUT_TOKENS (the cap for reasoning models; "
                 "OPENAI_MAX_OUTPUT_TOKENS is the cap for the others) or lower "
@@ -2721,6 +2777,8 @@ class VisionModel:
                 timeout=min(self.attempt_seconds, PROBE_TIMEOUT_SECONDS),
             )
             verdict = probe_verdict(reply.status)
+            if reply.status == 200:
+                self.watch_shutdown(shutdown_in(reply))
         except requests.RequestException as error:
             logger.info(
                 "The vision model's server did not answer the probe: %s", type(error).__name__
@@ -2730,6 +2788,38 @@ class VisionModel:
                 self.probe_verdict = verdict
                 self.probe_due = time.monotonic() + self.config.openai_probe_seconds
                 self.probing = False
+
+    def announced_shutdown(self) -> str:
+        """The model's shutdown date as the latest answer gave it, or what stands for none."""
+        with self.probe_lock:
+            return self.shutdown
+
+    def watch_shutdown(self, shown: str) -> None:
+        """Keep what the server says of the model's shutdown; say it, and warn as it nears."""
+        with self.probe_lock:
+            changed = not self.shutdown_read or shown != self.shutdown
+            self.shutdown, self.shutdown_read = shown, True
+        model = self.config.openai_model
+        shutdown = day_of(shown)
+        if shutdown is None:
+            if changed:
+                unsaid = shown == SHUTDOWN_UNKNOWN
+                said = "does not say when it shuts down" if unsaid else "announces no shutdown date"
+                logger.info("The vision model %s: its server %s", model, said)
+            return
+        today = self.today()
+        days_left = (shutdown - today).days
+        MODEL_SHUTDOWN_DAYS.labels(model).set(days_left)
+        if changed:
+            logger.info(
+                "The vision model %s shuts down on %s (%d days from today), its server says",
+                model,
+                shown,
+                days_left,
+            )
+        if days_left <= self.config.openai_shutdown_warn_days and self.shutdown_warned != today:
+            self.shutdown_warned = today
+            warn_of_shutdown(model, shown, days_left)
 
 
 class StopAtDeadline(tenacity.stop.stop_base):
@@ -2793,6 +2883,54 @@ def attempt_outcome(error: ServiceError) -> str:
     if isinstance(error, UpstreamRateLimited):
         return "rate_limited"
     return "error"
+
+
+def utc_today() -> date:
+    """Today's date in UTC, the calendar of OpenAI's shutdown dates."""
+    return datetime.now(UTC).date()
+
+
+def shutdown_in(reply: UpstreamReply) -> str:
+    """A model object's ``shutdown_date`` as /health shows it: the date, none announced, unknown."""
+    try:
+        described = reply.json()
+    except ValueError:
+        return SHUTDOWN_UNKNOWN
+    if not isinstance(described, dict) or "shutdown_date" not in described:
+        return SHUTDOWN_UNKNOWN
+    shown = described["shutdown_date"]
+    if shown is None:
+        return NO_SHUTDOWN_ANNOUNCED
+    return shown if day_of(shown) is not None else SHUTDOWN_UNKNOWN
+
+
+def day_of(text: Any) -> date | None:
+    """The date a strict ``YYYY-MM-DD`` names, or None for anything else."""
+    if not isinstance(text, str) or not DAY_PATTERN.fullmatch(text):
+        return None
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        return None
+
+
+def warn_of_shutdown(model: str, shown: str, days_left: int) -> None:
+    """A WARNING while the model's shutdown nears; an ERROR once it is past."""
+    if days_left < 0:
+        logger.error(
+            "The vision model %s was shut down on %s: photos fail until OPENAI_MODEL names a "
+            "current model (see OpenAI's deprecations page) and the service restarts",
+            model,
+            shown,
+        )
+        return
+    logger.warning(
+        "The vision model %s shuts down on %s, in %d days: set OPENAI_MODEL to its replacement "
+        "(see OpenAI's deprecations page) and restart the service before then",
+        model,
+        shown,
+        days_left,
+    )
 
 
 def probe_verdict(status: int) -> str:
@@ -3865,6 +4003,7 @@ def health() -> tuple[Response, int]:
         "openai": "configured" if config.openai_configured else "missing credentials",
         "jwt": "configured" if config.jwt_configured else "missing secret",
         "openai_probe": services.model.reachability(),
+        "openai_model_shutdown": services.model.announced_shutdown(),
         "store": services.store.describe(),
         "nutrition": services.table.label if services.table else "not configured",
     }
@@ -4083,8 +4222,8 @@ def warn_about_weak_settings(config: Config) -> None:
         logger.warning("No JWT key is configured: every protected call will answer 401")
 
 
-def create_app(config: Config | None = None) -> Flask:
-    """Build the service; nothing connects until a request needs it."""
+def create_app(config: Config | None = None, *, today: Callable[[], date] | None = None) -> Flask:
+    """Build the service (``today``: the probe's clock); nothing connects until it is needed."""
     config = config or Config.from_env(os.environ)
     configure_logging(config)
     app = Flask(__name__, static_folder=None)
@@ -4107,7 +4246,7 @@ def create_app(config: Config | None = None) -> Flask:
         ),
         decode_budget=DecodeBudget(config.decode_budget_mb, config.model_queue_timeout),
         model_slots=ModelSlots(config.model_max_concurrency, config.model_queue_timeout),
-        model=VisionModel(config, build_session(config.model_max_concurrency), records),
+        model=VisionModel(config, build_session(config.model_max_concurrency), records, today),
         user_service=UserService(config, build_session(config.model_max_concurrency)),
         jwt_key=jwt_verification_key(config),
         started_at=time.monotonic(),

@@ -38,7 +38,7 @@ from redis.retry import Retry
 Body = bytes | str | dict[str, Any] | list[Any] | None
 
 LOOPBACK = "127.0.0.1"
-DEFAULT_MODEL = "gpt-4.1-mini"
+DEFAULT_MODEL = "gpt-6-luna"
 DEFAULT_ANALYSIS: dict[str, Any] = {
     "name": "Grilled Salmon with Asparagus",
     "calories": 450,
@@ -382,6 +382,32 @@ TEMPERATURE_UNSUPPORTED: dict[str, Any] = {
         "code": "unsupported_value",
     }
 }
+# The reasoning efforts OpenAI's GPT-5 models (gpt-5, gpt-5-mini, gpt-5-nano) and its GPT-6
+# models take; a request that names no effort reasons at medium here, as both families reason by
+# default.
+GPT5_EFFORTS = frozenset({"minimal", "low", "medium", "high"})
+GPT6_EFFORTS = frozenset({"none", "minimal", "low", "medium", "high", "xhigh", "max"})
+DEFAULT_EFFORT = "medium"
+
+
+def effort_unsupported(effort: Any, efforts: frozenset[str]) -> Reply:
+    """OpenAI's 400 for a reasoning effort the model does not take."""
+    supported = ", ".join(f"'{name}'" for name in sorted(efforts))
+    message = (
+        f"Unsupported value: 'reasoning_effort' does not support {json.dumps(effort)} with this "
+        f"model. Supported values are: {supported}."
+    )
+    body = {
+        "error": {
+            "message": message,
+            "type": "invalid_request_error",
+            "param": "reasoning_effort",
+            "code": "unsupported_value",
+        }
+    }
+    return Reply(400, body)
+
+
 # The fields Mistral's chat completions endpoint knows; any other is a 422.
 MISTRAL_FIELDS = frozenset(
     {
@@ -428,10 +454,13 @@ class ChatCompletionsServer(RecordingServer):
     """An OpenAI-compatible Chat Completions endpoint that answers with `self.analysis`.
 
     By default it takes any field, as OpenAI does for gpt-4.1. `reasoning_tokens` makes it a
-    GPT-5-style server: it refuses `max_tokens` and a temperature other than 1, and spends that
-    many reasoning tokens out of `max_completion_tokens` before the answer (an empty answer with
-    `finish_reason: "length"` when they do not fit). `known_fields` makes it refuse, as Mistral
-    does, every field outside the set with a 422. `GET /v1/models/{id}` answers `model_status`.
+    reasoning model's server: it refuses `max_tokens`, a `reasoning_effort` outside `efforts`
+    (GPT-5's by default, `GPT6_EFFORTS` for a GPT-6-style one) and a temperature other than 1
+    unless the effort is `none`, and spends that many reasoning tokens (none at effort `none`)
+    out of `max_completion_tokens` before the answer (an empty answer with `finish_reason:
+    "length"` when they do not fit). `known_fields` makes it refuse, as Mistral does, every field
+    outside the set with a 422. `GET /v1/models/{id}` answers `model_status`, with OpenAI's model
+    object and `model_fields` (such as `shutdown_date`) when it is 200.
     """
 
     routes = frozenset({("POST", "/v1/chat/completions"), ("POST", "/chat/completions")})
@@ -441,8 +470,10 @@ class ChatCompletionsServer(RecordingServer):
         """Answer with the sample salmon analysis again, taking any field."""
         self.analysis: dict[str, Any] = copy.deepcopy(DEFAULT_ANALYSIS)
         self.reasoning_tokens: int | None = None
+        self.efforts = GPT5_EFFORTS
         self.known_fields: frozenset[str] | None = None
         self.model_status = 200
+        self.model_fields: dict[str, Any] = {}
         self._probes: list[RecordedRequest] = []
 
     @property
@@ -470,7 +501,8 @@ class ChatCompletionsServer(RecordingServer):
             self._probes.append(request)
         model_id = request.route.rsplit("/", 1)[-1]
         if self.model_status == 200:
-            return Reply(200, {"id": model_id, "object": "model", "owned_by": "system"})
+            described = {"id": model_id, "object": "model", "created": 1790035200}
+            return Reply(200, {**described, "owned_by": "openai", **self.model_fields})
         return self.error(self.model_status, f"The model '{model_id}' does not exist")
 
     @staticmethod
@@ -493,13 +525,16 @@ class ChatCompletionsServer(RecordingServer):
         return self._reasoned_completion(body, model)
 
     def _reasoned_completion(self, body: dict[str, Any], model: str) -> Reply:
-        """How a GPT-5-style model answers: refusals first, then reasoning out of the cap."""
+        """How a GPT-5- or GPT-6-style model answers: refusals, then reasoning out of the cap."""
+        effort = body.get("reasoning_effort", DEFAULT_EFFORT)
         if "max_tokens" in body:
             return Reply(400, copy.deepcopy(MAX_TOKENS_UNSUPPORTED))
-        if body.get("temperature", 1) != 1:
+        if effort not in self.efforts and "reasoning_effort" in body:
+            return effort_unsupported(effort, self.efforts)
+        if body.get("temperature", 1) != 1 and effort != "none":
             return Reply(400, copy.deepcopy(TEMPERATURE_UNSUPPORTED))
         cap = body.get("max_completion_tokens")
-        reasoning = self.reasoning_tokens or 0
+        reasoning = 0 if effort == "none" else self.reasoning_tokens or 0
         needed = reasoning + self.answer_tokens
         if isinstance(cap, int) and cap < needed:
             spent = min(cap, reasoning)

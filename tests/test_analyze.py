@@ -40,7 +40,7 @@ EXPECTED_ANALYSIS = {
     "assumptions": [],
     "suggestions": [],
     "warnings": [],
-    "model": "gpt-4.1-mini",
+    "model": "gpt-6-luna",
     "promptVersion": PROMPT_VERSION,
 }
 

@@ -71,7 +71,7 @@ def test_defaults_match_the_contract(secrets_dir: Path) -> None:
     assert config.redis_password is None
     assert config.openai_api_key is None
     assert config.openai_base_url == "https://api.openai.com/v1"
-    assert config.openai_model == "gpt-4.1-mini"
+    assert config.openai_model == "gpt-6-luna"
     assert config.openai_api_timeout == 30
     assert config.openai_max_attempts == 3
     assert config.openai_image_detail == "auto"

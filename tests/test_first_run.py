@@ -28,7 +28,7 @@ def test_gunicorn_says_at_start_what_is_configured(
 ) -> None:
     output = served.output()
     summary = next(line for line in output.splitlines() if "Image Service: model" in line)
-    assert "gpt-4.1-mini" in summary
+    assert "gpt-6-luna" in summary
     assert model.base_url in summary
     assert user_service.url in summary
     assert f"127.0.0.1:{redis.port}" in summary

@@ -173,7 +173,7 @@ def test_model_request_caps_output_tokens(
     api: AnalyzeActions, model: ChatCompletionsServer, config: Config
 ) -> None:
     api.analyze()
-    assert model.last_payload()["max_tokens"] == config.openai_max_output_tokens > 0
+    assert model.last_payload()["max_completion_tokens"] == config.openai_max_output_tokens > 0
 
 
 def test_build_model_request_embeds_the_given_jpeg(config: Config) -> None:

@@ -6,6 +6,7 @@ import json
 import re
 import time
 from collections.abc import Callable
+from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -15,6 +16,7 @@ from app import Config, ConfigError, create_app
 from tests import images
 from tests.conftest import OPENAI_API_KEY, assert_json_error, post_photo
 from tests.fakes import (
+    GPT6_EFFORTS,
     MISTRAL_FIELDS,
     ChatCompletionsServer,
     Reply,
@@ -57,6 +59,14 @@ def gpt5(model: ChatCompletionsServer) -> ChatCompletionsServer:
 
 
 @pytest.fixture
+def gpt6(model: ChatCompletionsServer) -> ChatCompletionsServer:
+    """A server that answers as OpenAI does for gpt-6-luna: it reasons unless told `none`."""
+    model.reasoning_tokens = 1500
+    model.efforts = GPT6_EFFORTS
+    return model
+
+
+@pytest.fixture
 def mistral(model: ChatCompletionsServer) -> ChatCompletionsServer:
     """A server that refuses, as Mistral's does, every field it does not know with a 422."""
     model.known_fields = MISTRAL_FIELDS
@@ -66,12 +76,83 @@ def mistral(model: ChatCompletionsServer) -> ChatCompletionsServer:
 # ------------------------------------------------------------------ reasoning models
 
 
-def test_gpt5_mini_with_the_defaults_answers_200_in_one_call(
+def test_with_no_model_settings_gpt_6_luna_is_asked_once_at_effort_none(
+    client: FlaskClient, gpt6: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    analyse(client, auth_headers)
+    assert len(gpt6.calls) == 1
+    sent = gpt6.last_payload()
+    assert sent["model"] == "gpt-6-luna"
+    assert sent["reasoning_effort"] == "none"
+    assert sent["temperature"] == 0
+    assert sent["max_completion_tokens"] == Config().openai_max_output_tokens
+    assert "max_tokens" not in sent
+
+
+@pytest.mark.parametrize("effort", sorted(GPT6_EFFORTS - {"none"}))
+def test_gpt6_at_a_reasoning_effort_gets_the_reasoning_cap_and_no_temperature(
+    client_with: Callable[..., FlaskClient],
+    gpt6: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+    effort: str,
+) -> None:
+    analyse(client_with(openai_reasoning_effort=effort), auth_headers)
+    assert len(gpt6.calls) == 1
+    sent = gpt6.last_payload()
+    assert sent["reasoning_effort"] == effort
+    assert "temperature" not in sent
+    assert sent["max_completion_tokens"] == Config().openai_reasoning_max_output_tokens
+
+
+def test_effort_none_is_not_sent_to_a_model_not_known_to_reason(
+    client_with: Callable[..., FlaskClient],
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    analyse(client_with(openai_model="llava"), auth_headers)
+    sent = model.last_payload()
+    assert "reasoning_effort" not in sent
+    assert sent["temperature"] == 0
+    assert sent["max_tokens"] == Config().openai_max_output_tokens
+
+
+def test_a_deployment_of_gpt6_unknown_by_name_costs_one_extra_call_once(
+    client_with: Callable[..., FlaskClient],
+    gpt6: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    client = client_with(openai_model="food-photos-deployment")
+    analyse(client, auth_headers, 1)
+    first, second = (call.json() for call in gpt6.calls)
+    assert "reasoning_effort" not in first
+    assert second["reasoning_effort"] == "none"
+    assert second["temperature"] == 0
+    analyse(client, auth_headers, 2)
+    assert len(gpt6.calls) == 3
+
+
+def test_gpt5_mini_refusing_effort_none_reasons_at_its_default_after_one_extra_call(
     client_with: Callable[..., FlaskClient],
     gpt5: ChatCompletionsServer,
     auth_headers: dict[str, str],
 ) -> None:
     client = client_with(openai_model="gpt-5-mini")
+    analyse(client, auth_headers, 1)
+    first, second = (call.json() for call in gpt5.calls)
+    assert (first["reasoning_effort"], first["temperature"]) == ("none", 0)
+    assert "reasoning_effort" not in second
+    assert "temperature" not in second
+    assert second["max_completion_tokens"] == Config().openai_reasoning_max_output_tokens
+    analyse(client, auth_headers, 2)
+    assert len(gpt5.calls) == 3
+
+
+def test_gpt5_mini_at_an_effort_it_takes_answers_200_in_one_call(
+    client_with: Callable[..., FlaskClient],
+    gpt5: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    client = client_with(openai_model="gpt-5-mini", openai_reasoning_effort="low")
     analyse(client, auth_headers, 1)
     assert len(gpt5.calls) == 1
     analyse(client, auth_headers, 2)
@@ -82,15 +163,40 @@ def test_gpt5_mini_with_the_defaults_answers_200_in_one_call(
     assert "temperature" not in sent
 
 
-@pytest.mark.parametrize("name", ["gpt-5", "gpt-5-nano", "o3", "o4-mini", "o1", "openai/gpt-5"])
-def test_reasoning_models_are_known_by_name(
+@pytest.mark.parametrize(
+    "name",
+    [
+        "gpt-6-luna",
+        "gpt-6-sol",
+        "gpt-6-astra",
+        "gpt-5.1",
+        "gpt-5",
+        "gpt-5-nano",
+        "o3",
+        "o4-mini",
+        "o1",
+        "openai/gpt-6-luna",
+    ],
+)
+def test_reasoning_models_are_known_by_their_family(
     client_with: Callable[..., FlaskClient],
     gpt5: ChatCompletionsServer,
     auth_headers: dict[str, str],
     name: str,
 ) -> None:
-    analyse(client_with(openai_model=name), auth_headers)
+    analyse(client_with(openai_model=name, openai_reasoning_effort="medium"), auth_headers)
     assert len(gpt5.calls) == 1
+
+
+@pytest.mark.parametrize("name", ["gpt-5-chat-latest", "gpt-60", "gpt-4.1-mini", "omni-vision"])
+def test_other_models_are_not_taken_for_reasoning_ones(
+    client_with: Callable[..., FlaskClient],
+    model: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+    name: str,
+) -> None:
+    analyse(client_with(openai_model=name), auth_headers)
+    assert model.last_payload()["max_tokens"] == Config().openai_max_output_tokens
 
 
 def test_a_reasoning_model_unknown_by_name_is_learnt_from_its_refusals(
@@ -99,7 +205,7 @@ def test_a_reasoning_model_unknown_by_name_is_learnt_from_its_refusals(
     auth_headers: dict[str, str],
     logs: RecordHandler,
 ) -> None:
-    client = client_with(openai_model="food-photos-deployment")
+    client = client_with(openai_model="food-photos-deployment", openai_reasoning_effort="medium")
     analyse(client, auth_headers, 1)
     first, second, third = (call.json() for call in gpt5.calls)
     assert first["max_tokens"] == Config().openai_max_output_tokens
@@ -151,6 +257,19 @@ def test_what_was_learnt_is_kept_per_base_url(
     assert len(gpt5.calls) == 6
 
 
+def test_what_was_learnt_is_kept_per_effort(
+    make_config: Callable[..., Config],
+    gpt5: ChatCompletionsServer,
+    auth_headers: dict[str, str],
+) -> None:
+    medium = make_config(openai_model="food-photos-deployment", openai_reasoning_effort="medium")
+    analyse(create_app(medium).test_client(), auth_headers, 1)
+    assert len(gpt5.calls) == 3
+    low = make_config(openai_model="food-photos-deployment", openai_reasoning_effort="low")
+    analyse(create_app(low).test_client(), auth_headers, 2)
+    assert len(gpt5.calls) == 6
+
+
 def test_reasoning_effort_is_sent_when_configured(
     client_with: Callable[..., FlaskClient],
     gpt5: ChatCompletionsServer,
@@ -160,15 +279,6 @@ def test_reasoning_effort_is_sent_when_configured(
     assert gpt5.last_payload()["reasoning_effort"] == "low"
 
 
-def test_reasoning_effort_is_not_sent_unless_configured(
-    client_with: Callable[..., FlaskClient],
-    gpt5: ChatCompletionsServer,
-    auth_headers: dict[str, str],
-) -> None:
-    analyse(client_with(openai_model="gpt-5-mini"), auth_headers)
-    assert "reasoning_effort" not in gpt5.last_payload()
-
-
 def test_an_answer_cut_short_by_reasoning_is_asked_again_with_a_larger_cap(
     client_with: Callable[..., FlaskClient],
     gpt5: ChatCompletionsServer,
@@ -176,7 +286,7 @@ def test_an_answer_cut_short_by_reasoning_is_asked_again_with_a_larger_cap(
 ) -> None:
     cap = Config().openai_reasoning_max_output_tokens
     gpt5.reasoning_tokens = cap + 1000
-    analyse(client_with(openai_model="gpt-5-mini"), auth_headers)
+    analyse(client_with(openai_model="gpt-5-mini", openai_reasoning_effort="medium"), auth_headers)
     first, second = (call.json()["max_completion_tokens"] for call in gpt5.calls)
     assert first == cap
     assert second > gpt5.reasoning_tokens + gpt5.answer_tokens
@@ -188,7 +298,8 @@ def test_an_answer_cut_short_twice_names_the_setting_to_raise(
     auth_headers: dict[str, str],
 ) -> None:
     gpt5.reasoning_tokens = 120_000
-    response = post_photo(client_with(openai_model="gpt-5-mini"), auth_headers, photo(1))
+    client = client_with(openai_model="gpt-5-mini", openai_reasoning_effort="medium")
+    response = post_photo(client, auth_headers, photo(1))
     assert_json_error(response, 502, "upstream_error")
     message = response.get_json()["error"]
     assert "ran out of output tokens" in message
@@ -251,14 +362,15 @@ def test_gpt5_mini_on_a_server_that_refuses_unknown_fields_answers_200(
     mistral: ChatCompletionsServer,
     auth_headers: dict[str, str],
 ) -> None:
-    client = client_with(openai_model="gpt-5-mini")
+    client = client_with(openai_model="gpt-5-mini", openai_reasoning_effort="medium")
     analyse(client, auth_headers, 1)
-    first, second = (call.json() for call in mistral.calls)
+    first, second, third = (call.json() for call in mistral.calls)
     assert "max_completion_tokens" in first
     assert "max_completion_tokens" not in second
     assert second["max_tokens"] == Config().openai_reasoning_max_output_tokens
+    assert "reasoning_effort" not in third
     analyse(client, auth_headers, 2)
-    assert len(mistral.calls) == 3
+    assert len(mistral.calls) == 4
 
 
 def test_a_plain_model_on_a_server_that_refuses_unknown_fields_costs_one_call(
@@ -581,6 +693,8 @@ def test_azure_classic_sends_api_version_and_api_key_header(
         ("OPENAI_API_VERSION", "2024-10-21", "openai_api_version", "2024-10-21"),
         ("OPENAI_API_KEY_HEADER", "api-key", "openai_api_key_header", "api-key"),
         ("OPENAI_REASONING_EFFORT", "minimal", "openai_reasoning_effort", "minimal"),
+        ("OPENAI_REASONING_EFFORT", "XHIGH", "openai_reasoning_effort", "xhigh"),
+        ("OPENAI_REASONING_EFFORT", "max", "openai_reasoning_effort", "max"),
         (
             "OPENAI_REASONING_MAX_OUTPUT_TOKENS",
             "32000",
@@ -588,6 +702,7 @@ def test_azure_classic_sends_api_version_and_api_key_header(
             32000,
         ),
         ("OPENAI_PROBE_SECONDS", "60", "openai_probe_seconds", 60.0),
+        ("OPENAI_SHUTDOWN_WARN_DAYS", "90", "openai_shutdown_warn_days", 90),
     ],
 )
 def test_model_settings_are_read_from_the_environment(
@@ -605,6 +720,8 @@ def test_model_settings_are_read_from_the_environment(
         ("OPENAI_EXTRA_BODY", "{not json"),
         ("OPENAI_API_KEY_HEADER", "api key"),
         ("OPENAI_REASONING_EFFORT", "extreme"),
+        ("OPENAI_SHUTDOWN_WARN_DAYS", "-1"),
+        ("OPENAI_SHUTDOWN_WARN_DAYS", "1000"),
     ],
 )
 def test_bad_model_settings_are_named(variable: str, value: str) -> None:
@@ -645,7 +762,7 @@ def test_health_probe_tells_what_the_model_server_says(
     body = wait_for_probe(client, verdict)
     assert body["checks"]["openai_probe"] == verdict
     assert body["status"] == "healthy"
-    assert model.probes[-1].route == "/v1/models/gpt-4.1-mini"
+    assert model.probes[-1].route == "/v1/models/gpt-6-luna"
     assert model.probes[-1].header("authorization") == f"Bearer {OPENAI_API_KEY}"
 
 
@@ -701,3 +818,182 @@ def test_health_probe_can_be_disabled(
     client = client_with(openai_probe_seconds=0.0)
     assert client.get("/health").get_json()["checks"]["openai_probe"] == "disabled"
     assert model.probes == []
+
+
+# ------------------------------------------------------------------ the model's shutdown date
+
+
+TODAY = date(2026, 12, 3)
+
+
+class MovableDay:
+    """The probe's clock: a date the test sets and moves on, never the wall clock."""
+
+    def __init__(self, day: date) -> None:
+        self.day = day
+
+    def __call__(self) -> date:
+        """The day it is now set to."""
+        return self.day
+
+    def advance(self, days: int) -> None:
+        """Move the clock on by whole days."""
+        self.day += timedelta(days=days)
+
+
+@pytest.fixture
+def day() -> MovableDay:
+    """The day the probe takes for today."""
+    return MovableDay(TODAY)
+
+
+@pytest.fixture
+def watched(make_config: Callable[..., Config], day: MovableDay) -> Callable[..., FlaskClient]:
+    """A test client whose probe reads today's date from `day`; keywords override Config fields."""
+
+    def build(**overrides: Any) -> FlaskClient:
+        flask_app = create_app(make_config(**overrides), today=day)
+        flask_app.testing = True
+        return flask_app.test_client()
+
+    return build
+
+
+def announce(model: ChatCompletionsServer, days_ahead: int) -> str:
+    """Have GET /models/{id} name a shutdown date this many days after TODAY; the date."""
+    shutdown = (TODAY + timedelta(days=days_ahead)).isoformat()
+    model.model_fields = {"shutdown_date": shutdown}
+    return shutdown
+
+
+def shutdown_lines(logs: RecordHandler, level: str) -> list[str]:
+    """The lines of one level that speak of the model's shutdown."""
+    return [line for line in logs.lines if line.startswith(level) and "shut" in line]
+
+
+def probe_times(client: FlaskClient, model: ChatCompletionsServer, count: int) -> None:
+    """Ask /health until `count` probes have finished (one starts only after the last ends)."""
+    deadline = time.monotonic() + 5.0
+    while len(model.probes) < count + 1:
+        assert time.monotonic() < deadline, f"{len(model.probes)} probes, not {count + 1}"
+        client.get("/health")
+        time.sleep(0.005)
+
+
+def test_a_shutdown_30_days_away_shows_on_health_and_warns(
+    watched: Callable[..., FlaskClient], model: ChatCompletionsServer, logs: RecordHandler
+) -> None:
+    shutdown = announce(model, 30)
+    body = wait_for_probe(watched(), "reachable")
+    assert body["checks"]["openai_model_shutdown"] == shutdown
+    assert body["checks"]["openai_probe"] == "reachable"
+    assert body["status"] == "healthy"
+    (warning,) = shutdown_lines(logs, "WARNING")
+    assert "gpt-6-luna" in warning
+    assert shutdown in warning
+    assert "OPENAI_MODEL" in warning
+    assert any(shutdown in line for line in shutdown_lines(logs, "INFO"))
+
+
+def test_a_shutdown_date_past_is_logged_as_an_error(
+    watched: Callable[..., FlaskClient], model: ChatCompletionsServer, logs: RecordHandler
+) -> None:
+    shutdown = announce(model, -1)
+    body = wait_for_probe(watched(openai_model="gpt-4.1-mini"), "reachable")
+    assert body["checks"]["openai_model_shutdown"] == shutdown
+    assert body["status"] == "healthy"
+    (error,) = shutdown_lines(logs, "ERROR")
+    assert "gpt-4.1-mini" in error
+    assert shutdown in error
+    assert "OPENAI_MODEL" in error
+    assert shutdown_lines(logs, "WARNING") == []
+
+
+def test_a_shutdown_beyond_the_warning_days_is_only_said_once(
+    watched: Callable[..., FlaskClient], model: ChatCompletionsServer, logs: RecordHandler
+) -> None:
+    shutdown = announce(model, Config().openai_shutdown_warn_days + 1)
+    body = wait_for_probe(watched(), "reachable")
+    assert body["checks"]["openai_model_shutdown"] == shutdown
+    assert [line for line in shutdown_lines(logs, "INFO") if shutdown in line]
+    assert shutdown_lines(logs, "WARNING") == []
+
+
+def test_the_warning_days_are_a_setting(
+    watched: Callable[..., FlaskClient], model: ChatCompletionsServer, logs: RecordHandler
+) -> None:
+    announce(model, 80)
+    wait_for_probe(watched(openai_shutdown_warn_days=90), "reachable")
+    assert len(shutdown_lines(logs, "WARNING")) == 1
+
+
+def test_the_warning_is_repeated_once_a_day(
+    watched: Callable[..., FlaskClient],
+    model: ChatCompletionsServer,
+    logs: RecordHandler,
+    day: MovableDay,
+) -> None:
+    announce(model, 30)
+    client = watched(openai_probe_seconds=0.001)
+    probe_times(client, model, 3)
+    assert len(shutdown_lines(logs, "WARNING")) == 1
+    day.advance(1)
+    probe_times(client, model, len(model.probes) + 2)
+    (_, next_day) = shutdown_lines(logs, "WARNING")
+    assert "29 days" in next_day
+
+
+def test_no_shutdown_announced_says_so(
+    watched: Callable[..., FlaskClient], model: ChatCompletionsServer, logs: RecordHandler
+) -> None:
+    model.model_fields = {"shutdown_date": None}
+    body = wait_for_probe(watched(), "reachable")
+    assert body["checks"]["openai_model_shutdown"] == "none announced"
+    assert shutdown_lines(logs, "WARNING") == shutdown_lines(logs, "ERROR") == []
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "verdict"),
+    [
+        ({}, 200, "reachable"),
+        ({"shutdown_date": "2027-1-2"}, 200, "reachable"),
+        ({"shutdown_date": "14 January 2027"}, 200, "reachable"),
+        ({"shutdown_date": "2027-02-30"}, 200, "reachable"),
+        ({"shutdown_date": "\uff12\uff10\uff12\uff17-01-14"}, 200, "reachable"),
+        ({"shutdown_date": 20270114}, 200, "reachable"),
+        ({"shutdown_date": "2027-01-14"}, 404, "model not found"),
+    ],
+    ids=["absent", "short", "words", "no-such-day", "wide-digits", "number", "not-found"],
+)
+def test_a_server_that_does_not_say_leaves_the_shutdown_unknown(
+    watched: Callable[..., FlaskClient],
+    model: ChatCompletionsServer,
+    logs: RecordHandler,
+    fields: dict[str, Any],
+    status: int,
+    verdict: str,
+) -> None:
+    model.model_fields = fields
+    model.model_status = status
+    body = wait_for_probe(watched(), verdict)
+    assert body["checks"]["openai_probe"] == verdict
+    assert body["checks"]["openai_model_shutdown"] == "unknown"
+    assert shutdown_lines(logs, "WARNING") == shutdown_lines(logs, "ERROR") == []
+
+
+def test_the_shutdown_is_unknown_before_the_first_probe_answers(
+    watched: Callable[..., FlaskClient],
+) -> None:
+    with StalledServer() as stalled:
+        client = watched(openai_base_url=stalled.http_url + "/v1")
+        assert client.get("/health").get_json()["checks"]["openai_model_shutdown"] == "unknown"
+
+
+def test_the_days_left_are_a_gauge(
+    watched: Callable[..., FlaskClient], model: ChatCompletionsServer
+) -> None:
+    announce(model, 30)
+    client = watched(openai_model="gpt-6-sol")
+    wait_for_probe(client, "reachable")
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'image_service_model_shutdown_days{model="gpt-6-sol"} 30.0' in text

@@ -705,8 +705,13 @@ class EnvReader:
 # ---------------------------------------------------------------------------------------------
 
 
-# Log lines stay single lines (a caller's path or an upstream message cannot start a forged one).
-CONTROL_CHARACTERS = {code: f"\\x{code:02x}" for code in (*range(32), 127)}
+# Log lines stay single lines (a caller's path or an upstream message cannot start a forged one):
+# the C0 and C1 controls, DEL, and the two Unicode separators are each written as an escape, so
+# no reader that honours a Unicode line break (NEL, U+2028, U+2029) sees one either.
+CONTROL_CHARACTERS = {
+    **{code: f"\\x{code:02x}" for code in (*range(32), *range(127, 160))},
+    **{code: f"\\u{code:04x}" for code in (0x2028, 0x2029)},
+}
 MAX_LOG_MESSAGE = 1000
 MIN_SECRET_FRAGMENT = 4
 

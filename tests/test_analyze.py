@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +15,14 @@ from typing import TYPE_CHECKING
 import pytest
 from flask.testing import FlaskClient
 
-from app import CACHE_PREFIX, PROMPT_VERSION, AnalysisCache, Config, EmbeddedStore
+from app import (
+    CACHE_PREFIX,
+    LOG_FILTER,
+    PROMPT_VERSION,
+    AnalysisCache,
+    Config,
+    EmbeddedStore,
+)
 from tests import images
 from tests.conftest import MEAL, AnalyzeActions, assert_json_error, post_photo
 from tests.fakes import (
@@ -506,3 +515,36 @@ def test_one_request_line_names_method_path_status_and_request_id(
     request_lines = [line for line in logs.lines if "POST /analyze-food 200" in line]
     assert len(request_lines) == 1
     assert "[abc-123]" in request_lines[0]
+
+
+# Every character str.splitlines breaks a line at: CR, LF, VT, FF, FS, GS, RS, NEL, U+2028, U+2029.
+LINE_BREAKS = "".join(
+    character
+    for character in map(chr, range(sys.maxunicode + 1))
+    if len(f"a{character}b".splitlines()) > 1
+)
+
+
+def test_a_log_message_holding_any_line_break_stays_one_line() -> None:
+    record = logging.LogRecord(
+        "image_service", logging.INFO, __file__, 1, "path %s", (f"/x{LINE_BREAKS}y",), None
+    )
+
+    LOG_FILTER.filter(record)
+
+    message = record.getMessage()
+    assert message.splitlines() == [message]
+    assert "\\u2028" in message
+    assert "\\u2029" in message
+    assert "\\x85" in message
+
+
+def test_a_path_holding_a_unicode_line_break_gives_one_log_line(
+    client: FlaskClient, logs: RecordHandler
+) -> None:
+    client.get("/meal\u2028INFO [forged] GET /health 200", headers={"X-Request-ID": "one-line"})
+
+    lines = [line for line in logs.lines if "[one-line]" in line]
+    assert len(lines) == 1
+    assert lines[0].splitlines() == [lines[0]]
+    assert "/meal\\u2028INFO [forged]" in lines[0]

@@ -1660,6 +1660,11 @@ def cache_key_for(digest: str, config: Config, *inputs: str) -> str:
     return CACHE_PREFIX + hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+def private_inputs(wanted: AnalysisRequest, user_id: str) -> tuple[str, ...]:
+    """The caller, when a note is sent: a note is private, so its answer is the caller's alone."""
+    return (f"user={user_id}",) if wanted.note else ()
+
+
 class AnalysisCache:
     """Analyses by cache key; a store failure is a miss, never an error for the caller."""
 
@@ -3579,7 +3584,9 @@ def cached_or_fresh(services: Services, form: AnalysisForm) -> tuple[dict[str, A
     Requests that waited on another's model call (``SingleFlight``) answer with ``cache``.
     """
     table = services.table.identity if services.table else "no-table"
-    key = cache_key_for(form.digest, services.config, f"table={table}", *form.wanted.cache_inputs())
+    private = private_inputs(form.wanted, g.caller.user_id)
+    inputs = (f"table={table}", *form.wanted.cache_inputs(), *private)
+    key = cache_key_for(form.digest, services.config, *inputs)
     cached = services.cache.get(key)
     if cached is not None:
         logger.info("Cache hit for %s", key)

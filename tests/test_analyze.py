@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -9,10 +10,12 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from flask import Flask
 from flask.testing import FlaskClient
 
 from app import (
@@ -548,3 +551,59 @@ def test_a_path_holding_a_unicode_line_break_gives_one_log_line(
     assert len(lines) == 1
     assert lines[0].splitlines() == [lines[0]]
     assert "/meal\\u2028INFO [forged]" in lines[0]
+
+
+# ------------------------------------------------------------------ a note is private
+
+
+def test_another_users_identical_photo_and_note_is_analysed_afresh(
+    api: AnalyzeActions, model: ChatCompletionsServer, make_token: Callable[..., str]
+) -> None:
+    other_user = {"Authorization": f"Bearer {make_token(sub='user-7')}"}
+    api.analyze(form={"note": "after my chemotherapy"})
+
+    response = api.analyze(form={"note": "after my chemotherapy"}, headers=other_user)
+
+    assert response.get_json()["source"] == "api"
+    assert len(model.calls) == 2
+
+
+def test_the_same_users_identical_photo_and_note_comes_from_the_cache(
+    api: AnalyzeActions, model: ChatCompletionsServer
+) -> None:
+    api.analyze(form={"note": "after my chemotherapy"})
+
+    response = api.analyze(form={"note": "after my chemotherapy"})
+
+    assert response.get_json()["source"] == "cache"
+    assert len(model.calls) == 1
+
+
+def test_a_photo_without_a_note_is_shared_across_users(
+    api: AnalyzeActions, model: ChatCompletionsServer, make_token: Callable[..., str]
+) -> None:
+    other_user = {"Authorization": f"Bearer {make_token(sub='user-7')}"}
+    api.analyze()
+
+    response = api.analyze(headers=other_user)
+
+    assert response.get_json()["source"] == "cache"
+    assert len(model.calls) == 1
+
+
+def test_two_users_sending_one_photo_and_note_at_once_each_ask_the_model(
+    app: Flask, model: ChatCompletionsServer, make_token: Callable[..., str]
+) -> None:
+    slow = dataclasses.replace(model.completion(json.dumps(model.analysis)), delay=0.5)
+    model.enqueue(slow, slow)
+
+    def post(user_id: str) -> str:
+        headers = {"Authorization": f"Bearer {make_token(sub=user_id)}"}
+        response = post_photo(app.test_client(), headers, MEAL, form={"note": "no dressing"})
+        return str(response.get_json()["source"])
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        sources = list(pool.map(post, ["user-42", "user-7"]))
+
+    assert sources == ["api", "api"]
+    assert len(model.calls) == 2

@@ -38,12 +38,15 @@ import dataclasses
 import functools
 import hashlib
 import io
+import ipaddress
 import json
 import logging
 import math
 import os
 import re
+import socket
 import sqlite3
+import stat
 import sys
 import threading
 import time
@@ -293,6 +296,17 @@ PILLOW_MAX_PIXELS = 2 * 89_478_485
 HEADER_NAME_PATTERN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")
 HTTP_URL_PATTERN = re.compile(r"^https?://[^\s/]+")
 REDIS_URL_PATTERN = re.compile(r"^(rediss?|unix|redis\+sentinel)://")
+# What gunicorn listens at, in the forms gunicorn.util.parse_address reads; one address.
+BIND_FORMS = "host:port, [IPv6]:port, unix:/path or fd://N"
+TCP_BIND_PATTERN = re.compile(
+    r"(?:tcp://)?(?:\[(?P<ipv6>[^\]]+)\]|(?P<host>[^:\[\]/,\s]+))(?::(?P<port>[0-9]{1,6}))?"
+)
+GUNICORN_DEFAULT_PORT = 8000
+MAX_PORT = 65535
+MAX_UNIX_SOCKET_PATH = 107
+# Numbers in settings: ASCII digits, an optional sign, fraction and exponent; nothing else.
+INTEGER_PATTERN = re.compile(r"[+-]?[0-9]+")
+DECIMAL_PATTERN = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 TRUE_WORDS = frozenset({"true", "1", "yes"})
 FALSE_WORDS = frozenset({"false", "0", "no", ""})
 
@@ -326,6 +340,8 @@ class Setting:
             return (
                 f"{self.variable} must start with redis://, rediss://, unix:// or redis+sentinel://"
             )
+        if self.kind == "bind":
+            return bind_problem(self.variable, value)
         return None
 
 
@@ -581,6 +597,65 @@ def redis_problems(config: Config) -> list[str]:
     return []
 
 
+def bind_problem(variable: str, address: str) -> str | None:
+    """Why gunicorn could not listen at an address, or None; checked before it tries and retries."""
+    if address.startswith("unix:"):
+        return unix_bind_problem(variable, re.split(r"unix:(?://)?", address, maxsplit=1)[1])
+    if address.startswith("fd://"):
+        return fd_bind_problem(variable, address)
+    found = TCP_BIND_PATTERN.fullmatch(address)
+    if found is None:
+        return f"{variable} must be one address: {BIND_FORMS}, got {address!r}"
+    port = int(found["port"] or GUNICORN_DEFAULT_PORT)
+    if not 1 <= port <= MAX_PORT:
+        return f"{variable} must have a port from 1 to {MAX_PORT}, got {address!r}"
+    if found["ipv6"] is not None and not is_ip_address(found["ipv6"]):
+        return f"{variable} must hold an IPv6 address between [ and ], got {address!r}"
+    return host_bind_problem(variable, found["ipv6"] or found["host"], port)
+
+
+def is_ip_address(text: str) -> bool:
+    """Whether the text is an IPv4 or IPv6 address."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def host_bind_problem(variable: str, host: str, port: int) -> str | None:
+    """Why a TCP host cannot be bound: neither an IP address nor a name that resolves."""
+    if is_ip_address(host):
+        return None
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError):
+        return f"{variable} must name a host that resolves, got {host!r}"
+    return None
+
+
+def unix_bind_problem(variable: str, path: str) -> str | None:
+    """Why gunicorn cannot make its Unix socket at a path."""
+    folder = Path(path).parent
+    if not path or len(os.fsencode(path)) > MAX_UNIX_SOCKET_PATH:
+        return f"{variable} must name a socket path of 1 to {MAX_UNIX_SOCKET_PATH} bytes"
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        return f"{variable} must name a socket in a folder that exists and can be written: {path!r}"
+    if os.path.lexists(path) and not Path(path).is_socket():
+        return f"{variable} names {path!r}, which exists and is not a socket"
+    return None
+
+
+def fd_bind_problem(variable: str, address: str) -> str | None:
+    """Why an inherited descriptor cannot be listened on: not a number, not open, not a socket."""
+    number = address.removeprefix("fd://")
+    if INTEGER_PATTERN.fullmatch(number):
+        with contextlib.suppress(OSError, OverflowError):
+            if stat.S_ISSOCK(os.fstat(int(number)).st_mode):
+                return None
+    return f"{variable} must name an open socket, got {address!r}"
+
+
 def redis_url_password(url: str | None) -> str | None:
     """The password inside a Redis URL, if any, so that logs can blank it out."""
     return urlsplit(url).password if url else None
@@ -633,24 +708,24 @@ class EnvReader:
         """An HTTP header name (checked with the other values)."""
         return raw
 
+    def read_bind(self, name: str, raw: str) -> str:
+        """An address for gunicorn to listen at (checked with the other values)."""
+        return raw
+
     def read_number(self, name: str, raw: str) -> float | None:
-        """A finite number."""
-        try:
-            value = float(raw)
-        except ValueError:
-            value = math.nan
+        """A finite number in ASCII digits (float() would take other scripts' digits, ``1_0``)."""
+        value = float(raw) if DECIMAL_PATTERN.fullmatch(raw) else math.nan
         if not math.isfinite(value):
             self.refuse(name, "a number", raw)
             return None
         return value
 
     def read_integer(self, name: str, raw: str) -> int | None:
-        """A whole number."""
-        try:
-            return int(raw)
-        except ValueError:
+        """A whole number in ASCII digits (int() would also take other scripts' digits, ``1_0``)."""
+        if not INTEGER_PATTERN.fullmatch(raw):
             self.refuse(name, "a whole number", raw)
             return None
+        return int(raw)
 
     def read_choice(self, name: str, raw: str) -> str:
         """A word, in the case its choices use (checked with the other values)."""

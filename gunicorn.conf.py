@@ -44,7 +44,7 @@ from app import (  # noqa: E402
 )
 
 SERVER_SETTINGS = {
-    "bind": (Setting("GUNICORN_BIND"), "0.0.0.0:8083"),
+    "bind": (Setting("GUNICORN_BIND", "bind"), "0.0.0.0:8083"),
     "workers": (Setting("GUNICORN_WORKERS", "integer", low=1, high=256), 2),
     "threads": (Setting("GUNICORN_THREADS", "integer", low=1, high=10_000), 64),
     "timeout": (Setting("GUNICORN_TIMEOUT", "integer", low=1, high=86400), None),

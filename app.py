@@ -609,8 +609,8 @@ def bind_problem(variable: str, address: str) -> str | None:
     if found is None:
         return f"{variable} must be one address: {BIND_FORMS}, got {address!r}"
     port = int(found["port"] or GUNICORN_DEFAULT_PORT)
-    if not 1 <= port <= MAX_PORT:
-        return f"{variable} must have a port from 1 to {MAX_PORT}, got {address!r}"
+    if port > MAX_PORT:
+        return f"{variable} must have a port from 0 (any free one) to {MAX_PORT}, got {address!r}"
     if found["ipv6"] is not None and not is_ip_address(found["ipv6"]):
         return f"{variable} must hold an IPv6 address between [ and ], got {address!r}"
     return host_bind_problem(variable, found["ipv6"] or found["host"], port)

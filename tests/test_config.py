@@ -588,6 +588,7 @@ def test_numeric_settings_in_ascii_decimal_are_read(
     "address",
     [
         "0.0.0.0:8083",
+        "127.0.0.1:0",
         "127.0.0.1:1",
         "localhost:65535",
         "[::1]:8083",
@@ -621,7 +622,6 @@ def test_a_unix_socket_path_that_is_a_file_is_named(tmp_path: Path) -> None:
     "address",
     [
         "127.0.0.1:99999",
-        "127.0.0.1:0",
         "127.0.0.1:",
         "127.0.0.1:\uff18\uff10\uff18\uff13",
         "127.0.0.1:80_83",

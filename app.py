@@ -723,7 +723,7 @@ class EnvReader:
         return value
 
     def read_integer(self, name: str, raw: str) -> int | None:
-        """A whole number in ASCII digits (int() would also take other scripts' digits, ``1_0``)."""
+        """A whole number in ASCII digits (int() would take other scripts' digits, ``1_0``)."""
         if not INTEGER_PATTERN.fullmatch(raw):
             self.refuse(name, "a whole number", raw)
             return None
@@ -929,7 +929,7 @@ def metrics_folder_lock(folder: Path, mode: int) -> Iterator[None]:
 
 
 def archive_dead_process_metrics(pid: int, folder: Path) -> None:
-    """Fold a dead worker's counts into one archive file a kind, so recycling never piles up files.
+    """Fold a dead worker's counts into one archive file per kind, so recycling piles up no files.
 
     ``mark_process_dead`` drops only its live gauges; its counters, histograms and summaries are
     added to ``<kind>_archive.db``, which /metrics sums like any worker's file, and removed.

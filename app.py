@@ -35,15 +35,19 @@ import base64
 import contextlib
 import ctypes
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import io
+import ipaddress
 import json
 import logging
 import math
 import os
 import re
+import socket
 import sqlite3
+import stat
 import sys
 import threading
 import time
@@ -83,7 +87,8 @@ from gunicorn.http.errors import (
 )
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from prometheus_client import Counter, Gauge, Histogram
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
@@ -311,6 +316,17 @@ PILLOW_MAX_PIXELS = 2 * 89_478_485
 HEADER_NAME_PATTERN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")
 HTTP_URL_PATTERN = re.compile(r"^https?://[^\s/]+")
 REDIS_URL_PATTERN = re.compile(r"^(rediss?|unix|redis\+sentinel)://")
+# What gunicorn listens at, in the forms gunicorn.util.parse_address reads; one address.
+BIND_FORMS = "host:port, [IPv6]:port, unix:/path or fd://N"
+TCP_BIND_PATTERN = re.compile(
+    r"(?:tcp://)?(?:\[(?P<ipv6>[^\]]+)\]|(?P<host>[^:\[\]/,\s]+))(?::(?P<port>[0-9]{1,6}))?"
+)
+GUNICORN_DEFAULT_PORT = 8000
+MAX_PORT = 65535
+MAX_UNIX_SOCKET_PATH = 107
+# Numbers in settings: ASCII digits, an optional sign, fraction and exponent; nothing else.
+INTEGER_PATTERN = re.compile(r"[+-]?[0-9]+")
+DECIMAL_PATTERN = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 TRUE_WORDS = frozenset({"true", "1", "yes"})
 FALSE_WORDS = frozenset({"false", "0", "no", ""})
 
@@ -344,6 +360,8 @@ class Setting:
             return (
                 f"{self.variable} must start with redis://, rediss://, unix:// or redis+sentinel://"
             )
+        if self.kind == "bind":
+            return bind_problem(self.variable, value)
         return None
 
 
@@ -602,6 +620,65 @@ def redis_problems(config: Config) -> list[str]:
     return []
 
 
+def bind_problem(variable: str, address: str) -> str | None:
+    """Why gunicorn could not listen at an address, or None; checked before it tries and retries."""
+    if address.startswith("unix:"):
+        return unix_bind_problem(variable, re.split(r"unix:(?://)?", address, maxsplit=1)[1])
+    if address.startswith("fd://"):
+        return fd_bind_problem(variable, address)
+    found = TCP_BIND_PATTERN.fullmatch(address)
+    if found is None:
+        return f"{variable} must be one address: {BIND_FORMS}, got {address!r}"
+    port = int(found["port"] or GUNICORN_DEFAULT_PORT)
+    if port > MAX_PORT:
+        return f"{variable} must have a port from 0 (any free one) to {MAX_PORT}, got {address!r}"
+    if found["ipv6"] is not None and not is_ip_address(found["ipv6"]):
+        return f"{variable} must hold an IPv6 address between [ and ], got {address!r}"
+    return host_bind_problem(variable, found["ipv6"] or found["host"], port)
+
+
+def is_ip_address(text: str) -> bool:
+    """Whether the text is an IPv4 or IPv6 address."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def host_bind_problem(variable: str, host: str, port: int) -> str | None:
+    """Why a TCP host cannot be bound: neither an IP address nor a name that resolves."""
+    if is_ip_address(host):
+        return None
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError):
+        return f"{variable} must name a host that resolves, got {host!r}"
+    return None
+
+
+def unix_bind_problem(variable: str, path: str) -> str | None:
+    """Why gunicorn cannot make its Unix socket at a path."""
+    folder = Path(path).parent
+    if not path or len(os.fsencode(path)) > MAX_UNIX_SOCKET_PATH:
+        return f"{variable} must name a socket path of 1 to {MAX_UNIX_SOCKET_PATH} bytes"
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        return f"{variable} must name a socket in a folder that exists and can be written: {path!r}"
+    if os.path.lexists(path) and not Path(path).is_socket():
+        return f"{variable} names {path!r}, which exists and is not a socket"
+    return None
+
+
+def fd_bind_problem(variable: str, address: str) -> str | None:
+    """Why an inherited descriptor cannot be listened on: not a number, not open, not a socket."""
+    number = address.removeprefix("fd://")
+    if INTEGER_PATTERN.fullmatch(number):
+        with contextlib.suppress(OSError, OverflowError):
+            if stat.S_ISSOCK(os.fstat(int(number)).st_mode):
+                return None
+    return f"{variable} must name an open socket, got {address!r}"
+
+
 def redis_url_password(url: str | None) -> str | None:
     """The password inside a Redis URL, if any, so that logs can blank it out."""
     return urlsplit(url).password if url else None
@@ -654,24 +731,24 @@ class EnvReader:
         """An HTTP header name (checked with the other values)."""
         return raw
 
+    def read_bind(self, name: str, raw: str) -> str:
+        """An address for gunicorn to listen at (checked with the other values)."""
+        return raw
+
     def read_number(self, name: str, raw: str) -> float | None:
-        """A finite number."""
-        try:
-            value = float(raw)
-        except ValueError:
-            value = math.nan
+        """A finite number in ASCII digits (float() would take other scripts' digits, ``1_0``)."""
+        value = float(raw) if DECIMAL_PATTERN.fullmatch(raw) else math.nan
         if not math.isfinite(value):
             self.refuse(name, "a number", raw)
             return None
         return value
 
     def read_integer(self, name: str, raw: str) -> int | None:
-        """A whole number."""
-        try:
-            return int(raw)
-        except ValueError:
+        """A whole number in ASCII digits (int() would take other scripts' digits, ``1_0``)."""
+        if not INTEGER_PATTERN.fullmatch(raw):
             self.refuse(name, "a whole number", raw)
             return None
+        return int(raw)
 
     def read_choice(self, name: str, raw: str) -> str:
         """A word, in the case its choices use (checked with the other values)."""
@@ -726,8 +803,13 @@ class EnvReader:
 # ---------------------------------------------------------------------------------------------
 
 
-# Log lines stay single lines (a caller's path or an upstream message cannot start a forged one).
-CONTROL_CHARACTERS = {code: f"\\x{code:02x}" for code in (*range(32), 127)}
+# Log lines stay single lines (a caller's path or an upstream message cannot start a forged one):
+# the C0 and C1 controls, DEL, and the two Unicode separators are each written as an escape, so
+# no reader that honours a Unicode line break (NEL, U+2028, U+2029) sees one either.
+CONTROL_CHARACTERS = {
+    **{code: f"\\x{code:02x}" for code in (*range(32), *range(127, 160))},
+    **{code: f"\\u{code:04x}" for code in (0x2028, 0x2029)},
+}
 MAX_LOG_MESSAGE = 1000
 MIN_SECRET_FRAGMENT = 4
 
@@ -810,6 +892,10 @@ def configure_logging(config: Config) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+# A dead worker's values that only ever add up; gauges keep prometheus_client's own handling.
+ARCHIVED_METRIC_KINDS = ("counter", "histogram", "summary")
+# Not a *.db file, so neither /metrics nor the start-up clean-up takes it for metrics.
+METRICS_LOCK_FILE = "archive.lock"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 REQUESTS = Counter(
     "image_service_requests", "HTTP requests answered.", ["endpoint", "method", "status"]
@@ -853,11 +939,48 @@ USER_SERVICE_REQUESTS = Counter(
 
 def metrics_text() -> bytes:
     """Every metric, summed over the worker processes when there are several."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if folder:
         registry = prometheus_client.CollectorRegistry()
-        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return prometheus_client.generate_latest(registry)
+        MultiProcessCollector(registry, path=folder)  # type: ignore[no-untyped-call]
+        with metrics_folder_lock(Path(folder), fcntl.LOCK_SH):
+            return prometheus_client.generate_latest(registry)
     return prometheus_client.generate_latest()
+
+
+@contextlib.contextmanager
+def metrics_folder_lock(folder: Path, mode: int) -> Iterator[None]:
+    """Hold the metrics folder's lock: shared to read it, exclusive to archive a dead worker."""
+    with open(folder / METRICS_LOCK_FILE, "ab") as handle:
+        fcntl.flock(handle, mode)
+        yield
+
+
+def archive_dead_process_metrics(pid: int, folder: Path) -> None:
+    """Fold a dead worker's counts into one archive file per kind, so recycling piles up no files.
+
+    ``mark_process_dead`` drops only its live gauges; its counters, histograms and summaries are
+    added to ``<kind>_archive.db``, which /metrics sums like any worker's file, and removed.
+    """
+    mark_process_dead(pid, str(folder))  # type: ignore[no-untyped-call]
+    with metrics_folder_lock(folder, fcntl.LOCK_EX):
+        for kind in ARCHIVED_METRIC_KINDS:
+            dead = folder / f"{kind}_{pid}.db"
+            if dead.exists():
+                add_into_archive(dead, folder / f"{kind}_archive.db")
+                dead.unlink()
+
+
+def add_into_archive(source: Path, archive: Path) -> None:
+    """Add every value of one process's metrics file to the archive of its kind."""
+    values = MmapedDict.read_all_values_from_file(str(source))  # type: ignore[no-untyped-call]
+    archived = MmapedDict(str(archive))  # type: ignore[no-untyped-call]
+    try:
+        for key, value, _timestamp, _position in values:
+            total = archived.read_value(key)[0] + value  # type: ignore[no-untyped-call]
+            archived.write_value(key, total, 0.0)  # type: ignore[no-untyped-call]
+    finally:
+        archived.close()  # type: ignore[no-untyped-call]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1681,6 +1804,11 @@ def cache_key_for(digest: str, config: Config, *inputs: str) -> str:
         *inputs,
     )
     return CACHE_PREFIX + hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def private_inputs(wanted: AnalysisRequest, user_id: str) -> tuple[str, ...]:
+    """The caller, when a note is sent: a note is private, so its answer is the caller's alone."""
+    return (f"user={user_id}",) if wanted.note else ()
 
 
 class AnalysisCache:
@@ -3820,7 +3948,9 @@ def cached_or_fresh(services: Services, form: AnalysisForm) -> tuple[dict[str, A
     Requests that waited on another's model call (``SingleFlight``) answer with ``cache``.
     """
     table = services.table.identity if services.table else "no-table"
-    key = cache_key_for(form.digest, services.config, f"table={table}", *form.wanted.cache_inputs())
+    private = private_inputs(form.wanted, g.caller.user_id)
+    inputs = (f"table={table}", *form.wanted.cache_inputs(), *private)
+    key = cache_key_for(form.digest, services.config, *inputs)
     cached = services.cache.get(key)
     if cached is not None:
         logger.info("Cache hit for %s", key)

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -39,12 +40,13 @@ from app import (  # noqa: E402
     EnvReader,
     ErrorCode,
     Setting,
+    archive_dead_process_metrics,
     nutrition_table,
     startup_summary,
 )
 
 SERVER_SETTINGS = {
-    "bind": (Setting("GUNICORN_BIND"), "0.0.0.0:8083"),
+    "bind": (Setting("GUNICORN_BIND", "bind"), "0.0.0.0:8083"),
     "workers": (Setting("GUNICORN_WORKERS", "integer", low=1, high=256), 2),
     "threads": (Setting("GUNICORN_THREADS", "integer", low=1, high=10_000), 64),
     "timeout": (Setting("GUNICORN_TIMEOUT", "integer", low=1, high=86400), None),
@@ -189,10 +191,11 @@ def when_ready(server: Any) -> None:
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    """Drop a dead worker's live metrics so they are not summed forever."""
-    from prometheus_client import multiprocess
-
-    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+    """Fold a dead worker's metrics into the archive, so recycled workers leave no files behind."""
+    try:
+        archive_dead_process_metrics(worker.pid, Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
+    except (OSError, RuntimeError, struct.error) as error:
+        server.log.warning("The metrics of worker %s stay unarchived: %s", worker.pid, error)
 
 
 def on_exit(server: Any) -> None:

@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import re
+import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from flask import Flask
 from flask.testing import FlaskClient
 
-from app import CACHE_PREFIX, PROMPT_VERSION, AnalysisCache, Config, EmbeddedStore
+from app import (
+    CACHE_PREFIX,
+    LOG_FILTER,
+    PROMPT_VERSION,
+    AnalysisCache,
+    Config,
+    EmbeddedStore,
+)
 from tests import images
 from tests.conftest import MEAL, AnalyzeActions, assert_json_error, post_photo
 from tests.fakes import (
@@ -506,3 +518,92 @@ def test_one_request_line_names_method_path_status_and_request_id(
     request_lines = [line for line in logs.lines if "POST /analyze-food 200" in line]
     assert len(request_lines) == 1
     assert "[abc-123]" in request_lines[0]
+
+
+# Every character str.splitlines breaks a line at: CR, LF, VT, FF, FS, GS, RS, NEL, U+2028, U+2029.
+LINE_BREAKS = "".join(
+    character
+    for character in map(chr, range(sys.maxunicode + 1))
+    if len(f"a{character}b".splitlines()) > 1
+)
+
+
+def test_a_log_message_holding_any_line_break_stays_one_line() -> None:
+    record = logging.LogRecord(
+        "image_service", logging.INFO, __file__, 1, "path %s", (f"/x{LINE_BREAKS}y",), None
+    )
+
+    LOG_FILTER.filter(record)
+
+    message = record.getMessage()
+    assert message.splitlines() == [message]
+    assert "\\u2028" in message
+    assert "\\u2029" in message
+    assert "\\x85" in message
+
+
+def test_a_path_holding_a_unicode_line_break_gives_one_log_line(
+    client: FlaskClient, logs: RecordHandler
+) -> None:
+    client.get("/meal\u2028INFO [forged] GET /health 200", headers={"X-Request-ID": "one-line"})
+
+    lines = [line for line in logs.lines if "[one-line]" in line]
+    assert len(lines) == 1
+    assert lines[0].splitlines() == [lines[0]]
+    assert "/meal\\u2028INFO [forged]" in lines[0]
+
+
+# ------------------------------------------------------------------ a note is private
+
+
+def test_another_users_identical_photo_and_note_is_analysed_afresh(
+    api: AnalyzeActions, model: ChatCompletionsServer, make_token: Callable[..., str]
+) -> None:
+    other_user = {"Authorization": f"Bearer {make_token(sub='user-7')}"}
+    api.analyze(form={"note": "after my chemotherapy"})
+
+    response = api.analyze(form={"note": "after my chemotherapy"}, headers=other_user)
+
+    assert response.get_json()["source"] == "api"
+    assert len(model.calls) == 2
+
+
+def test_the_same_users_identical_photo_and_note_comes_from_the_cache(
+    api: AnalyzeActions, model: ChatCompletionsServer
+) -> None:
+    api.analyze(form={"note": "after my chemotherapy"})
+
+    response = api.analyze(form={"note": "after my chemotherapy"})
+
+    assert response.get_json()["source"] == "cache"
+    assert len(model.calls) == 1
+
+
+def test_a_photo_without_a_note_is_shared_across_users(
+    api: AnalyzeActions, model: ChatCompletionsServer, make_token: Callable[..., str]
+) -> None:
+    other_user = {"Authorization": f"Bearer {make_token(sub='user-7')}"}
+    api.analyze()
+
+    response = api.analyze(headers=other_user)
+
+    assert response.get_json()["source"] == "cache"
+    assert len(model.calls) == 1
+
+
+def test_two_users_sending_one_photo_and_note_at_once_each_ask_the_model(
+    app: Flask, model: ChatCompletionsServer, make_token: Callable[..., str]
+) -> None:
+    slow = dataclasses.replace(model.completion(json.dumps(model.analysis)), delay=0.5)
+    model.enqueue(slow, slow)
+
+    def post(user_id: str) -> str:
+        headers = {"Authorization": f"Bearer {make_token(sub=user_id)}"}
+        response = post_photo(app.test_client(), headers, MEAL, form={"note": "no dressing"})
+        return str(response.get_json()["source"])
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        sources = list(pool.map(post, ["user-42", "user-7"]))
+
+    assert sources == ["api", "api"]
+    assert len(model.calls) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from app import Config, ConfigError, create_app
+from app import Config, ConfigError, bind_problem, create_app
 from tests import images
 from tests.conftest import REDIS_PASSWORD
 from tests.fakes import ChatCompletionsServer, RedisServer, StalledServer, UserServiceServer
@@ -541,3 +542,142 @@ def test_a_stalled_sentinel_is_asked_once_per_call(
         client = create_app(make_config(redis_url=url, redis_timeout=0.2)).test_client()
         assert client.get("/health").get_json()["checks"]["redis"] == "connection failed"
         assert stalled.accepted == 1
+
+
+# ---------------------------------------------------------------------------- numbers and addresses
+
+
+NUMBER_WORDS = {
+    "REDIS_PORT": "a whole number",
+    "OPENAI_API_TIMEOUT": "a number",
+    "STORE_MAX_MB": "a number",
+}
+
+
+# Arabic-Indic and fullwidth digits, which int() and float() read, and Python's digit grouping.
+@pytest.mark.parametrize("value", ["\u0663", "\uff15", "1_0", "\uff11\uff10", "+\u0663"])
+@pytest.mark.parametrize("variable", ["REDIS_PORT", "OPENAI_API_TIMEOUT", "STORE_MAX_MB"])
+def test_numeric_settings_take_ascii_digits_only(
+    secrets_dir: Path, variable: str, value: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        Config.from_env({variable: value}, secrets_dir)
+
+    assert raised.value.problems == [f"{variable} must be {NUMBER_WORDS[variable]}, got {value!r}"]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "attribute", "expected"),
+    [
+        ("REDIS_PORT", "+6380", "redis_port", 6380),
+        ("OPENAI_API_TIMEOUT", "12.5", "openai_api_timeout", 12.5),
+        ("OPENAI_API_TIMEOUT", ".5", "openai_api_timeout", 0.5),
+        ("OPENAI_API_TIMEOUT", "7.", "openai_api_timeout", 7),
+        ("STORE_MAX_MB", "0.5", "store_max_mb", 0.5),
+    ],
+)
+def test_numeric_settings_in_ascii_decimal_are_read(
+    secrets_dir: Path, variable: str, value: str, attribute: str, expected: float
+) -> None:
+    config = Config.from_env({variable: value}, secrets_dir)
+
+    assert getattr(config, attribute) == expected
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "0.0.0.0:8083",
+        "127.0.0.1:0",
+        "127.0.0.1:1",
+        "localhost:65535",
+        "[::1]:8083",
+        "[::]:8083",
+        "tcp://127.0.0.1:8083",
+        "127.0.0.1",
+        "unix:/tmp/image-service.sock",
+        "unix:///tmp/image-service.sock",
+    ],
+)
+def test_bind_addresses_gunicorn_can_bind_are_taken(address: str) -> None:
+    assert bind_problem("GUNICORN_BIND", address) is None
+
+
+def test_an_inherited_socket_can_be_bound_and_another_descriptor_cannot(tmp_path: Path) -> None:
+    with socket.socket() as listener, (tmp_path / "file").open("w") as other:
+        assert bind_problem("GUNICORN_BIND", f"fd://{listener.fileno()}") is None
+        assert bind_problem("GUNICORN_BIND", f"fd://{other.fileno()}") is not None
+
+
+def test_a_unix_socket_path_that_is_a_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("")
+
+    problem = bind_problem("GUNICORN_BIND", f"unix:{tmp_path / 'taken'}")
+
+    assert problem is not None
+    assert "not a socket" in problem
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1:99999",
+        "127.0.0.1:",
+        "127.0.0.1:\uff18\uff10\uff18\uff13",
+        "127.0.0.1:80_83",
+        "garbage",
+        "no-such-host.invalid:8083",
+        "[::1",
+        "[::1]:99999",
+        "[not-v6]:8083",
+        "127.0.0.1:8083,127.0.0.1:8084",
+        "unix:",
+        "unix:/no/such/folder/image-service.sock",
+        "fd://x",
+        "fd://-1",
+        "fd://987654",
+    ],
+)
+def test_bind_addresses_gunicorn_cannot_bind_are_named(address: str) -> None:
+    problem = bind_problem("GUNICORN_BIND", address)
+
+    assert problem is not None
+    assert problem.startswith("GUNICORN_BIND ")
+
+
+def run_gunicorn(environment: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`gunicorn app:app` from the repository root, until it exits."""
+    gunicorn = str(Path(sys.executable).with_name("gunicorn"))
+    return subprocess.run(
+        [gunicorn, "app:app"],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:99999", "garbage"])
+def test_gunicorn_with_a_bind_it_cannot_use_prints_one_line_and_exits_1(
+    secrets_dir: Path, address: str
+) -> None:
+    result = run_gunicorn(subprocess_environment(secrets_dir, GUNICORN_BIND=address))
+
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 1
+    assert len(output.splitlines()) == 1, output
+    assert "GUNICORN_BIND" in output
+    assert "Traceback" not in output
+
+
+def test_gunicorn_with_non_ascii_digits_prints_one_line_and_exits_1(secrets_dir: Path) -> None:
+    result = run_gunicorn(subprocess_environment(secrets_dir, GUNICORN_WORKERS="\u0662"))
+
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 1
+    assert output.splitlines() == [
+        "image-service: invalid configuration: "
+        "GUNICORN_WORKERS must be a whole number, got '\u0662'"
+    ]

@@ -158,3 +158,15 @@ def test_output_shows_a_line_per_request(finished_run: FinishedRun) -> None:
 @pytest.mark.parametrize("name", sorted(SECRETS))
 def test_output_holds_no_secret(finished_run: FinishedRun, name: str) -> None:
     assert SECRETS[name] not in finished_run.output
+
+
+def test_a_path_holding_u2028_gives_one_log_line(served: Gunicorn, redis: RedisServer) -> None:
+    served.session.get(
+        f"{served.url}/meal%E2%80%A8INFO%20[forged]%20GET%20/health%20200",
+        headers={"X-Request-ID": "unicode-line-break"},
+        timeout=REQUEST_TIMEOUT,
+    )
+
+    lines = [line for line in served.output().split("\n") if "[unicode-line-break]" in line]
+    assert len(lines) == 1, lines
+    assert lines[0].splitlines() == [lines[0]]

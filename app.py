@@ -1441,7 +1441,7 @@ def file_identity(path: Path) -> tuple[int, int] | None:
     """The device and inode of the file at ``path``; None when it is gone or was truncated."""
     try:
         info = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     if stat.S_ISREG(info.st_mode) and info.st_size < SQLITE_HEADER_BYTES:
         return None
@@ -1525,10 +1525,10 @@ class EmbeddedStore:
         """
         prepare_store_folder(self.path.parent)
         with folder_lock(self.path.parent):
-            identity = file_identity(self.path)
-            if identity is None or identity == damaged:
-                discard_store_file(self.path)
             info = prepare_store_file(self.path)
+            if info.st_size < SQLITE_HEADER_BYTES or (info.st_dev, info.st_ino) == damaged:
+                discard_store_file(self.path)
+                info = prepare_store_file(self.path)
             uri = f"file:{quote(str(self.path.absolute()))}?mode=rw"
             connection = sqlite3.connect(
                 uri, timeout=STORE_BUSY_SECONDS, isolation_level=None, check_same_thread=False

@@ -1317,6 +1317,9 @@ EMBEDDED_SQL = {
     "extend_if": "UPDATE {table} SET expires = ? WHERE key = ? AND value = ? AND expires > ?",
     "expire": "DELETE FROM {table} WHERE expires <= ?",
     "size": "SELECT total(size) FROM {table}",
+    # The bytes of the file's pages in use, whichever table holds them.
+    "used": "SELECT (page_count - freelist_count) * page_size"
+    " FROM pragma_page_count(), pragma_freelist_count(), pragma_page_size()",
     # The oldest rows whose sizes, added up from the oldest, first reach the excess.
     "evict": "DELETE FROM {table} WHERE key IN (SELECT key FROM (SELECT key, size, sum(size)"
     " OVER (ORDER BY stored, key) AS running FROM {table}) WHERE running - size < ?)",
@@ -1657,15 +1660,16 @@ class EmbeddedStore:
             self.evict(self.max_bytes)
 
     def evict(self, max_bytes: int) -> None:
-        """Drop expired entries, then the oldest, until the table fits nine tenths of its bound.
+        """Drop expired entries, then the oldest, until the file's pages fit nine tenths of it.
 
-        The freed pages go back to the filesystem and the log is emptied, so the files on disk
-        shrink with the table.
+        The entries' share of the pages to free is taken from the oldest; the freed pages go back
+        to the filesystem and the log is emptied, so the files on disk shrink with the table.
         """
         self.run("expire", time.time())
-        total = int(self.run("size").fetchone()[0])
-        if total > max_bytes:
-            self.run("evict", total - max_bytes * 9 // 10)
+        used = int(self.run("used").fetchone()[0])
+        if used > max_bytes:
+            total = int(self.run("size").fetchone()[0])
+            self.run("evict", total * (used - max_bytes * 9 // 10) // used)
         self.run("vacuum").fetchall()
         self.run("checkpoint").fetchall()
 

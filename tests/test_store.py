@@ -628,3 +628,19 @@ def test_a_planted_lock_that_never_expires_is_taken_over(
         answer = analyze_over_socket(server, photo)
     assert planted == 1
     assert (answer.status_code, answer.json()["source"]) == (200, "api")
+
+
+def test_store_max_mb_bounds_the_files_on_disk_log_included(tmp_path: Path) -> None:
+    from app import AnalysisCache, EmbeddedStore, wal_pages_for
+
+    bound = 1024 * 1024
+    folder = tmp_path / "bounded"
+    store = EmbeddedStore(folder / "store.sqlite3", "analyses", bound, wal_pages_for(bound))
+    cache = AnalysisCache(store, ttl_seconds=3600)
+    entry = {"name": "meal", "assumptions": ["x" * 190] * 10}
+    peak = 0
+    for number in range(2500):  # about six times the bound
+        cache.set(f"food_analysis:{number:064d}", entry)
+        peak = max(peak, sum(path.stat().st_size for path in folder.iterdir()))
+    assert peak <= bound * 1.3
+    assert cache.get(f"food_analysis:{2499:064d}") == entry

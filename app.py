@@ -23,7 +23,7 @@ Errors are ``ServiceError`` values carrying an HTTP status and a stable ``ErrorC
 ``BadRequest``, ``Unauthorized``, ``IdempotencyKeyInProgress``, ``IdempotencyKeyReused``,
 ``NotFood``, ``UpstreamError``, ``UpstreamTimeout``, ``UpstreamRateLimited``,
 ``UserServiceError``, ``AINotConfigured``, ``Overloaded`` (``RetryLater``, as
-``UpstreamRateLimited`` is) and ``InternalError``; one handler turns
+``UpstreamRateLimited`` and ``RecordsUnavailable`` are) and ``InternalError``; one handler turns
 them into JSON, and another turns Werkzeug's HTTP errors (404, 405, 413) into the same shape.
 Importing the module builds nothing: ``create_app`` builds an app, and ``app.app`` (what
 ``gunicorn app:app`` serves) is built from the environment on first use.
@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import IO, Any, TypeVar, cast
+from typing import IO, Any, TypeGuard, TypeVar, cast
 from urllib.parse import quote, urlencode, urlsplit
 
 import jwt
@@ -1317,8 +1317,8 @@ EMBEDDED_SQL = {
     "extend_if": "UPDATE {table} SET expires = ? WHERE key = ? AND value = ? AND expires > ?",
     "expire": "DELETE FROM {table} WHERE expires <= ?",
     "size": "SELECT total(size) FROM {table}",
-    # The bytes of the file's pages in use, whichever table holds them.
-    "used": "SELECT (page_count - freelist_count) * page_size"
+    # The bytes of the file's pages in use beyond an empty store's, whichever table holds them.
+    "used": "SELECT (page_count - freelist_count - ?) * page_size"
     " FROM pragma_page_count(), pragma_freelist_count(), pragma_page_size()",
     # The oldest rows whose sizes, added up from the oldest, first reach the excess.
     "evict": "DELETE FROM {table} WHERE key IN (SELECT key FROM (SELECT key, size, sum(size)"
@@ -1337,6 +1337,9 @@ STORE_COMPANIONS = ("-wal", "-shm")
 # A database file shorter than SQLite's header was truncated: a sound one starts with a page.
 SQLITE_HEADER_BYTES = 100
 SQLITE_PAGE_BYTES = 4096
+# The pages of an empty store (header, two tables, their indexes, a pointer map): not the
+# cache's to evict.
+EMPTY_STORE_PAGES = 8
 # What SQLite says of a file that is no longer a database (overwritten or truncated).
 DAMAGED_FILE_ERRORS = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
 
@@ -1530,20 +1533,34 @@ class EmbeddedStore:
         with folder_lock(self.path.parent):
             info = prepare_store_file(self.path)
             if info.st_size < SQLITE_HEADER_BYTES or (info.st_dev, info.st_ino) == damaged:
-                discard_store_file(self.path)
-                info = prepare_store_file(self.path)
-            uri = f"file:{quote(str(self.path.absolute()))}?mode=rw"
-            connection = sqlite3.connect(
-                uri, timeout=STORE_BUSY_SECONDS, isolation_level=None, check_same_thread=False
-            )
+                info = self.replace_file()
             try:
-                self.initialise(connection)
-            except sqlite3.Error:
-                connection.close()
-                raise
-            if file_identity(self.path) != (info.st_dev, info.st_ino):
-                connection.close()
-                raise StoreRefused("the file was replaced while it was opened")
+                return self.connect(info)
+            except sqlite3.DatabaseError as error:
+                if not is_damaged(error):
+                    raise
+                logger.warning("The store %s is not a database (%s): made afresh", self.path, error)
+                return self.connect(self.replace_file())
+
+    def replace_file(self) -> os.stat_result:
+        """A new empty file in place of the one at the path (and its log, which would replay)."""
+        discard_store_file(self.path)
+        return prepare_store_file(self.path)
+
+    def connect(self, info: os.stat_result) -> OpenedFile:
+        """A connection to the checked file, its layout and tables set; never one SQLite made."""
+        uri = f"file:{quote(str(self.path.absolute()))}?mode=rw"
+        connection = sqlite3.connect(
+            uri, timeout=STORE_BUSY_SECONDS, isolation_level=None, check_same_thread=False
+        )
+        try:
+            self.initialise(connection)
+        except sqlite3.Error:
+            connection.close()
+            raise
+        if file_identity(self.path) != (info.st_dev, info.st_ino):
+            connection.close()
+            raise StoreRefused("the file was replaced while it was opened")
         return OpenedFile(connection, os.getpid(), (info.st_dev, info.st_ino))
 
     def initialise(self, connection: sqlite3.Connection) -> None:
@@ -1660,15 +1677,15 @@ class EmbeddedStore:
             self.evict(self.max_bytes)
 
     def evict(self, max_bytes: int) -> None:
-        """Drop expired entries, then the oldest, until the file's pages fit nine tenths of it.
+        """Drop expired entries, then the oldest, until entries and pages fit nine tenths of it.
 
         The entries' share of the pages to free is taken from the oldest; the freed pages go back
         to the filesystem and the log is emptied, so the files on disk shrink with the table.
         """
         self.run("expire", time.time())
-        used = int(self.run("used").fetchone()[0])
+        total = int(self.run("size").fetchone()[0])
+        used = max(total, int(self.run("used", EMPTY_STORE_PAGES).fetchone()[0]))
         if used > max_bytes:
-            total = int(self.run("size").fetchone()[0])
             self.run("evict", total * (used - max_bytes * 9 // 10) // used)
         self.run("vacuum").fetchall()
         self.run("checkpoint").fetchall()
@@ -2115,13 +2132,13 @@ class SingleFlight:
             if result is not None:
                 return result
             notice = decode_cached(self.store.get(failure_key))
-            if is_failure_notice(notice) and cast(dict[str, Any], notice)["token"] in holders:
-                raise RelayedError(cast(dict[str, Any], notice))
+            if is_failure_notice(notice) and notice["token"] in holders:
+                raise RelayedError(notice)
             return None
         return None
 
 
-def is_failure_notice(notice: dict[str, Any] | None) -> bool:
+def is_failure_notice(notice: dict[str, Any] | None) -> TypeGuard[dict[str, Any]]:
     """Whether a failure notice read back is one ``SingleFlight.leading`` could have written."""
     if notice is None:
         return False

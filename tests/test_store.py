@@ -644,3 +644,36 @@ def test_store_max_mb_bounds_the_files_on_disk_log_included(tmp_path: Path) -> N
         peak = max(peak, sum(path.stat().st_size for path in folder.iterdir()))
     assert peak <= bound * 1.3
     assert cache.get(f"food_analysis:{2499:064d}") == entry
+
+
+def test_a_store_file_overwritten_with_garbage_is_made_afresh(tmp_path: Path) -> None:
+    from app import EmbeddedStore
+
+    store_path = tmp_path / "state" / "store.sqlite3"
+    worker = EmbeddedStore(store_path, "records")
+    worker.set("kept", "before", 60)
+    worker.run("checkpoint").fetchall()
+    with open(store_path, "r+b") as file:
+        file.write(b"not a database at all " * 500)
+    other_worker = EmbeddedStore(store_path, "records")
+    assert other_worker.get("kept") is None
+    assert worker.add("kept", "after", 60)
+    assert other_worker.get("kept") == "after"
+    assert worker.describe() == other_worker.describe() == "embedded"
+
+
+def test_a_store_file_replaced_by_another_database_gets_its_tables(tmp_path: Path) -> None:
+    from app import EmbeddedStore
+
+    store_path = tmp_path / "state" / "store.sqlite3"
+    store = EmbeddedStore(store_path, "records")
+    store.set("kept", "before", 60)
+    store.run("checkpoint").fetchall()
+    replacement = tmp_path / "state" / "replacement.sqlite3"
+    with sqlite3.connect(replacement) as connection:
+        connection.execute("CREATE TABLE unrelated (x)")
+    replacement.chmod(0o600)
+    replacement.replace(store_path)
+    assert store.get("kept") is None
+    assert store.add("kept", "after", 60)
+    assert store.get("kept") == "after"

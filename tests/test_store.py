@@ -677,3 +677,20 @@ def test_a_store_file_replaced_by_another_database_gets_its_tables(tmp_path: Pat
     assert store.get("kept") is None
     assert store.add("kept", "after", 60)
     assert store.get("kept") == "after"
+
+
+def test_a_redis_lock_planted_without_expiry_is_dropped_when_read_as_a_lock(
+    redis: RedisServer, make_config: Callable[..., object]
+) -> None:
+    from app import Config, build_stores
+
+    config = make_config()
+    assert isinstance(config, Config)
+    _, records = build_stores(config)
+    with redis.client() as connection:
+        connection.set("lock:planted", "0" * 32)
+        connection.set("idempotency:kept", "a record", px=60_000)
+    assert records.get("lock:planted", 1.0) is None
+    assert records.add("lock:planted", "1" * 32, 1.0, 1.0)
+    assert records.get("lock:planted", 1.0) == "1" * 32
+    assert records.get("idempotency:kept") == "a record"

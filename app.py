@@ -1378,22 +1378,30 @@ def tighten(path: Path, info: os.stat_result, private: int) -> None:
         os.chmod(path, mode & ~0o777 | private)
 
 
-def prepare_store_folder(folder: Path) -> None:
-    """Create the folder and any missing parent (0700), or check the one there and tighten it."""
+def prepare_store_folder(store_path: Path) -> None:
+    """Create the file's folder and any missing parent (0700), or check the one there.
+
+    A folder of the store's own (it holds nothing else) is tightened too; one shared with other
+    files, such as a home or ``/var/lib``, keeps its mode.
+    """
+    folder = store_path.parent
     missing = [path for path in (folder, *folder.parents) if not os.path.lexists(path)]
     try:
         for path in reversed(missing):
             path.mkdir(mode=STORE_FOLDER_MODE)
             os.chmod(path, STORE_FOLDER_MODE)
         info = os.stat(folder)
+        if not stat.S_ISDIR(info.st_mode):
+            raise StoreRefused("the folder that should hold it is not a folder")
+        own = {store_path.name, *(store_path.name + suffix for suffix in STORE_COMPANIONS)}
+        alone = set(os.listdir(folder)) <= own
     except OSError as error:
         raise StoreRefused(f"the folder cannot be made or read ({error.strerror})") from None
-    if not stat.S_ISDIR(info.st_mode):
-        raise StoreRefused("the folder that should hold it is not a folder")
     problem = ownership_problem(info, "the folder")
     if problem:
         raise StoreRefused(problem)
-    tighten(folder, info, STORE_FOLDER_MODE)
+    if alone:
+        tighten(folder, info, STORE_FOLDER_MODE)
 
 
 def prepare_store_file(path: Path) -> os.stat_result:
@@ -1529,7 +1537,7 @@ class EmbeddedStore:
 
         A file that was truncated, or the ``damaged`` one, is replaced by a new one.
         """
-        prepare_store_folder(self.path.parent)
+        prepare_store_folder(self.path)
         with folder_lock(self.path.parent):
             info = prepare_store_file(self.path)
             if info.st_size < SQLITE_HEADER_BYTES or (info.st_dev, info.st_ino) == damaged:

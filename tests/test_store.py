@@ -694,3 +694,16 @@ def test_a_redis_lock_planted_without_expiry_is_dropped_when_read_as_a_lock(
     assert records.add("lock:planted", "1" * 32, 1.0, 1.0)
     assert records.get("lock:planted", 1.0) == "1" * 32
     assert records.get("idempotency:kept") == "a record"
+
+
+def test_a_folder_shared_with_other_files_keeps_its_mode(tmp_path: Path) -> None:
+    from app import EmbeddedStore
+
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    folder.chmod(0o755)
+    (folder / "notes.txt").write_text("someone else's")
+    store = EmbeddedStore(folder / "store.sqlite3", "records")
+    store.set("key", "value", 60)
+    assert oct(stat.S_IMODE(folder.stat().st_mode)) == "0o755"
+    assert oct(stat.S_IMODE((folder / "store.sqlite3").stat().st_mode)) == "0o600"

@@ -45,9 +45,13 @@ RUN apt-get update \
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links=/wheels -r /wheels/requirements.txt
 
+# The embedded store (used when no Redis is configured) lives in a folder only the service's user
+# can enter; the service checks that at start and refuses a store another user could write.
 RUN groupadd --system --gid 10001 appuser \
     && useradd --system --uid 10001 --gid appuser --no-create-home \
-        --home-dir /nonexistent --shell /usr/sbin/nologin appuser
+        --home-dir /nonexistent --shell /usr/sbin/nologin appuser \
+    && install -d -o 10001 -g 10001 -m 0700 /var/lib/image-service
+ENV STORE_PATH=/var/lib/image-service/store.sqlite3
 
 # The code stays owned by root: the service can read it, not change it.
 WORKDIR /app

@@ -23,7 +23,7 @@ Errors are ``ServiceError`` values carrying an HTTP status and a stable ``ErrorC
 ``BadRequest``, ``Unauthorized``, ``IdempotencyKeyInProgress``, ``IdempotencyKeyReused``,
 ``NotFood``, ``UpstreamError``, ``UpstreamTimeout``, ``UpstreamRateLimited``,
 ``UserServiceError``, ``AINotConfigured``, ``Overloaded`` (``RetryLater``, as
-``UpstreamRateLimited`` is) and ``InternalError``; one handler turns
+``UpstreamRateLimited`` and ``RecordsUnavailable`` are) and ``InternalError``; one handler turns
 them into JSON, and another turns Werkzeug's HTTP errors (404, 405, 413) into the same shape.
 Importing the module builds nothing: ``create_app`` builds an app, and ``app.app`` (what
 ``gunicorn app:app`` serves) is built from the environment on first use.
@@ -58,7 +58,7 @@ from datetime import UTC, date, datetime
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import IO, Any, TypeVar, cast
+from typing import IO, Any, TypeGuard, TypeVar, cast
 from urllib.parse import quote, urlencode, urlsplit
 
 import jwt
@@ -135,6 +135,7 @@ class ErrorCode(StrEnum):
     AI_NOT_CONFIGURED = "ai_not_configured"
     NUTRITION_NOT_CONFIGURED = "nutrition_not_configured"
     OVERLOADED = "overloaded"
+    STORE_UNAVAILABLE = "store_unavailable"
     UPSTREAM_RATE_LIMITED = "upstream_rate_limited"
     UPSTREAM_TIMEOUT = "upstream_timeout"
     INTERNAL_ERROR = "internal_error"
@@ -285,6 +286,12 @@ class UpstreamRateLimited(RetryLater):
     code = ErrorCode.UPSTREAM_RATE_LIMITED
 
 
+class RecordsUnavailable(RetryLater):
+    """The embedded store cannot keep Idempotency-Key records now; saving could repeat (503)."""
+
+    code = ErrorCode.STORE_UNAVAILABLE
+
+
 class InternalError(ServiceError):
     """A bug; the message says nothing about internals (500)."""
 
@@ -329,6 +336,10 @@ INTEGER_PATTERN = re.compile(r"[+-]?[0-9]+")
 DECIMAL_PATTERN = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 TRUE_WORDS = frozenset({"true", "1", "yes"})
 FALSE_WORDS = frozenset({"false", "0", "no", ""})
+STORE_PATH_SHOWN = (
+    "`$XDG_STATE_HOME/image-service/store.sqlite3`, else `~/.local/state/image-service/"
+    "store.sqlite3`; the image sets `/var/lib/image-service/store.sqlite3`"
+)
 
 
 @dataclass(frozen=True)
@@ -448,7 +459,7 @@ class Config:
     )
     usda_sr28_dir: str | None = setting("USDA_SR28_DIR", None)
     cache_ttl_seconds: int = setting("CACHE_TTL_SECONDS", 3600, "integer", low=1, high=365 * 86400)
-    store_path: str = setting("STORE_PATH", "/tmp/image-service/store.sqlite3")  # noqa: S108
+    store_path: str | None = setting("STORE_PATH", None, shown=STORE_PATH_SHOWN)
     store_max_mb: float = setting("STORE_MAX_MB", 256.0, "number", low=0.01, high=1_000_000)
     user_service_url: str = setting("USER_SERVICE_URL", "http://localhost:8082", "url")
     user_service_timeout: float = setting("USER_SERVICE_TIMEOUT", 10.0, "number", low=0.1, high=600)
@@ -511,6 +522,7 @@ class Config:
             item.name: reader.read(item.metadata["setting"], cls.default_of(item))
             for item in dataclasses.fields(cls)
         }
+        values["store_path"] = values["store_path"] or default_store_path(env)
         try:
             config = cls(**values)
         except ConfigError as error:
@@ -530,6 +542,11 @@ class Config:
     def max_upload_bytes(self) -> int:
         """``MAX_UPLOAD_MB`` in bytes."""
         return int(self.max_upload_mb * MIB)
+
+    @property
+    def store_file(self) -> Path:
+        """``STORE_PATH``; a Config built without ``from_env`` takes this process's default."""
+        return Path(self.store_path or default_store_path(os.environ))
 
     @property
     def redis_configured(self) -> bool:
@@ -563,6 +580,15 @@ class Config:
     def worst_request_seconds(self) -> float:
         """The longest a request may legitimately take: the model's budget, a slot, a save."""
         return self.model_budget_seconds + self.model_queue_timeout + self.user_service_timeout
+
+
+def default_store_path(env: Mapping[str, str]) -> str:
+    """The per-user default of ``STORE_PATH``, in the XDG state folder; never a shared /tmp."""
+    state = env.get("XDG_STATE_HOME", "").strip()
+    if not os.path.isabs(state):  # the XDG spec says to ignore a relative one
+        home = env.get("HOME", "").strip() or os.path.expanduser("~")
+        state = os.path.join(home, ".local", "state")
+    return os.path.join(state, SERVICE_NAME, "store.sqlite3")
 
 
 def jwt_problems(config: Config) -> list[str]:
@@ -1263,6 +1289,9 @@ def read_note() -> str | None:
 REDIS_ERRORS = (redis.RedisError, RedisClusterException)
 # How long an embedded-store statement waits for another process's write to finish.
 STORE_BUSY_SECONDS = 2.0
+# How far past a caller's clock reading another's expiry may legitimately reach: a writer that
+# read the clock later may have waited less for the file's lock.
+STORE_CLOCK_MARGIN = STORE_BUSY_SECONDS + 1
 # How often (in writes) a table without a size bound drops its expired rows.
 EXPIRE_EVERY = 256
 
@@ -1318,6 +1347,12 @@ COMPARE_AND_EXPIRE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
+# Reads a key, dropping it instead when it claims to live longer than ARGV[1] ms (or forever).
+GET_WITHIN = """
+local left = redis.call('PTTL', KEYS[1])
+if left == -1 or left > tonumber(ARGV[1]) then redis.call('DEL', KEYS[1]) return false end
+return redis.call('GET', KEYS[1])
+"""
 
 
 class RedisStore:
@@ -1358,17 +1393,21 @@ class RedisStore:
         self.breaker.succeeded()
         return result
 
-    def get(self, key: str) -> str | None:
-        """The value, or None."""
-        raw = self.run("GET", lambda client: client.get(key))
+    def get(self, key: str, longest: float = math.inf) -> str | None:
+        """The value, or None; a key claiming to outlive ``longest`` seconds is dropped."""
+        if math.isinf(longest):
+            raw = self.run("GET", lambda client: client.get(key))
+        else:
+            milliseconds = max(1, int(longest * 1000))
+            raw = self.run("GET", lambda client: client.eval(GET_WITHIN, 1, key, milliseconds))
         return raw.decode() if isinstance(raw, bytes) else raw
 
     def set(self, key: str, value: str, ttl: float) -> None:
         """Store a value for ``ttl`` seconds."""
         self.run("SET", lambda client: client.set(key, value, px=max(1, int(ttl * 1000))))
 
-    def add(self, key: str, value: str, ttl: float) -> bool:
-        """Store a value only if the key is absent; True when stored."""
+    def add(self, key: str, value: str, ttl: float, longest: float = math.inf) -> bool:
+        """Store a value only if the key is absent; True when stored (``get`` drops outlivers)."""
         stored = self.run(
             "SET NX", lambda client: client.set(key, value, px=max(1, int(ttl * 1000)), nx=True)
         )
@@ -1398,6 +1437,11 @@ class RedisStore:
         self.breaker.succeeded()
         return "connected"
 
+    @property
+    def refuses_unguarded_saves(self) -> bool:
+        """An unreachable Redis lets saves go ahead unguarded, as the README promises."""
+        return False
+
 
 def redis_failed_in_this_request() -> bool:
     """Whether Redis already failed while serving this request (one timeout per request at most)."""
@@ -1411,20 +1455,192 @@ EMBEDDED_SQL = {
     "create": "CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, value TEXT NOT NULL,"
     " expires REAL NOT NULL, stored REAL NOT NULL, size INTEGER NOT NULL)",
     "index": "CREATE INDEX IF NOT EXISTS {table}_stored ON {table} (stored)",
-    "get": "SELECT value FROM {table} WHERE key = ? AND expires > ?",
+    # A row claiming to live longer than the caller allows (``longest``) counts as expired.
+    "get": "SELECT value FROM {table} WHERE key = ? AND expires > ? AND expires <= ?",
     "set": "INSERT OR REPLACE INTO {table} VALUES (?, ?, ?, ?, ?)",
     # Inserts, or replaces only an expired value; one changed row means the key was free.
     "add": "INSERT INTO {table} VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
     " value = excluded.value, expires = excluded.expires, stored = excluded.stored,"
-    " size = excluded.size WHERE {table}.expires <= ?",
+    " size = excluded.size WHERE {table}.expires <= ? OR {table}.expires > ?",
     "delete_if": "DELETE FROM {table} WHERE key = ? AND value = ?",
     "extend_if": "UPDATE {table} SET expires = ? WHERE key = ? AND value = ? AND expires > ?",
     "expire": "DELETE FROM {table} WHERE expires <= ?",
     "size": "SELECT total(size) FROM {table}",
+    # The bytes of the file's pages in use beyond an empty store's, whichever table holds them.
+    "used": "SELECT (page_count - freelist_count - ?) * page_size"
+    " FROM pragma_page_count(), pragma_freelist_count(), pragma_page_size()",
     # The oldest rows whose sizes, added up from the oldest, first reach the excess.
     "evict": "DELETE FROM {table} WHERE key IN (SELECT key FROM (SELECT key, size, sum(size)"
     " OVER (ORDER BY stored, key) AS running FROM {table}) WHERE running - size < ?)",
+    "probe": "SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT 1)",
+    "vacuum": "PRAGMA incremental_vacuum",
+    "checkpoint": "PRAGMA wal_checkpoint(TRUNCATE)",
 }
+# Set on every new file: freed pages can be handed back to the filesystem, and every worker
+# shares one write-ahead log.
+EMBEDDED_FILE_PRAGMAS = ("PRAGMA auto_vacuum=INCREMENTAL", "PRAGMA journal_mode=WAL")
+STORE_FILE_MODE = 0o600
+STORE_FOLDER_MODE = 0o700
+# SQLite's companions of a file in WAL mode: the log and its shared index.
+STORE_COMPANIONS = ("-wal", "-shm")
+# A database file shorter than SQLite's header was truncated: a sound one starts with a page.
+SQLITE_HEADER_BYTES = 100
+SQLITE_PAGE_BYTES = 4096
+# The pages of an empty store (header, two tables, their indexes, a pointer map): not the
+# cache's to evict.
+EMPTY_STORE_PAGES = 8
+# What SQLite says of a file that is no longer a database (overwritten or truncated).
+DAMAGED_FILE_ERRORS = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
+
+
+class StoreRefused(Exception):
+    """The embedded store's file or folder is not the service's own, or cannot hold a database."""
+
+
+def ownership_problem(info: os.stat_result, what: str) -> str | None:
+    """Why another user could change this file or folder, or None when only the service can."""
+    mode = stat.S_IMODE(info.st_mode)
+    if info.st_uid != os.geteuid():
+        return f"{what} is owned by uid {info.st_uid}, not the service's uid {os.geteuid()}"
+    if mode & stat.S_IWOTH:
+        return f"{what} is writable by every user (mode {mode:04o})"
+    if mode & stat.S_IWGRP and info.st_gid != os.getegid():
+        return f"{what} is writable by group {info.st_gid}, not the service's own (mode {mode:04o})"
+    return None
+
+
+def file_problem(info: os.stat_result, what: str) -> str | None:
+    """Why this (lstat) entry cannot be the store's file, or None."""
+    if stat.S_ISLNK(info.st_mode):
+        return f"{what} is a symbolic link"
+    if stat.S_ISDIR(info.st_mode):
+        return f"{what} is a folder, not a file"
+    if not stat.S_ISREG(info.st_mode):
+        return f"{what} is not a regular file"
+    return ownership_problem(info, what)
+
+
+def tighten(path: Path, info: os.stat_result, private: int) -> None:
+    """Take from group and others what the service's own entry lets them read (older 0644s)."""
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o777 != private:
+        os.chmod(path, mode & ~0o777 | private)
+
+
+def prepare_store_folder(store_path: Path) -> None:
+    """Create the file's folder and any missing parent (0700), or check the one there.
+
+    A folder of the store's own (it holds nothing else) is tightened too; one shared with other
+    files, such as a home or ``/var/lib``, keeps its mode.
+    """
+    folder = store_path.parent
+    missing = [path for path in (folder, *folder.parents) if not os.path.lexists(path)]
+    try:
+        for path in reversed(missing):
+            path.mkdir(mode=STORE_FOLDER_MODE)
+            os.chmod(path, STORE_FOLDER_MODE)
+        info = os.stat(folder)
+        if not stat.S_ISDIR(info.st_mode):
+            raise StoreRefused("the folder that should hold it is not a folder")
+        own = {store_path.name, *(store_path.name + suffix for suffix in STORE_COMPANIONS)}
+        alone = set(os.listdir(folder)) <= own
+    except OSError as error:
+        raise StoreRefused(f"the folder cannot be made or read ({error.strerror})") from None
+    problem = ownership_problem(info, "the folder")
+    if problem:
+        raise StoreRefused(problem)
+    if alone:
+        tighten(folder, info, STORE_FOLDER_MODE)
+
+
+def prepare_store_file(path: Path) -> os.stat_result:
+    """The file once it is the service's own: created 0600, else checked (not followed), tightened.
+
+    The folder is checked first and only the service can write it, so nobody else can swap the
+    file between this check and SQLite's open.
+    """
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        create_store_file(path)
+        info = os.lstat(path)
+    problem = file_problem(info, "the path")
+    for suffix in STORE_COMPANIONS:
+        companion = Path(f"{path}{suffix}")
+        with contextlib.suppress(FileNotFoundError):
+            found = os.lstat(companion)
+            problem = problem or file_problem(found, f"its {suffix[1:].upper()} file")
+            if problem is None:
+                tighten(companion, found, STORE_FILE_MODE)
+    if problem:
+        raise StoreRefused(problem)
+    tighten(path, info, STORE_FILE_MODE)
+    return info
+
+
+def create_store_file(path: Path) -> None:
+    """A new empty file, 0600 whatever the umask (SQLite gives its log and index the same mode).
+
+    A log left behind by a file that is gone would be replayed into the new one: it goes first.
+    """
+    discard_store_file(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    descriptor = os.open(path, flags, STORE_FILE_MODE)
+    try:
+        os.fchmod(descriptor, STORE_FILE_MODE)
+    finally:
+        os.close(descriptor)
+
+
+def discard_store_file(path: Path) -> None:
+    """Remove the file and its companions, where they are plain files (never a folder)."""
+    for name in (str(path), *(f"{path}{suffix}" for suffix in STORE_COMPANIONS)):
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISREG(os.lstat(name).st_mode):
+                os.unlink(name)
+
+
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """The device and inode of the file at ``path``; None when it is gone or was truncated."""
+    try:
+        info = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if stat.S_ISREG(info.st_mode) and info.st_size < SQLITE_HEADER_BYTES:
+        return None
+    return info.st_dev, info.st_ino
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold the folder's flock, so one process at a time creates, checks or replaces the file."""
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def store_problem(error: Exception) -> str:
+    """A short reason for /health that names no path."""
+    if isinstance(error, OSError):
+        return error.strerror or type(error).__name__
+    return str(error).split("\n", 1)[0][:120]
+
+
+def is_damaged(error: sqlite3.DatabaseError) -> bool:
+    """Whether the file is no longer a database (overwritten, truncated), rather than busy."""
+    return getattr(error, "sqlite_errorname", "") in DAMAGED_FILE_ERRORS
+
+
+@dataclass
+class OpenedFile:
+    """One thread's connection, and the file (device, inode) it was opened on."""
+
+    connection: sqlite3.Connection
+    pid: int
+    identity: tuple[int, int]
 
 
 class EmbeddedStore:
@@ -1433,51 +1649,129 @@ class EmbeddedStore:
     One table per store: the analysis cache, bounded to ``STORE_MAX_MB`` with the oldest
     entries evicted first, and the locks and idempotency records, which only expire. Each
     operation is one statement, so each is atomic across threads and processes; connections
-    are opened per thread and per process (a forked worker opens its own).
+    are opened per thread and per process (a forked worker opens its own). The file is the
+    service's own (checked whenever a connection opens) and is watched: one deleted, truncated,
+    replaced or damaged is noticed by the next operation, and opened or made afresh.
     """
 
-    def __init__(self, path: Path, table: str, max_bytes: int | None = None) -> None:
+    def __init__(
+        self, path: Path, table: str, max_bytes: int | None = None, wal_pages: int = 1000
+    ) -> None:
         if table not in EMBEDDED_TABLES:
             raise ValueError(f"no embedded table {table!r}")
         self.path = path
         self.sql = {name: template.format(table=table) for name, template in EMBEDDED_SQL.items()}
         self.max_bytes = max_bytes
+        self.wal_pages = wal_pages
         self.local = threading.local()
-        self.created_in: int | None = None
+        self.problem: str | None = None
         self.written = 0
         self.lock = threading.Lock()
 
     def connection(self) -> sqlite3.Connection:
-        """This thread's connection, opened on first use (and again after a fork)."""
-        held = getattr(self.local, "connection", None)
-        if held is not None and self.local.pid == os.getpid():
-            return cast(sqlite3.Connection, held)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """This thread's connection to the file now at the path; opened again when that changed."""
+        held: OpenedFile | None = getattr(self.local, "held", None)
+        if (
+            held is not None
+            and held.pid == os.getpid()
+            and held.identity == file_identity(self.path)
+        ):
+            return held.connection
+        self.close()
+        self.local.held = self.open()
+        return cast(sqlite3.Connection, self.local.held.connection)
+
+    def open(self, damaged: tuple[int, int] | None = None) -> OpenedFile:
+        """Open the file as the service's own, making it (and its tables) when it is missing.
+
+        A file that was truncated, or the ``damaged`` one, is replaced by a new one.
+        """
+        prepare_store_folder(self.path)
+        with folder_lock(self.path.parent):
+            info = prepare_store_file(self.path)
+            if info.st_size < SQLITE_HEADER_BYTES or (info.st_dev, info.st_ino) == damaged:
+                info = self.replace_file()
+            try:
+                return self.connect(info)
+            except sqlite3.DatabaseError as error:
+                if not is_damaged(error):
+                    raise
+                logger.warning("The store %s is not a database (%s): made afresh", self.path, error)
+                return self.connect(self.replace_file())
+
+    def replace_file(self) -> os.stat_result:
+        """A new empty file in place of the one at the path (and its log, which would replay)."""
+        discard_store_file(self.path)
+        return prepare_store_file(self.path)
+
+    def connect(self, info: os.stat_result) -> OpenedFile:
+        """A connection to the checked file, its layout and tables set; never one SQLite made."""
+        uri = f"file:{quote(str(self.path.absolute()))}?mode=rw"
         connection = sqlite3.connect(
-            self.path, timeout=STORE_BUSY_SECONDS, isolation_level=None, check_same_thread=False
+            uri, timeout=STORE_BUSY_SECONDS, isolation_level=None, check_same_thread=False
         )
+        try:
+            self.initialise(connection)
+        except sqlite3.Error:
+            connection.close()
+            raise
+        if file_identity(self.path) != (info.st_dev, info.st_ino):
+            connection.close()
+            raise StoreRefused("the file was replaced while it was opened")
+        return OpenedFile(connection, os.getpid(), (info.st_dev, info.st_ino))
+
+    def initialise(self, connection: sqlite3.Connection) -> None:
+        """Set the file's layout and both tables (kept if there) and this connection's WAL bound."""
         connection.execute("PRAGMA synchronous=NORMAL")
-        if self.created_in != os.getpid():
-            # The file's journal mode and the table outlive the connection: set once a process.
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute(self.sql["create"])
-            connection.execute(self.sql["index"])
-            self.created_in = os.getpid()
-        self.local.connection, self.local.pid = connection, os.getpid()
-        return connection
+        for pragma in EMBEDDED_FILE_PRAGMAS:
+            connection.execute(pragma)
+        for table in EMBEDDED_TABLES:
+            connection.execute(EMBEDDED_SQL["create"].format(table=table))
+            connection.execute(EMBEDDED_SQL["index"].format(table=table))
+        connection.execute(f"PRAGMA wal_autocheckpoint={self.wal_pages:d}")
+        connection.execute(f"PRAGMA journal_size_limit={self.wal_pages * SQLITE_PAGE_BYTES:d}")
+
+    def close(self) -> None:
+        """Close this thread's connection (one inherited through a fork is only dropped)."""
+        held: OpenedFile | None = getattr(self.local, "held", None)
+        self.local.held = None
+        if held is not None and held.pid == os.getpid():
+            held.connection.close()
 
     def run(self, operation: str, *parameters: Any) -> sqlite3.Cursor:
-        """Run one statement, or raise StoreUnavailable (logged and counted)."""
+        """Run one statement, or raise StoreUnavailable (logged, counted, and shown by /health)."""
         try:
-            return self.connection().execute(self.sql[operation], parameters)
-        except (sqlite3.Error, OSError) as error:
+            cursor = self.execute(operation, parameters)
+        except (sqlite3.Error, OSError, StoreRefused) as error:
+            self.close()
+            self.problem = store_problem(error)
             CACHE_EVENTS.labels("error").inc()
-            logger.warning("Store error on %s in %s: %s", operation, self.path, error)
-            raise StoreUnavailable(str(error)) from None
+            logger.warning("Store error on %s in %s: %s", operation, self.path, self.problem)
+            raise StoreUnavailable(self.problem) from None
+        self.problem = None
+        return cursor
 
-    def get(self, key: str) -> str | None:
-        """The value, or None when absent or expired."""
-        row = self.run("get", key, time.time()).fetchone()
+    def execute(self, operation: str, parameters: tuple[Any, ...]) -> sqlite3.Cursor:
+        """The statement on the file at the path; one found damaged is replaced and tried again."""
+        connection = self.connection()
+        try:
+            return connection.execute(self.sql[operation], parameters)
+        except sqlite3.DatabaseError as error:
+            damaged = is_damaged(error)
+            if not damaged and "no such table" not in str(error):
+                raise
+            held: OpenedFile = self.local.held
+            logger.warning("The store %s is not usable (%s): opening it afresh", self.path, error)
+            self.close()
+            self.local.held = self.open(held.identity if damaged else None)
+        return cast(sqlite3.Connection, self.local.held.connection).execute(
+            self.sql[operation], parameters
+        )
+
+    def get(self, key: str, longest: float = math.inf) -> str | None:
+        """The value, or None when absent, expired, or claiming to outlive ``longest`` seconds."""
+        now = time.time()
+        row = self.run("get", key, now, now + longest + STORE_CLOCK_MARGIN).fetchone()
         return cast(str, row[0]) if row else None
 
     def set(self, key: str, value: str, ttl: float) -> None:
@@ -1486,11 +1780,12 @@ class EmbeddedStore:
         self.run("set", key, value, now + ttl, now, size)
         self.note_written(size)
 
-    def add(self, key: str, value: str, ttl: float) -> bool:
-        """Store a value only if the key is absent (or expired); True when stored."""
-        now = time.time()
-        cursor = self.run("add", key, value, now + ttl, now, len(key) + len(value), now)
-        self.note_written(len(key) + len(value))
+    def add(self, key: str, value: str, ttl: float, longest: float = math.inf) -> bool:
+        """Store a value only if the key is absent, expired or outliving ``longest``; True if so."""
+        now, size = time.time(), len(key) + len(value)
+        outlived = now + longest + STORE_CLOCK_MARGIN
+        cursor = self.run("add", key, value, now + ttl, now, size, now, outlived)
+        self.note_written(size)
         return cursor.rowcount == 1
 
     def delete_if(self, key: str, value: str) -> None:
@@ -1507,8 +1802,15 @@ class EmbeddedStore:
         return "not configured"
 
     def describe(self) -> str:
-        """``embedded (<path>)`` for /health."""
-        return f"embedded ({self.path})"
+        """``embedded``, or ``embedded, degraded: <reason>`` while the file cannot be used."""
+        with contextlib.suppress(StoreUnavailable):
+            self.run("probe").fetchone()
+        return "embedded" if self.problem is None else f"embedded, degraded: {self.problem}"
+
+    @property
+    def refuses_unguarded_saves(self) -> bool:
+        """A file on this host that fails is refused rather than risking a second saved entry."""
+        return True
 
     def note_written(self, size: int) -> None:
         """Evict once a twentieth of the bound has been written since the last look.
@@ -1532,14 +1834,39 @@ class EmbeddedStore:
             self.evict(self.max_bytes)
 
     def evict(self, max_bytes: int) -> None:
-        """Drop expired entries, then the oldest, until the table fits nine tenths of its bound."""
+        """Drop expired entries, then the oldest, until entries and pages fit nine tenths of it.
+
+        The entries' share of the pages to free is taken from the oldest; the freed pages go back
+        to the filesystem and the log is emptied, so the files on disk shrink with the table.
+        """
         self.run("expire", time.time())
         total = int(self.run("size").fetchone()[0])
-        if total > max_bytes:
-            self.run("evict", total - max_bytes * 9 // 10)
+        used = max(total, int(self.run("used", EMPTY_STORE_PAGES).fetchone()[0]))
+        if used > max_bytes:
+            self.run("evict", total * (used - max_bytes * 9 // 10) // used)
+        self.run("vacuum").fetchall()
+        self.run("checkpoint").fetchall()
 
 
 Store = RedisStore | EmbeddedStore
+
+
+def wal_pages_for(max_bytes: int) -> int:
+    """The log's bound in pages: a tenth of ``STORE_MAX_MB``, from 16 pages to SQLite's 1000."""
+    return max(16, min(1000, max_bytes // SQLITE_PAGE_BYTES // 10))
+
+
+def check_embedded_store(config: Config) -> None:
+    """Stop the start with one line naming ``STORE_PATH`` when the store cannot be the service's."""
+    if config.redis_configured:
+        return
+    store = EmbeddedStore(config.store_file, "records")
+    try:
+        store.execute("probe", ()).fetchone()
+    except (sqlite3.Error, OSError, StoreRefused) as error:
+        raise ConfigError([f"STORE_PATH {config.store_file}: {store_problem(error)}"]) from None
+    finally:
+        store.close()
 
 
 def decode_cached(raw: bytes | str | None) -> dict[str, Any] | None:
@@ -1649,9 +1976,10 @@ def build_stores(config: Config) -> tuple[Store, Store]:
         breaker = CircuitBreaker(config.redis_breaker_failures, config.redis_breaker_cooldown)
         store = RedisStore(build_redis_client(config), breaker, redis_kind(config))
         return store, store
-    path = Path(config.store_path)
-    cache = EmbeddedStore(path, "analyses", int(config.store_max_mb * MIB))
-    return cache, EmbeddedStore(path, "records")
+    max_bytes = int(config.store_max_mb * MIB)
+    wal_pages = wal_pages_for(max_bytes)
+    cache = EmbeddedStore(config.store_file, "analyses", max_bytes, wal_pages)
+    return cache, EmbeddedStore(config.store_file, "records", wal_pages=wal_pages)
 
 
 def redis_kind(config: Config) -> str:
@@ -1700,11 +2028,17 @@ class IdempotencyGuard:
 
 
 class IdempotencyRecords:
-    """First responses of ``save=true`` requests by user and Idempotency-Key, kept for 24 h."""
+    """First responses of ``save=true`` requests by user and Idempotency-Key, kept for 24 h.
 
-    def __init__(self, store: Store, pending_seconds: float) -> None:
+    ``sound`` tells a first response the service could have sent from one planted in the store.
+    """
+
+    def __init__(
+        self, store: Store, pending_seconds: float, sound: Callable[[Mapping[str, Any]], bool]
+    ) -> None:
         self.store = store
         self.pending_seconds = pending_seconds
+        self.sound = sound
 
     def claim(self, user_id: str, idempotency_key: str, digest: str) -> IdempotencyClaim:
         """Reserve the key for this request, or return the stored first response."""
@@ -1713,16 +2047,21 @@ class IdempotencyRecords:
         token = uuid.uuid4().hex
         pending = pending_record(digest, token)
         record = None
-        for _attempt in range(2):  # a record that expires between the two calls: try again
+        for _attempt in range(3):  # a record that expires or is dropped between the calls: again
             try:
                 if self.store.add(key, pending, self.pending_seconds):
                     return IdempotencyClaim(key, token)
-                record = decode_cached(self.store.get(key))
+                record = self.read(key)
             except StoreUnavailable:
                 break
             if record is not None:
                 break
         if record is None:
+            if self.store.refuses_unguarded_saves:
+                raise RecordsUnavailable(
+                    "the store that keeps Idempotency-Key records cannot be used just now",
+                    retry_after=1,
+                )
             logger.warning("Idempotency-Key not enforced: the store is unavailable")
             return IdempotencyClaim(None, token)
         if record.get("digest") != digest:
@@ -1734,6 +2073,25 @@ class IdempotencyRecords:
                 "a request with this Idempotency-Key is still being processed"
             )
         return IdempotencyClaim(None, token, replay=cast(dict[str, Any], record["response"]))
+
+    def read(self, key: str) -> dict[str, Any] | None:
+        """The key's record; one that is not a record the service writes is dropped (a miss)."""
+        raw = self.store.get(key)
+        record = decode_cached(raw)
+        if raw is None or self.is_record(record):
+            return record
+        logger.warning("Dropping an Idempotency-Key record that does not validate")
+        self.store.delete_if(key, raw)
+        return None
+
+    def is_record(self, record: dict[str, Any] | None) -> bool:
+        """Whether a record read back is pending with a token, or done with a sound response."""
+        if record is None or not isinstance(record.get("digest"), str):
+            return False
+        if record.get("state") == "pending":
+            return isinstance(record.get("token"), str)
+        response = record.get("response")
+        return record.get("state") == "done" and isinstance(response, dict) and self.sound(response)
 
     @contextlib.contextmanager
     def guard(self, user_id: str, form: AnalysisForm) -> Iterator[IdempotencyGuard]:
@@ -1837,6 +2195,8 @@ class AnalysisCache:
 
 
 LOCK_PREFIX = "lock:"
+# What a lock holds: the holder's token (``uuid4().hex``); anything else was not written by one.
+LOCK_TOKEN_PATTERN = re.compile(r"[0-9a-f]{32}")
 FAILURE_PREFIX = "failed:"
 FAILURE_NOTICE_SECONDS = 10
 FOLLOW_POLL_INITIAL = 0.01
@@ -1869,7 +2229,7 @@ class SingleFlight:
         while True:
             token = uuid.uuid4().hex
             try:
-                leader = self.store.add(lock_key, token, self.lock_seconds)
+                leader = self.store.add(lock_key, token, self.lock_seconds, self.lock_seconds)
             except StoreUnavailable:
                 return compute(), True
             if leader:
@@ -1923,18 +2283,37 @@ class SingleFlight:
             result = read_result()
             if result is not None:
                 return result
-            holder = self.store.get(lock_key)
-            if holder is not None:
+            holder = self.store.get(lock_key, self.lock_seconds)
+            if holder is not None and LOCK_TOKEN_PATTERN.fullmatch(holder):
                 holders.add(holder)
                 continue
+            if holder is not None:
+                self.store.delete_if(lock_key, holder)
+                return None
             result = read_result()
             if result is not None:
                 return result
             notice = decode_cached(self.store.get(failure_key))
-            if notice is not None and notice.get("token") in holders:
+            if is_failure_notice(notice) and notice["token"] in holders:
                 raise RelayedError(notice)
             return None
         return None
+
+
+def is_failure_notice(notice: dict[str, Any] | None) -> TypeGuard[dict[str, Any]]:
+    """Whether a failure notice read back is one ``SingleFlight.leading`` could have written."""
+    if notice is None:
+        return False
+    status, headers = notice.get("status"), notice.get("headers", {})
+    return (
+        isinstance(notice.get("token"), str)
+        and type(status) is int
+        and 400 <= status <= 599
+        and isinstance(notice.get("error"), str)
+        and isinstance(notice.get("code"), str)
+        and isinstance(headers, dict)
+        and all(isinstance(value, str) for value in headers.values())
+    )
 
 
 class RelayedError(ServiceError):
@@ -3654,6 +4033,53 @@ def clean_confidence(value: Any) -> float:
     return round(min(1.0, max(0.0, number)), 2)
 
 
+# The fields of a stored analysis that the model answer's checks must leave as they are.
+CHECKED_FIELDS = ("name", *TOTAL_FIELDS, "servingSize", "ingredients", "confidence")
+# The longest text a stored analysis holds: a name, an SR28 description, a warning.
+MAX_STORED_TEXT = 2 * MAX_STATEMENT_LENGTH
+MAX_STORED_DEPTH = 6
+
+
+def stored_analysis_is_sound(stored: Mapping[str, Any]) -> bool:
+    """Whether an analysis read back from the store is one the service could have written.
+
+    It passes the checks a model's answer passes, unchanged by them, and holds nothing else
+    beyond them: no negative or endless number, no text longer than the service writes.
+    """
+    if stored == NOT_FOOD_VERDICT:
+        return True
+    try:
+        checked = normalise_analysis(stored)
+    except (UpstreamError, NotFood):
+        return False
+    items = stored.get("items")
+    if not isinstance(items, list) or len(items) != len(checked["items"]):
+        return False
+    same_items = all(
+        item.get(name) == clean[name]
+        for item, clean in zip(items, checked["items"], strict=True)
+        for name in ITEM_FIELDS
+    )
+    same = all(stored.get(name) == checked[name] for name in CHECKED_FIELDS)
+    return same and same_items and is_plain_value(stored, MAX_STORED_DEPTH)
+
+
+def is_plain_value(value: Any, depth: int) -> bool:
+    """Whether a stored value holds only short texts, finite non-negative numbers, shallow nests."""
+    if isinstance(value, dict):
+        return depth > 0 and all(
+            isinstance(key, str) and len(key) <= MAX_NAME_LENGTH and is_plain_value(item, depth - 1)
+            for key, item in value.items()
+        )
+    if isinstance(value, list):
+        return depth > 0 and all(is_plain_value(item, depth - 1) for item in value)
+    if isinstance(value, str):
+        return len(value) <= MAX_STORED_TEXT
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return math.isfinite(value) and value >= 0
+    return value is None or isinstance(value, bool)
+
+
 # ---------------------------------------------------------------------------------------------
 # Nutrition from USDA SR28 (the table in nutrition.py counts what the model names)
 # ---------------------------------------------------------------------------------------------
@@ -3951,7 +4377,7 @@ def cached_or_fresh(services: Services, form: AnalysisForm) -> tuple[dict[str, A
     private = private_inputs(form.wanted, g.caller.user_id)
     inputs = (f"table={table}", *form.wanted.cache_inputs(), *private)
     key = cache_key_for(form.digest, services.config, *inputs)
-    cached = services.cache.get(key)
+    cached = sound_cached(services.cache, key)
     if cached is not None:
         logger.info("Cache hit for %s", key)
         CACHE_EVENTS.labels("hit").inc()
@@ -3959,9 +4385,18 @@ def cached_or_fresh(services: Services, form: AnalysisForm) -> tuple[dict[str, A
     logger.info("Cache miss for %s", key)
     CACHE_EVENTS.labels("miss").inc()
     analysis, computed = services.flights.run(
-        key, lambda: fresh_analysis(services, form, key), lambda: services.cache.get(key)
+        key, lambda: fresh_analysis(services, form, key), lambda: sound_cached(services.cache, key)
     )
     return food_only(analysis), "api" if computed else "cache"
+
+
+def sound_cached(cache: AnalysisCache, key: str) -> dict[str, Any] | None:
+    """The cached analysis; a miss (the fresh one replaces it) when it fails an answer's checks."""
+    cached = cache.get(key)
+    if cached is None or stored_analysis_is_sound(cached):
+        return cached
+    logger.warning("Ignoring a cached analysis that does not validate: %s", key)
+    return None
 
 
 def fresh_analysis(services: Services, form: AnalysisForm, key: str) -> dict[str, Any]:
@@ -3997,6 +4432,20 @@ def replayed(response: Mapping[str, Any]) -> Response:
     answer = jsonify(response)
     answer.headers["Idempotent-Replayed"] = "true"
     return answer
+
+
+def stored_response_is_sound(response: Mapping[str, Any]) -> bool:
+    """Whether a first response read back is one ``analyze_food`` could have sent with a save."""
+    analysis = response.get("analysis")
+    if set(response) != {"analysis", "source"} or response["source"] not in ("api", "cache"):
+        return False
+    if not isinstance(analysis, dict):
+        return False
+    entry_id = analysis.get("entryId")
+    if not isinstance(entry_id, str) or not 0 < len(entry_id) <= MAX_ENTRY_ID:
+        return False
+    rest = {name: value for name, value in analysis.items() if name != "entryId"}
+    return rest != NOT_FOOD_VERDICT and stored_analysis_is_sound(rest)
 
 
 OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
@@ -4317,7 +4766,7 @@ def startup_summary(config: Config) -> list[str]:
     elif config.redis_host:
         store = f"Redis at {config.redis_host}:{config.redis_port}/{config.redis_db}"
     else:
-        store = f"embedded at {config.store_path} (no REDIS_URL or REDIS_HOST)"
+        store = f"embedded at {config.store_file} (no REDIS_URL or REDIS_HOST)"
     if config.uses_public_key:
         keys = "a public key" if config.jwt_public_key else "no public key (JWT_PUBLIC_KEY)"
     else:
@@ -4370,7 +4819,9 @@ def create_app(config: Config | None = None, *, today: Callable[[], date] | None
         config=config,
         store=store,
         cache=AnalysisCache(store, config.cache_ttl_seconds),
-        idempotency=IdempotencyRecords(records, config.single_flight_lock_seconds),
+        idempotency=IdempotencyRecords(
+            records, config.single_flight_lock_seconds, stored_response_is_sound
+        ),
         flights=SingleFlight(
             records, config.single_flight_lock_seconds, config.worst_request_seconds
         ),

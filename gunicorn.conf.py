@@ -41,6 +41,7 @@ from app import (  # noqa: E402
     ErrorCode,
     Setting,
     archive_dead_process_metrics,
+    check_embedded_store,
     nutrition_table,
     startup_summary,
 )
@@ -89,6 +90,7 @@ def read_settings() -> tuple[Config, dict[str, Any]]:
     try:
         config = Config.from_env()
         nutrition_table(config)  # loaded once, here in the master, before the workers fork
+        check_embedded_store(config)  # opened and closed: each worker opens its own
     except ConfigError as error:
         problems[:0] = error.problems
     if problems:

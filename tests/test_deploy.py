@@ -226,7 +226,8 @@ def gunicorn_settings(tmp_path: Path) -> dict[str, Any]:
         " print(json.dumps({name: settings[name] for name in"
         " ('timeout', 'limit_request_field_size', 'bind')}))"
     )
-    environment = {"PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)}
+    # HOME too: the default embedded store is made in the user's state folder at start.
+    environment = {"PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path), "HOME": str(tmp_path)}
     output = subprocess.run(
         [sys.executable, "-c", script], cwd=ROOT, env=environment, capture_output=True,
         text=True, check=True, timeout=30,

@@ -45,6 +45,8 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = "image-service:image-test"
 CONTAINER = "image-service-image-test"
+# Where the image keeps the embedded store (its ENV STORE_PATH).
+STORE_FOLDER = "/var/lib/image-service"
 PROJECT = "image-service-test"
 SLOW_CONNECTIONS = 200
 SLOW_SECONDS = 12.0
@@ -313,6 +315,14 @@ def check_image_alone(secrets_dir: Path) -> None:
         f"/health answers 200 with the mounted secrets: {checks}",
     )
     check(docker("exec", CONTAINER, "id", "-u").strip() == "10001", "it runs as uid 10001")
+    check(checks.get("store") == "embedded", f"without Redis the embedded store: {checks}")
+    modes = docker(
+        "exec", CONTAINER, "stat", "-c", "%a %u", STORE_FOLDER, f"{STORE_FOLDER}/store.sqlite3"
+    )
+    check(
+        modes.split() == ["700", "10001", "600", "10001"],
+        f"the store is private to uid 10001 in {STORE_FOLDER} (folder 0700, file 0600): {modes!r}",
+    )
     init = docker("exec", CONTAINER, "cat", "/proc/1/cmdline").replace("\0", " ")
     check(init.startswith("/usr/bin/tini"), f"PID 1 is tini: {init.strip()}")
 

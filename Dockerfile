@@ -55,8 +55,8 @@ ENV STORE_PATH=/var/lib/image-service/store.sqlite3
 
 # The code stays owned by root: the service can read it, not change it.
 WORKDIR /app
-# gunicorn.conf.py imports app, and app imports nutrition: all three modules are needed.
-COPY app.py nutrition.py gunicorn.conf.py openapi.yaml ./
+# The service's modules: gunicorn.conf.py imports app, and app the Flask-free modules beside it.
+COPY *.py openapi.yaml ./
 COPY --chmod=0755 docker-entrypoint.sh ./
 
 USER 10001:10001

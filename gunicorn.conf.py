@@ -36,15 +36,14 @@ from gunicorn.workers.gthread import ThreadWorker  # noqa: E402
 
 from app import (  # noqa: E402
     Config,
-    ConfigError,
     EnvReader,
-    ErrorCode,
     Setting,
     archive_dead_process_metrics,
     check_embedded_store,
     nutrition_table,
     startup_summary,
 )
+from errors import ConfigError, ErrorCode  # noqa: E402
 
 SERVER_SETTINGS = {
     "bind": (Setting("GUNICORN_BIND", "bind"), "0.0.0.0:8083"),

@@ -22,7 +22,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from tests import images
-from tests.conftest import SR28, post_photo
+from tests.conftest import post_photo
 from tests.fakes import DEFAULT_ANALYSIS, ChatCompletionsServer, Reply, UserServiceServer
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "answers"
@@ -284,7 +284,7 @@ def test_answers_are_the_recorded_ones(
 ) -> None:
     contract = Contract(
         client=client,
-        grounded=lambda: client_with(usda_sr28_dir=str(SR28)),
+        grounded=lambda: client_with(usda_sr28_dir=str(sr28_dir)),
         model=model,
         user_service=user_service,
         headers={**auth_headers, "X-Request-ID": REQUEST_ID},
@@ -299,6 +299,14 @@ def test_answers_are_the_recorded_ones(
     assert len(seen["exchanges"]) == len(recorded["exchanges"])
     for answer, expected in zip(seen["exchanges"], recorded["exchanges"], strict=True):
         assert answer["status"] == expected["status"]
-        assert answer["body"] == expected["body"]
-    assert seen["model"] == recorded["model"]
-    assert seen["userService"] == recorded["userService"]
+        assert_same_text(answer["body"], expected["body"])
+    for peer in ("model", "userService"):
+        assert len(seen[peer]) == len(recorded[peer]), f"requests to the {peer}"
+        for sent, expected in zip(seen[peer], recorded[peer], strict=True):
+            assert_same_text(sent, expected)
+
+
+def assert_same_text(seen: str, recorded: str) -> None:
+    """Equal text: first as parsed JSON, for a readable difference, then character for character."""
+    assert json.loads(seen) == json.loads(recorded)
+    assert seen == recorded

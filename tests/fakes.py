@@ -191,6 +191,7 @@ class _RecordingHandler(BaseHTTPRequestHandler):
         reply = self.server.reply_to(request)
         if reply.delay > 0 and self.server.closing.wait(reply.delay):
             reply = Reply(drop=True)  # the server is closing: release the client at once
+        self.server.note("answered", request)  # before sending, so it precedes what it causes
         if reply.drop:
             self.close_connection = True
             return
@@ -242,6 +243,8 @@ class RecordingServer(ClosesOnExit, ThreadingHTTPServer):
     def __init__(self) -> None:
         """Bind 127.0.0.1 on a free port and start serving."""
         self.requests: list[RecordedRequest] = []
+        # ("received" | "answered", request) in the order they happened, across threads.
+        self.events: list[tuple[str, RecordedRequest]] = []
         self.closing = threading.Event()
         self._lock = threading.RLock()
         self._arrived = threading.Condition(self._lock)
@@ -276,6 +279,7 @@ class RecordingServer(ClosesOnExit, ThreadingHTTPServer):
         """Forget requests and scripted replies, and restore the default behaviour."""
         with self._lock:
             self.requests.clear()
+            self.events.clear()
             self._queue.clear()
             self.restore_defaults()
 
@@ -310,6 +314,20 @@ class RecordingServer(ClosesOnExit, ThreadingHTTPServer):
                 connection.shutdown(socket.SHUT_RDWR)
         self._serving.join(timeout=5)
 
+    def note(self, event: str, request: RecordedRequest) -> None:
+        """Add an event about this request to ``events``."""
+        with self._lock:
+            self.events.append((event, request))
+
+    def order_of(self, *wanted: tuple[str, RecordedRequest]) -> list[tuple[str, RecordedRequest]]:
+        """The wanted events in the order they happened (compared by identity)."""
+        with self._lock:
+            return [
+                event
+                for event in self.events
+                if any(event[0] == name and event[1] is request for name, request in wanted)
+            ]
+
     # -- what subclasses define
 
     def restore_defaults(self) -> None:
@@ -325,6 +343,7 @@ class RecordingServer(ClosesOnExit, ThreadingHTTPServer):
         """Record a request and choose its reply: 404/405 off routes, else scripted or default."""
         with self._arrived:
             self.requests.append(request)
+            self.events.append(("received", request))
             self._arrived.notify_all()
         if (request.method, request.route) not in self.routes:
             if any(path == request.route for _, path in self.routes):

@@ -4340,8 +4340,13 @@ def warn_about_weak_settings(config: Config) -> None:
         logger.warning("No JWT key is configured: every protected call will answer 401")
 
 
-def create_app(config: Config | None = None, *, today: Callable[[], date] | None = None) -> Flask:
-    """Build the service (``today``: the probe's clock); nothing connects until it is needed."""
+def create_app(
+    config: Config | None = None,
+    *,
+    today: Callable[[], date] | None = None,
+    probe_clock: Callable[[], float] = time.monotonic,
+) -> Flask:
+    """Build the service (``today``, ``probe_clock``: the probe's clocks); it connects lazily."""
     config = config or Config.from_env(os.environ)
     configure_logging(config)
     app = Flask(__name__, static_folder=None)
@@ -4366,7 +4371,9 @@ def create_app(config: Config | None = None, *, today: Callable[[], date] | None
         ),
         decode_budget=DecodeBudget(config.decode_budget_mb, config.model_queue_timeout),
         model_slots=ModelSlots(config.model_max_concurrency, config.model_queue_timeout),
-        model=VisionModel(config, build_session(config.model_max_concurrency), records, today),
+        model=VisionModel(
+            config, build_session(config.model_max_concurrency), records, today, probe_clock
+        ),
         user_service=UserService(config, build_session(config.model_max_concurrency)),
         jwt_key=jwt_verification_key(config),
         started_at=time.monotonic(),

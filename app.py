@@ -2831,15 +2831,12 @@ class VisionModel:
     ) -> None:
         self.config = config
         self.session = session
-        # What a server takes depends on the effort (GPT-6 takes a temperature at none only).
-        identity = "\n".join(
-            (config.openai_base_url, config.openai_model, config.openai_reasoning_effort)
-        )
         self.family = reasoning_family(config.openai_model)
         self.server = LearntProfile(
             store,
-            identity,
-            ServerProfile.assumed(config.openai_model, config.openai_reasoning_effort),
+            config.openai_base_url,
+            config.openai_model,
+            config.openai_reasoning_effort,
             unavailable=StoreUnavailable,
         )
         self.wait = RetryAfterWait(config)
@@ -2851,7 +2848,7 @@ class VisionModel:
         self.shutdown = ShutdownWatch(
             config.openai_model,
             config.openai_shutdown_warn_days,
-            MODEL_SHUTDOWN_DAYS.labels(config.openai_model).set,
+            self.count_shutdown_days,
             today,
         )
 
@@ -2874,7 +2871,8 @@ class VisionModel:
         base = build_model_request(jpeg, self.config, wanted)
         profile = self.server.current()
         cap = self.output_cap(profile)
-        # Fields the server refused stay refused when the cap grows for the second completion.
+        # At most two completions, the second with a larger cap for an answer cut short while
+        # reasoning; the fields the server refused stay refused for it.
         refused: set[str] = set()
         grown = False
         while True:
@@ -2883,9 +2881,7 @@ class VisionModel:
             count_tokens(usage)
             if usage.get("reasoning_tokens") and not profile.reasoning:
                 profile = self.server.learn(
-                    dataclasses.replace(profile, reasoning=True),
-                    "reported reasoning tokens",
-                    self.config.openai_model,
+                    dataclasses.replace(profile, reasoning=True), "reported reasoning tokens"
                 )
             finish = finish_reason(payload)
             if finish == "content_filter":
@@ -2929,18 +2925,15 @@ class VisionModel:
                 payload: dict[str, Any] = self.retrying(deadline)(
                     self.attempt, body, request_id, deadline=deadline
                 )
+                return profile, cap, payload
             except UpstreamError as error:
                 field_name = error.rejected_parameter or ""
                 revised = self.without_refused(profile, field_name, refused)
                 if revised is None or time.monotonic() >= deadline:
                     raise
                 refused.add(field_name)
-                profile = self.server.learn(
-                    revised, f"refused {field_name}", self.config.openai_model
-                )
+                profile = self.server.learn(revised, f"refused {field_name}")
                 cap = max(cap, self.output_cap(profile))
-                continue
-            return profile, cap, payload
 
     def retrying(self, deadline: float) -> tenacity.Retrying:
         """Tenacity for one request: transient failures, within the attempts and the deadline."""
@@ -3213,6 +3206,10 @@ class VisionModel:
     def announced_shutdown(self) -> str:
         """The model's shutdown date as the latest answer gave it, or what stands for none."""
         return self.shutdown.announced()
+
+    def count_shutdown_days(self, days_left: int) -> None:
+        """Show the days left before the model shuts down (no series until a date is known)."""
+        MODEL_SHUTDOWN_DAYS.labels(self.config.openai_model).set(days_left)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -130,19 +130,23 @@ class ProfileStore(Protocol):
 class LearntProfile:
     """What the workers have learnt about one server, model and effort, kept in the store.
 
-    A store that fails (``unavailable``) leaves this process with what it learnt itself.
+    What a server takes depends on the effort (GPT-6 takes a temperature at none only). A store
+    that fails (raising ``unavailable``) leaves this process with what it learnt itself.
     """
 
     def __init__(
         self,
         store: ProfileStore,
-        identity: str,
-        assumed: ServerProfile,
+        base_url: str,
+        model: str,
+        effort: str,
         unavailable: type[Exception],
     ) -> None:
         self.store = store
+        self.model = model
+        identity = "\n".join((base_url, model, effort))
         self.key = PROFILE_PREFIX + hashlib.sha256(identity.encode()).hexdigest()
-        self.learnt = assumed
+        self.learnt = ServerProfile.assumed(model, effort)
         self.unavailable = unavailable
 
     def current(self) -> ServerProfile:
@@ -155,12 +159,12 @@ class LearntProfile:
             self.learnt = shared
         return self.learnt
 
-    def learn(self, profile: ServerProfile, reason: str, model: str) -> ServerProfile:
+    def learn(self, profile: ServerProfile, reason: str) -> ServerProfile:
         """Keep a new profile for this process and the others, and say so once."""
         logger.info(
             "The vision model's server %s for %s: now sending %s%s%s",
             reason,
-            model,
+            self.model,
             profile.cap_field,
             "" if profile.temperature else ", no temperature",
             ", as a reasoning model" if profile.reasoning else "",

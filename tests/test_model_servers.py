@@ -195,17 +195,21 @@ class DictStore:
 
 def test_a_learnt_profile_is_shared_through_the_store() -> None:
     store = DictStore()
-    one = LearntProfile(store, "server\nmodel\nnone", ServerProfile(), StoreDown)
-    other = LearntProfile(store, "server\nmodel\nnone", ServerProfile(), StoreDown)
-    learnt = one.learn(ServerProfile(temperature=False), "refused temperature", "model")
+    one = LearntProfile(store, "http://server/v1", "llava", "none", StoreDown)
+    other = LearntProfile(store, "http://server/v1", "llava", "none", StoreDown)
+    elsewhere = LearntProfile(store, "http://server/v1", "llava", "low", StoreDown)
+    assert one.current() == ServerProfile()
+    learnt = one.learn(ServerProfile(temperature=False), "refused temperature")
     assert other.current() == learnt
+    assert elsewhere.current() == ServerProfile()
 
 
 def test_a_failing_store_leaves_the_process_with_what_it_learnt() -> None:
     store = DictStore()
-    learnt = LearntProfile(store, "identity", ServerProfile(), StoreDown)
+    learnt = LearntProfile(store, "http://server/v1", "gpt-6-luna", "none", StoreDown)
+    assert learnt.current() == ServerProfile.assumed("gpt-6-luna", "none")
     store.down = True
-    kept = learnt.learn(ServerProfile(temperature=False), "refused temperature", "model")
+    kept = learnt.learn(ServerProfile(temperature=False), "refused temperature")
     assert learnt.current() == kept
 
 

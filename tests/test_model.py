@@ -28,15 +28,14 @@ from app import (
     Config,
     NotFood,
     UpstreamError,
-    UpstreamReply,
     beyond_limits,
     build_model_request,
     clean_text,
     normalise_analysis,
     parse_model_content,
     parse_number,
-    retry_after_seconds,
 )
+from model_servers import retry_after_seconds
 from tests import images
 from tests.conftest import MEAL, AnalyzeActions, cached_keys
 from tests.fakes import (
@@ -840,9 +839,9 @@ def test_beyond_limits_names_every_number_past_them() -> None:
     assert len(beyond_limits(analysis)) == 2
 
 
-def response_with(headers: dict[str, str]) -> UpstreamReply:
-    """A 429 answer carrying these headers."""
-    return UpstreamReply(429, CaseInsensitiveDict(headers), b"")
+def response_with(headers: dict[str, str]) -> CaseInsensitiveDict[str]:
+    """An answer's headers, as requests reads them (any case)."""
+    return CaseInsensitiveDict(headers)
 
 
 @pytest.mark.parametrize(

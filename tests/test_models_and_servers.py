@@ -786,11 +786,16 @@ def test_health_probes_at_most_once_per_period(
 
 
 def test_health_probe_is_repeated_after_its_period(
-    client_with: Callable[..., FlaskClient], model: ChatCompletionsServer
+    watched: Callable[..., FlaskClient], model: ChatCompletionsServer, clock: MovableClock
 ) -> None:
-    client = client_with(openai_probe_seconds=0.05)
+    client = watched(openai_probe_seconds=60.0)
     wait_for_probe(client, "reachable")
     model.model_status = 404
+    clock.advance(59.0)
+    for _ in range(5):
+        client.get("/health")
+    assert len(model.probes) == 1
+    clock.advance(1.0)
     assert wait_for_probe(client, "model not found")["checks"]["openai_probe"] == "model not found"
 
 
@@ -841,6 +846,21 @@ class MovableDay:
         self.day += timedelta(days=days)
 
 
+class MovableClock:
+    """The probe's interval clock: seconds the test moves on, never the wall clock."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        """The seconds it is now set to."""
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock on."""
+        self.now += seconds
+
+
 @pytest.fixture
 def day() -> MovableDay:
     """The day the probe takes for today."""
@@ -848,11 +868,19 @@ def day() -> MovableDay:
 
 
 @pytest.fixture
-def watched(make_config: Callable[..., Config], day: MovableDay) -> Callable[..., FlaskClient]:
-    """A test client whose probe reads today's date from `day`; keywords override Config fields."""
+def clock() -> MovableClock:
+    """The clock the probe's interval is counted on."""
+    return MovableClock()
+
+
+@pytest.fixture
+def watched(
+    make_config: Callable[..., Config], day: MovableDay, clock: MovableClock
+) -> Callable[..., FlaskClient]:
+    """A test client whose probe reads `day` and `clock`; keywords override Config fields."""
 
     def build(**overrides: Any) -> FlaskClient:
-        flask_app = create_app(make_config(**overrides), today=day)
+        flask_app = create_app(make_config(**overrides), today=day, probe_clock=clock)
         flask_app.testing = True
         return flask_app.test_client()
 
@@ -871,11 +899,14 @@ def shutdown_lines(logs: RecordHandler, level: str) -> list[str]:
     return [line for line in logs.lines if line.startswith(level) and "shut" in line]
 
 
-def probe_times(client: FlaskClient, model: ChatCompletionsServer, count: int) -> None:
-    """Ask /health until `count` probes have finished (one starts only after the last ends)."""
+def probe_times(
+    client: FlaskClient, model: ChatCompletionsServer, clock: MovableClock, count: int
+) -> None:
+    """Ask /health, a probe period later each time, until `count` probes have finished."""
     deadline = time.monotonic() + 5.0
     while len(model.probes) < count + 1:
         assert time.monotonic() < deadline, f"{len(model.probes)} probes, not {count + 1}"
+        clock.advance(Config().openai_probe_seconds)
         client.get("/health")
         time.sleep(0.005)
 
@@ -932,13 +963,14 @@ def test_the_warning_is_repeated_once_a_day(
     model: ChatCompletionsServer,
     logs: RecordHandler,
     day: MovableDay,
+    clock: MovableClock,
 ) -> None:
     announce(model, 30)
-    client = watched(openai_probe_seconds=0.001)
-    probe_times(client, model, 3)
+    client = watched()
+    probe_times(client, model, clock, 3)
     assert len(shutdown_lines(logs, "WARNING")) == 1
     day.advance(1)
-    probe_times(client, model, len(model.probes) + 2)
+    probe_times(client, model, clock, len(model.probes) + 2)
     (_, next_day) = shutdown_lines(logs, "WARNING")
     assert "29 days" in next_day
 

@@ -1,0 +1,481 @@
+"""What other OpenAI-compatible servers need: learnt request fields, error shapes, waits, dates.
+
+``VisionModel`` in ``app.py`` makes the call; this module reads what the server says back (its
+error in any of five vendors' shapes, the wait it asks for, the tokens it spent, the model's
+shutdown date) and keeps what it refused (``LearntProfile``, shared through a store). No Flask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Protocol
+
+logger = logging.getLogger("image_service")
+
+# Every failed call to the model says so in one form, whatever failed.
+MODEL_FAILED = "OpenAI API request failed: "
+
+
+def log_model_failure(what: str, *args: object) -> None:
+    """A WARNING that a call to the model failed, and how (``what`` is a %-format)."""
+    logger.warning(MODEL_FAILED + what, *args)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a server takes (learnt, and shared with the other workers through a store)
+# ---------------------------------------------------------------------------------------------
+
+
+TOKEN_CAP_FIELDS = ("max_tokens", "max_completion_tokens")
+# Request fields a server may refuse: the output cap goes under its other name, the rest are left
+# out. Nothing else is changed behind the caller's back.
+ADJUSTABLE_FIELDS = (*TOKEN_CAP_FIELDS, "temperature", "reasoning_effort")
+# Reasoning models known by their family (the last path segment, so "openai/gpt-6-luna" counts
+# too); others show it in their answers: a refused max_tokens, or reasoning tokens in the usage.
+REASONING_MODEL_PATTERN = re.compile(r"(?:gpt-5(?!-chat)|gpt-6|o[0-9]+)(?![a-z0-9])", re.IGNORECASE)
+PROFILE_PREFIX = "model_profile:"
+PROFILE_TTL_SECONDS = 30 * 86400
+
+
+def reasoning_family(model: str) -> bool:
+    """Whether a model is of a reasoning family: ``gpt-5*`` (not ``gpt-5-chat*``), ``gpt-6*``, o."""
+    return REASONING_MODEL_PATTERN.match(model.rsplit("/", 1)[-1]) is not None
+
+
+@dataclass(frozen=True)
+class ServerProfile:
+    """What one server takes for one model: the output cap's field, a temperature, an effort."""
+
+    cap_field: str = "max_tokens"
+    temperature: bool = True
+    reasoning_effort: bool = True
+    reasoning: bool = False
+
+    @classmethod
+    def assumed(cls, model: str, effort: str) -> ServerProfile:
+        """What is assumed before the server has said anything: reasoning models by family.
+
+        They refuse ``max_tokens`` whatever the effort, and take a temperature only at ``none``.
+        """
+        if reasoning_family(model):
+            return cls("max_completion_tokens", temperature=effort == "none", reasoning=True)
+        return cls()
+
+    @classmethod
+    def from_json(cls, raw: str | None) -> ServerProfile | None:
+        """A stored profile, or None when absent or unreadable."""
+        stored = stored_object(raw)
+        if stored is None or stored.get("cap_field") not in TOKEN_CAP_FIELDS:
+            return None
+        flags = ("temperature", "reasoning_effort", "reasoning")
+        return cls(stored["cap_field"], *(stored.get(name) is True for name in flags))
+
+    def to_json(self) -> str:
+        """The profile as stored."""
+        return json.dumps(dataclasses.asdict(self))
+
+    def without(self, field_name: str, effort: str = "") -> ServerProfile | None:
+        """The profile once the server refused this field; None when nothing is left to try.
+
+        A reasoning model that refuses the effort ``none`` reasons at its own default, where it
+        takes no temperature.
+        """
+        if field_name == self.cap_field:
+            other = TOKEN_CAP_FIELDS[1 - TOKEN_CAP_FIELDS.index(field_name)]
+            # OpenAI refuses max_tokens for its reasoning models only.
+            reasoning = self.reasoning or field_name == "max_tokens"
+            return dataclasses.replace(self, cap_field=other, reasoning=reasoning)
+        if field_name == "temperature" and self.temperature:
+            return dataclasses.replace(self, temperature=False)
+        if field_name == "reasoning_effort" and self.reasoning_effort:
+            sampled = self.temperature and not (self.reasoning and effort == "none")
+            return dataclasses.replace(self, reasoning_effort=False, temperature=sampled)
+        return None
+
+
+def stored_object(raw: str | None) -> dict[str, Any] | None:
+    """A JSON object read back from the store, or None when absent or unreadable (as the cache)."""
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        logger.warning("Ignoring an unreadable cache entry")
+        return None
+    return value if isinstance(value, dict) else None
+
+
+class ProfileStore(Protocol):
+    """The part of the service's store a profile needs."""
+
+    def get(self, key: str) -> str | None:
+        """The value kept under ``key``, or None."""
+
+    def set(self, key: str, value: str, ttl: float) -> None:
+        """Keep ``value`` under ``key`` for ``ttl`` seconds."""
+
+
+class LearntProfile:
+    """What the workers have learnt about one server, model and effort, kept in the store.
+
+    What a server takes depends on the effort (GPT-6 takes a temperature at none only). A store
+    that fails (raising ``unavailable``) leaves this process with what it learnt itself.
+    """
+
+    def __init__(
+        self,
+        store: ProfileStore,
+        base_url: str,
+        model: str,
+        effort: str,
+        unavailable: type[Exception],
+    ) -> None:
+        self.store = store
+        self.model = model
+        identity = "\n".join((base_url, model, effort))
+        self.key = PROFILE_PREFIX + hashlib.sha256(identity.encode()).hexdigest()
+        self.learnt = ServerProfile.assumed(model, effort)
+        self.unavailable = unavailable
+
+    def current(self) -> ServerProfile:
+        """The shared profile, or this process's own when the store fails or holds none."""
+        try:
+            shared = ServerProfile.from_json(self.store.get(self.key))
+        except self.unavailable:
+            return self.learnt
+        if shared is not None:
+            self.learnt = shared
+        return self.learnt
+
+    def learn(self, profile: ServerProfile, reason: str) -> ServerProfile:
+        """Keep a new profile for this process and the others, and say so once."""
+        logger.info(
+            "The vision model's server %s for %s: now sending %s%s%s",
+            reason,
+            self.model,
+            profile.cap_field,
+            "" if profile.temperature else ", no temperature",
+            ", as a reasoning model" if profile.reasoning else "",
+        )
+        self.learnt = profile
+        with contextlib.suppress(self.unavailable):
+            self.store.set(self.key, profile.to_json(), PROFILE_TTL_SECONDS)
+        return profile
+
+
+# ---------------------------------------------------------------------------------------------
+# What a server says went wrong (OpenAI, vLLM, Mistral, Gemini, LM Studio, plain text)
+# ---------------------------------------------------------------------------------------------
+
+
+QUOTED_NAME = "(?:^|[^A-Za-z0-9_]){}(?![A-Za-z0-9_])"
+
+
+@dataclass(frozen=True)
+class UpstreamProblem:
+    """An error as a server reported it, whatever its shape: its words, code and field."""
+
+    message: str
+    code: str | None = None
+    param: str | None = None
+    status: int | None = None
+
+
+def upstream_problem(payload: Any, raw: bytes) -> UpstreamProblem | None:
+    """The error in any shape compatible servers send, or None when the body holds none.
+
+    OpenAI's ``{"error": {...}}``; vLLM's and Mistral's top-level ``{"object": "error",
+    "message": ...}`` (the message may be an object); Gemini's ``[{"error": {...}}]``; LM
+    Studio's ``{"error": "text"}``; and plain text.
+    """
+    if isinstance(payload, list) and payload and isinstance(payload[0], dict):
+        payload = payload[0]
+    if not isinstance(payload, dict):
+        text = raw.decode("utf-8", "replace").strip()
+        return UpstreamProblem(text) if text else None
+    error = payload.get("error")
+    if isinstance(error, str):
+        return UpstreamProblem(error)
+    if isinstance(error, dict):
+        fields = error
+    elif payload.get("object") == "error" or "message" in payload or "detail" in payload:
+        fields = payload
+    else:
+        return None
+    message = fields.get("message", fields.get("detail"))
+    code = fields.get("code")
+    status = code if isinstance(code, int) and 400 <= code <= 599 else None
+    kind = fields.get("status") or fields.get("type")
+    param = fields.get("param")
+    return UpstreamProblem(
+        message=problem_words(message),
+        code=str(code) if isinstance(code, str) and code else (str(kind) if kind else None),
+        param=str(param) if param else None,
+        status=status,
+    )
+
+
+def problem_words(message: Any) -> str:
+    """An error message as text; a validation list reads ``body.field: what is wrong``."""
+    if isinstance(message, str):
+        return message
+    if isinstance(message, dict) and "detail" in message:
+        return problem_words(message["detail"])
+    if isinstance(message, list):
+        parts = []
+        for entry in message:
+            if isinstance(entry, dict) and "msg" in entry:
+                where = ".".join(str(part) for part in entry.get("loc") or ())
+                parts.append(f"{where}: {entry['msg']}" if where else str(entry["msg"]))
+            else:
+                parts.append(problem_words(entry))
+        return "; ".join(parts)
+    return "" if message is None else json.dumps(message)
+
+
+def rejected_field(problem: UpstreamProblem, body: Mapping[str, Any]) -> str | None:
+    """Which adjustable field of the request a 400 or 422 refuses, if it names one."""
+    sent = [name for name in ADJUSTABLE_FIELDS if name in body]
+    if problem.param in sent:
+        return problem.param
+    text = problem.message
+    named = [
+        (found.start(), name)
+        for name in sent
+        if (found := re.search(QUOTED_NAME.format(re.escape(name)), text))
+    ]
+    return min(named)[1] if named else None
+
+
+# ---------------------------------------------------------------------------------------------
+# How long a server asks to wait
+# ---------------------------------------------------------------------------------------------
+
+
+DURATION_PART_PATTERN = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+DURATION_PATTERN = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|h|m|s))+")
+DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """The wait a server asked for: ``retry-after-ms``, ``Retry-After``, or a rate-limit reset."""
+    milliseconds = headers.get("retry-after-ms")
+    if milliseconds:
+        try:
+            value = float(milliseconds) / 1000
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value) and value >= 0:
+            return value
+    header = headers.get("Retry-After")
+    if not header:
+        return rate_limit_reset_seconds(headers)
+    try:
+        value = float(header)
+    except ValueError:
+        try:
+            value = parsedate_to_datetime(header).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    return max(0.0, value) if math.isfinite(value) else None
+
+
+def rate_limit_reset_seconds(headers: Mapping[str, str]) -> float | None:
+    """When an exhausted limit resets, from OpenAI's ``x-ratelimit-reset-*`` (``6m0s``)."""
+    waits = []
+    for kind in ("requests", "tokens"):
+        remaining = headers.get(f"x-ratelimit-remaining-{kind}")
+        reset = duration_seconds(headers.get(f"x-ratelimit-reset-{kind}", ""))
+        if reset is not None and remaining in (None, "0"):
+            waits.append(reset)
+    return max(waits) if waits else None
+
+
+def duration_seconds(text: str) -> float | None:
+    """Seconds in a Go-style duration (``1h2m3.5s``, ``20ms``) or a plain number of seconds."""
+    text = text.strip()
+    try:
+        value = float(text)
+    except ValueError:
+        if not DURATION_PATTERN.fullmatch(text):
+            return None
+        value = sum(
+            float(amount) * DURATION_UNITS[unit]
+            for amount, unit in DURATION_PART_PATTERN.findall(text)
+        )
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# What a completion reports besides its answer
+# ---------------------------------------------------------------------------------------------
+
+
+MAX_TOKEN_COUNT = 10**9
+
+
+def finish_reason(payload: Mapping[str, Any]) -> str | None:
+    """Why the model stopped writing: ``stop``, ``length``, ``content_filter``…"""
+    try:
+        reason = payload["choices"][0]["finish_reason"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return reason if isinstance(reason, str) else None
+
+
+def token_usage(payload: Mapping[str, Any]) -> dict[str, int]:
+    """The token counts a completion reports, each a whole number within reason."""
+    usage = payload.get("usage")
+    if not isinstance(usage, dict):
+        return {}
+    found = {
+        "prompt_tokens": usage.get("prompt_tokens"),
+        "completion_tokens": usage.get("completion_tokens"),
+        "total_tokens": usage.get("total_tokens"),
+    }
+    details = usage.get("completion_tokens_details")
+    if isinstance(details, dict):
+        found["reasoning_tokens"] = details.get("reasoning_tokens")
+    details = usage.get("prompt_tokens_details")
+    if isinstance(details, dict):
+        found["cached_tokens"] = details.get("cached_tokens")
+    return {
+        name: value
+        for name, value in found.items()
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKEN_COUNT
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The /health probe's verdicts and the model's shutdown date
+# ---------------------------------------------------------------------------------------------
+
+
+SHUTDOWN_UNKNOWN = "unknown"
+NO_SHUTDOWN_ANNOUNCED = "none announced"
+DAY_PATTERN = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def probe_verdict(status: int) -> str:
+    """What a ``GET /models/{model}`` answer says about the server."""
+    if status == 200:
+        return "reachable"
+    if status in (401, 403):
+        return "key rejected"
+    if status == 404:
+        return "model not found"
+    return f"error (HTTP {status})"
+
+
+def utc_today() -> date:
+    """Today's date in UTC, the calendar of OpenAI's shutdown dates."""
+    return datetime.now(UTC).date()
+
+
+def shutdown_in(described: Any) -> str:
+    """A model object's ``shutdown_date`` as /health shows it: the date, none announced, unknown.
+
+    ``described`` is the probe's answer as read from JSON (None when it was not JSON).
+    """
+    if not isinstance(described, dict) or "shutdown_date" not in described:
+        return SHUTDOWN_UNKNOWN
+    shown = described["shutdown_date"]
+    if shown is None:
+        return NO_SHUTDOWN_ANNOUNCED
+    return shown if day_of(shown) is not None else SHUTDOWN_UNKNOWN
+
+
+def day_of(text: Any) -> date | None:
+    """The date a strict ``YYYY-MM-DD`` names, or None for anything else."""
+    if not isinstance(text, str) or not DAY_PATTERN.fullmatch(text):
+        return None
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        return None
+
+
+def warn_of_shutdown(model: str, shown: str, days_left: int) -> None:
+    """A WARNING while the model's shutdown nears; an ERROR once it is past."""
+    if days_left < 0:
+        logger.error(
+            "The vision model %s was shut down on %s: photos fail until OPENAI_MODEL names a "
+            "current model (see OpenAI's deprecations page) and the service restarts",
+            model,
+            shown,
+        )
+        return
+    logger.warning(
+        "The vision model %s shuts down on %s, in %d days: set OPENAI_MODEL to its replacement "
+        "(see OpenAI's deprecations page) and restart the service before then",
+        model,
+        shown,
+        days_left,
+    )
+
+
+class ShutdownWatch:
+    """What the server says of the model's shutdown: kept for /health, said, warned of as it nears.
+
+    ``today`` is the clock (UTC dates, OpenAI's calendar); ``count_days`` reports the days left.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        warn_days: int,
+        count_days: Callable[[int], None],
+        today: Callable[[], date] | None = None,
+    ) -> None:
+        self.model = model
+        self.warn_days = warn_days
+        self.count_days = count_days
+        self.today = today or utc_today
+        self.lock = threading.Lock()
+        self.shutdown = SHUTDOWN_UNKNOWN
+        self.shutdown_read = False
+        self.shutdown_warned: date | None = None
+
+    def announced(self) -> str:
+        """The model's shutdown date as the latest answer gave it, or what stands for none."""
+        with self.lock:
+            return self.shutdown
+
+    def watch(self, shown: str) -> None:
+        """Keep what the server says of the model's shutdown; say it, and warn as it nears."""
+        with self.lock:
+            changed = not self.shutdown_read or shown != self.shutdown
+            self.shutdown, self.shutdown_read = shown, True
+        model = self.model
+        shutdown = day_of(shown)
+        if shutdown is None:
+            if changed:
+                unsaid = shown == SHUTDOWN_UNKNOWN
+                said = "does not say when it shuts down" if unsaid else "announces no shutdown date"
+                logger.info("The vision model %s: its server %s", model, said)
+            return
+        today = self.today()
+        days_left = (shutdown - today).days
+        self.count_days(days_left)
+        if changed:
+            logger.info(
+                "The vision model %s shuts down on %s (%d days from today), its server says",
+                model,
+                shown,
+                days_left,
+            )
+        if days_left <= self.warn_days and self.shutdown_warned != today:
+            self.shutdown_warned = today
+            warn_of_shutdown(model, shown, days_left)

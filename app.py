@@ -12,7 +12,7 @@ those steps:
 3. idempotency guard: ``IdempotencyRecords.guard`` (a replay, or the key held until the answer)
 4. cache: ``cached_or_fresh`` → ``cache_key_for``, ``AnalysisCache``
 5. single flight: ``SingleFlight.run`` (one model call among concurrent misses)
-6. image: ``fresh_analysis`` → ``prepare_image``
+6. image: ``fresh_analysis`` → ``prepare_image`` (within ``DecodeBudget``)
 7. model slot: ``ModelSlots.hold``
 8. model: ``VisionModel.analyze`` → ``VisionModel.attempt`` → ``http_json``; the answer through
    ``parse_model_payload`` → ``normalise_analysis``; the verdict cached
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes
 import dataclasses
 import fcntl
 import functools
@@ -96,6 +95,7 @@ from redis.sentinel import Sentinel
 from requests.adapters import HTTPAdapter
 from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
 
+from decode_budget import DecodeBudget, decode_cost
 from errors import (
     AINotConfigured,
     BadRequest,
@@ -2182,88 +2182,6 @@ DECODE_ERRORS = (
 )
 JPEG_QUALITY = 85
 DRAFT_SLACK = 0.9
-# Peak bytes per pixel while an image of each mode is decoded and prepared (the decoded pixels,
-# then the RGB or RGBA copy that is shrunk), measured on 60-megapixel images with
-# /proc/self/status's VmHWM: a palette expands to 4 bytes a pixel, a 16-bit image is widened to 32
-# bits before it is scaled to 8, and WebP's decoder holds a buffer of its own.
-PEAK_BYTES_PER_PIXEL = {"1": 6, "L": 6, "P": 6, "RGB": 5, "YCbCr": 5, "CMYK": 9}
-PEAK_BYTES_WITH_ALPHA = 10
-PEAK_BYTES_WEBP = 17
-PEAK_BYTES_OTHER = 11
-# A decode this large gives its memory back to the operating system afterwards.
-TRIM_AFTER_BYTES = 64 * MIB
-
-
-def decode_cost(image: Image.Image) -> int:
-    """Bytes that decoding and preparing this opened image will hold at its peak."""
-    width, height = image.size
-    if image.format == "WEBP":
-        per_pixel = PEAK_BYTES_WEBP
-    elif "transparency" in image.info or image.mode in ("LA", "PA", "RGBA", "RGBa", "La"):
-        per_pixel = PEAK_BYTES_WITH_ALPHA
-    else:
-        per_pixel = PEAK_BYTES_PER_PIXEL.get(image.mode, PEAK_BYTES_OTHER)
-    return width * height * per_pixel
-
-
-class DecodeBudget:
-    """The decoded pixels one worker may hold at once (``DECODE_BUDGET_MB``); the rest wait.
-
-    The cost is reserved from the image's header before a byte is decoded, so a burst of tiny
-    files that claim huge dimensions waits its turn instead of taking the worker's memory.
-    """
-
-    def __init__(self, megabytes: int, wait_seconds: float) -> None:
-        self.capacity = megabytes * MIB
-        self.free = self.capacity
-        self.wait_seconds = wait_seconds
-        self.changed = threading.Condition()
-
-    @contextlib.contextmanager
-    def reserve(self, cost: int) -> Iterator[None]:
-        """Hold ``cost`` bytes of the budget while decoding, waiting ``MODEL_QUEUE_TIMEOUT``."""
-        if cost > self.capacity:
-            raise BadRequest(
-                f"decoding this image would take {cost // MIB} MB, more than this server's "
-                f"{self.capacity // MIB} MB (DECODE_BUDGET_MB); send a smaller image or a JPEG",
-                code=ErrorCode.INVALID_IMAGE,
-            )
-        deadline = time.monotonic() + self.wait_seconds
-        with self.changed:
-            while self.free < cost:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise Overloaded(
-                        "too many large photos are being decoded right now; retry shortly",
-                        retry_after=self.wait_seconds,
-                    )
-                self.changed.wait(remaining)
-            self.free -= cost
-        try:
-            yield
-        finally:
-            with self.changed:
-                self.free += cost
-                self.changed.notify_all()
-            if cost >= TRIM_AFTER_BYTES:
-                release_memory()
-
-
-@functools.cache
-def c_library() -> ctypes.CDLL | None:
-    """The C library, when it is glibc (whose ``malloc_trim`` returns freed memory)."""
-    try:
-        library = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-    return library if hasattr(library, "malloc_trim") else None
-
-
-def release_memory() -> None:
-    """Give freed heap pages back to the operating system after a large decode."""
-    library = c_library()
-    if library is not None:
-        library.malloc_trim(0)
 
 
 @dataclass(frozen=True)
@@ -2276,11 +2194,18 @@ class PreparedImage:
     source_format: str
 
 
-def prepare_image(data: bytes, max_side: int, max_pixels: int) -> PreparedImage:
-    """Decode an upload, orient it, shrink it, flatten it to RGB, and re-encode it bare."""
+def prepare_image(
+    data: bytes, max_side: int, max_pixels: int, budget: DecodeBudget
+) -> PreparedImage:
+    """Decode an upload within the decode budget, orient, shrink, flatten to RGB, re-encode bare.
+
+    The image is opened lazily, told to decode no larger than it needs, and its cost reserved
+    from ``budget`` before a byte is decoded.
+    """
     image = open_image(data, max_pixels)
     reduce_while_decoding(image, max_side)
-    return prepare_opened(image, max_side)
+    with budget.reserve(decode_cost(image)):
+        return prepare_opened(image, max_side)
 
 
 def prepare_opened(image: Image.Image, max_side: int) -> PreparedImage:
@@ -4221,10 +4146,9 @@ def sound_cached(cache: AnalysisCache, key: str) -> dict[str, Any] | None:
 def fresh_analysis(services: Services, form: AnalysisForm, key: str) -> dict[str, Any]:
     """Decode the photo within the decode budget, ask the model within a slot, cache the verdict."""
     config = services.config
-    image = open_image(form.data, config.image_max_pixels)
-    reduce_while_decoding(image, config.image_max_side)
-    with services.decode_budget.reserve(decode_cost(image)):
-        prepared = prepare_opened(image, config.image_max_side)
+    prepared = prepare_image(
+        form.data, config.image_max_side, config.image_max_pixels, services.decode_budget
+    )
     try:
         with services.model_slots.hold():
             answer = services.model.analyze(prepared.jpeg, form.wanted, g.request_id)

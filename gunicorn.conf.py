@@ -38,12 +38,12 @@ from app import (  # noqa: E402
     Config,
     EnvReader,
     Setting,
-    archive_dead_process_metrics,
     check_embedded_store,
     nutrition_table,
     startup_summary,
 )
 from errors import ConfigError, ErrorCode  # noqa: E402
+from metrics import archive_dead_process_metrics  # noqa: E402
 
 SERVER_SETTINGS = {
     "bind": (Setting("GUNICORN_BIND", "bind"), "0.0.0.0:8083"),

@@ -114,6 +114,7 @@ from errors import (
     UpstreamTimeout,
     UserServiceError,
 )
+from logs import RequestContextFilter, redact
 from metrics import (
     CACHE_EVENTS,
     MODEL_REQUESTS,
@@ -657,58 +658,6 @@ class EnvReader:
 # ---------------------------------------------------------------------------------------------
 
 
-# Log lines stay single lines (a caller's path or an upstream message cannot start a forged one):
-# the C0 and C1 controls, DEL, and the two Unicode separators are each written as an escape, so
-# no reader that honours a Unicode line break (NEL, U+2028, U+2029) sees one either.
-CONTROL_CHARACTERS = {
-    **{code: f"\\x{code:02x}" for code in (*range(32), *range(127, 160))},
-    **{code: f"\\u{code:04x}" for code in (0x2028, 0x2029)},
-}
-MAX_LOG_MESSAGE = 1000
-MIN_SECRET_FRAGMENT = 4
-
-
-class RequestContextFilter(logging.Filter):
-    """Stamps each record with the request id and blanks out any configured secret."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.secrets: tuple[str, ...] = ()
-
-    def redact_also(self, *secrets: str | None) -> None:
-        """Add an app's secrets to those blanked out (every app's, so none is ever exposed)."""
-        found = (secret for secret in secrets if secret and len(secret) >= MIN_SECRET_FRAGMENT)
-        self.secrets = tuple(dict.fromkeys((*self.secrets, *found)))
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """Add ``request_id``; keep the message one line, short, and free of secrets."""
-        record.request_id = request_id_or_dash()
-        message = record.getMessage()
-        cleaned = message.translate(CONTROL_CHARACTERS)
-        if len(cleaned) > MAX_LOG_MESSAGE:
-            cleaned = cleaned[:MAX_LOG_MESSAGE] + "…"
-        cleaned = redact(cleaned, self.secrets)
-        if cleaned != message:
-            record.msg, record.args = cleaned, None
-        return True
-
-
-def redact(text: str, secrets: tuple[str, ...]) -> str:
-    """The text with every secret, and the start of one cut off at its end, blanked out."""
-    for secret in secrets:
-        if len(secret) >= MIN_SECRET_FRAGMENT:
-            text = redact_cut_secret(text.replace(secret, "[redacted]"), secret)
-    return text
-
-
-def redact_cut_secret(text: str, secret: str) -> str:
-    """Redact the start of a secret left at the end of a shortened line."""
-    for length in range(min(len(secret), len(text)) - 1, MIN_SECRET_FRAGMENT - 1, -1):
-        if text.endswith(secret[:length]) or text.endswith(secret[:length] + "…"):
-            return text[: text.rfind(secret[:length])] + "[redacted]"
-    return text
-
-
 def request_id_or_dash() -> str:
     """The current request's id, or '-' outside a request."""
     try:
@@ -717,7 +666,7 @@ def request_id_or_dash() -> str:
         return "-"
 
 
-LOG_FILTER = RequestContextFilter()
+LOG_FILTER = RequestContextFilter(request_id_or_dash)
 
 
 def configure_logging(config: Config) -> None:

@@ -114,6 +114,7 @@ from errors import (
     UpstreamTimeout,
     UserServiceError,
 )
+from json_values import parse_json
 from logs import RequestContextFilter, redact
 from metrics import (
     CACHE_EVENTS,
@@ -2309,14 +2310,6 @@ def http_json(
         raise requests.ConnectionError(
             f"the connection failed mid-answer ({type(error).__name__})"
         ) from error
-
-
-def parse_json(data: bytes | str) -> Any:
-    """JSON, with absurd nesting reported as the ValueError any other bad JSON is."""
-    try:
-        return json.loads(data)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
 
 
 # ---------------------------------------------------------------------------------------------

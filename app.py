@@ -67,9 +67,6 @@ import requests
 import tenacity
 import urllib3
 import yaml
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from flask import Blueprint, Flask, Response, current_app, g, has_request_context, jsonify, request
 from flask.wrappers import Request
 from flask_cors import CORS
@@ -129,6 +126,7 @@ from metrics import (
     metrics_text,
 )
 from nutrition import NUTRIENT_UNITS, FoodMatch, NutritionDataError, NutritionTable
+from token_keys import HS_ALGORITHMS, PUBLIC_KEY_ALGORITHMS, load_public_key
 
 SERVICE_NAME = "image-service"
 MIB = 1024 * 1024
@@ -439,8 +437,8 @@ def jwt_problems(config: Config) -> list[str]:
     if not asymmetric or not config.jwt_public_key:
         return []
     try:
-        key = load_pem_public_key(config.jwt_public_key.encode())
-    except (ValueError, TypeError, UnsupportedAlgorithm):
+        key = load_public_key(config.jwt_public_key)
+    except ValueError:
         return ["JWT_PUBLIC_KEY is not a PEM public key"]
     wrong = [name for name in asymmetric if not isinstance(key, PUBLIC_KEY_ALGORITHMS[name])]
     if wrong:
@@ -696,13 +694,6 @@ def configure_logging(config: Config) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-HS_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
-# Asymmetric algorithms and the public-key types that verify them.
-PUBLIC_KEY_ALGORITHMS: dict[str, tuple[type, ...]] = {
-    **dict.fromkeys(("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"), (rsa.RSAPublicKey,)),
-    **dict.fromkeys(("ES256", "ES384", "ES512"), (ec.EllipticCurvePublicKey,)),
-    "EdDSA": (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey),
-}
 MIN_HS_SECRET_BYTES = 32
 # exp, nbf and iat are NumericDate values (RFC 7519): numbers, which PyJWT also takes as numeric
 # text; a number past the year 9999 would never expire.
@@ -757,9 +748,7 @@ def bearer_token(header: str | None) -> str:
 def jwt_verification_key(config: Config) -> Any:
     """The key tokens are verified with: the public key object, the shared secret, or None."""
     if config.uses_public_key:
-        return (
-            load_pem_public_key(config.jwt_public_key.encode()) if config.jwt_public_key else None
-        )
+        return load_public_key(config.jwt_public_key) if config.jwt_public_key else None
     return config.jwt_secret
 
 

@@ -38,13 +38,11 @@ import fcntl
 import functools
 import hashlib
 import io
-import ipaddress
 import json
 import logging
 import math
 import os
 import re
-import socket
 import sqlite3
 import stat
 import sys
@@ -126,6 +124,25 @@ from metrics import (
     metrics_text,
 )
 from nutrition import NUTRIENT_UNITS, FoodMatch, NutritionDataError, NutritionTable
+from settings import (
+    EnvReader,
+    Setting,
+    boolean_flag,
+    comma_list,
+    decimal,
+    flag_value,
+    header_name,
+    http_url,
+    json_object,
+    jwt_algorithm_names,
+    one_of,
+    pem_key,
+    plain_text,
+    read_secret_file,
+    redis_address,
+    setting,
+    whole_number,
+)
 from token_keys import HS_ALGORITHMS, PUBLIC_KEY_ALGORITHMS, load_public_key
 
 SERVICE_NAME = "image-service"
@@ -148,69 +165,10 @@ REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 MAX_REASONING_OUTPUT_TOKENS = 128_000
 # Pillow refuses to open anything larger as a decompression bomb, whatever the service allows.
 PILLOW_MAX_PIXELS = 2 * 89_478_485
-HEADER_NAME_PATTERN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")
-HTTP_URL_PATTERN = re.compile(r"^https?://[^\s/]+")
-REDIS_URL_PATTERN = re.compile(r"^(rediss?|unix|redis\+sentinel)://")
-# What gunicorn listens at, in the forms gunicorn.util.parse_address reads; one address.
-BIND_FORMS = "host:port, [IPv6]:port, unix:/path or fd://N"
-TCP_BIND_PATTERN = re.compile(
-    r"(?:tcp://)?(?:\[(?P<ipv6>[^\]]+)\]|(?P<host>[^:\[\]/,\s]+))(?::(?P<port>[0-9]{1,6}))?"
-)
-GUNICORN_DEFAULT_PORT = 8000
-MAX_PORT = 65535
-MAX_UNIX_SOCKET_PATH = 107
-# Numbers in settings: ASCII digits, an optional sign, fraction and exponent; nothing else.
-INTEGER_PATTERN = re.compile(r"[+-]?[0-9]+")
-DECIMAL_PATTERN = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-TRUE_WORDS = frozenset({"true", "1", "yes"})
-FALSE_WORDS = frozenset({"false", "0", "no", ""})
 STORE_PATH_SHOWN = (
     "`$XDG_STATE_HOME/image-service/store.sqlite3`, else `~/.local/state/image-service/"
     "store.sqlite3`; the image sets `/var/lib/image-service/store.sqlite3`"
 )
-
-
-@dataclass(frozen=True)
-class Setting:
-    """How one ``Config`` field is read from its variable, and the values it may take."""
-
-    variable: str
-    kind: str = "text"
-    low: float | None = None
-    high: float | None = None
-    choices: tuple[str, ...] = ()
-    secret: bool = False
-    fallback: str | None = None
-    shown: str | None = None
-
-    def problem(self, value: Any) -> str | None:
-        """What is wrong with a value of this setting, or None."""
-        if value is None:
-            return None
-        if self.low is not None and self.high is not None and not self.low <= value <= self.high:
-            return f"{self.variable} must be from {self.low:g} to {self.high:g}, got {value!r}"
-        if self.choices and value not in self.choices:
-            return f"{self.variable} must be one of {', '.join(self.choices)}, got {value!r}"
-        if self.kind == "url" and not HTTP_URL_PATTERN.match(value):
-            return f"{self.variable} must be an http:// or https:// URL, got {value!r}"
-        if self.kind == "header" and not HEADER_NAME_PATTERN.fullmatch(value):
-            return f"{self.variable} must be an HTTP header name such as api-key, got {value!r}"
-        if self.kind == "redis_url" and not REDIS_URL_PATTERN.match(value):
-            return (
-                f"{self.variable} must start with redis://, rediss://, unix:// or redis+sentinel://"
-            )
-        if self.kind == "bind":
-            return bind_problem(self.variable, value)
-        return None
-
-
-def setting(variable: str, default: Any, kind: str = "text", **options: Any) -> Any:
-    """A ``Config`` field, read from ``variable``: the one place a setting is declared."""
-    declared = Setting(variable, kind, **options)
-    metadata = {"setting": declared}
-    if isinstance(default, dict):
-        return field(default_factory=dict, hash=False, metadata=metadata)
-    return field(default=default, repr=not declared.secret, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -222,96 +180,96 @@ class Config:
     Config that ``from_env`` would refuse. Every problem is reported in one ``ConfigError``.
     """
 
-    secrets_dir: str = setting("SECRETS_DIR", "/run/secrets")
-    redis_url: str | None = setting("REDIS_URL", None, "redis_url", secret=True)
-    redis_host: str | None = setting("REDIS_HOST", None)
-    redis_port: int = setting("REDIS_PORT", 6379, "integer", low=1, high=65535)
-    redis_db: int = setting("REDIS_DB", 0, "integer", low=0, high=1_000_000)
-    redis_password: str | None = setting("REDIS_PASSWORD", None, secret=True)
-    redis_sentinel_password: str | None = setting("REDIS_SENTINEL_PASSWORD", None, secret=True)
-    redis_cluster: bool = setting("REDIS_CLUSTER", False, "flag")
-    redis_ca_cert: str | None = setting("REDIS_CA_CERT", None)
-    redis_timeout: float = setting("REDIS_TIMEOUT", 0.5, "number", low=0.01, high=60)
-    redis_breaker_failures: int = setting("REDIS_BREAKER_FAILURES", 3, "integer", low=1, high=1000)
-    redis_breaker_cooldown: float = setting(
-        "REDIS_BREAKER_COOLDOWN", 15.0, "number", low=0, high=3600
+    secrets_dir: str = setting("SECRETS_DIR", "/run/secrets", plain_text)
+    redis_url: str | None = setting("REDIS_URL", None, redis_address, secret=True)
+    redis_host: str | None = setting("REDIS_HOST", None, plain_text)
+    redis_port: int = setting("REDIS_PORT", 6379, whole_number(low=1, high=65535))
+    redis_db: int = setting("REDIS_DB", 0, whole_number(low=0, high=1_000_000))
+    redis_password: str | None = setting("REDIS_PASSWORD", None, plain_text, secret=True)
+    redis_sentinel_password: str | None = setting(
+        "REDIS_SENTINEL_PASSWORD", None, plain_text, secret=True
     )
-    openai_api_key: str | None = setting("OPENAI_API_KEY", None, secret=True)
-    openai_base_url: str = setting("OPENAI_BASE_URL", "https://api.openai.com/v1", "url")
-    openai_model: str = setting("OPENAI_MODEL", "gpt-6-luna")
-    openai_api_timeout: float = setting("OPENAI_API_TIMEOUT", 30.0, "number", low=0.1, high=600)
-    openai_max_attempts: int = setting("OPENAI_MAX_ATTEMPTS", 3, "integer", low=1, high=10)
+    redis_cluster: bool = setting("REDIS_CLUSTER", False, boolean_flag)
+    redis_ca_cert: str | None = setting("REDIS_CA_CERT", None, plain_text)
+    redis_timeout: float = setting("REDIS_TIMEOUT", 0.5, decimal(low=0.01, high=60))
+    redis_breaker_failures: int = setting(
+        "REDIS_BREAKER_FAILURES", 3, whole_number(low=1, high=1000)
+    )
+    redis_breaker_cooldown: float = setting(
+        "REDIS_BREAKER_COOLDOWN", 15.0, decimal(low=0, high=3600)
+    )
+    openai_api_key: str | None = setting("OPENAI_API_KEY", None, plain_text, secret=True)
+    openai_base_url: str = setting("OPENAI_BASE_URL", "https://api.openai.com/v1", http_url)
+    openai_model: str = setting("OPENAI_MODEL", "gpt-6-luna", plain_text)
+    openai_api_timeout: float = setting("OPENAI_API_TIMEOUT", 30.0, decimal(low=0.1, high=600))
+    openai_max_attempts: int = setting("OPENAI_MAX_ATTEMPTS", 3, whole_number(low=1, high=10))
     openai_image_detail: str = setting(
-        "OPENAI_IMAGE_DETAIL", "auto", "choice", choices=("low", "high", "auto")
+        "OPENAI_IMAGE_DETAIL", "auto", one_of(("low", "high", "auto"))
     )
     openai_max_output_tokens: int = setting(
-        "OPENAI_MAX_OUTPUT_TOKENS", 1500, "integer", low=100, high=16_384
+        "OPENAI_MAX_OUTPUT_TOKENS", 1500, whole_number(low=100, high=16_384)
     )
     openai_reasoning_max_output_tokens: int = setting(
         "OPENAI_REASONING_MAX_OUTPUT_TOKENS",
         16_000,
-        "integer",
-        low=1000,
-        high=MAX_REASONING_OUTPUT_TOKENS,
+        whole_number(low=1000, high=MAX_REASONING_OUTPUT_TOKENS),
     )
     openai_reasoning_effort: str = setting(
-        "OPENAI_REASONING_EFFORT", "none", "choice", choices=REASONING_EFFORTS
+        "OPENAI_REASONING_EFFORT", "none", one_of(REASONING_EFFORTS)
     )
-    openai_strict_schema: bool = setting("OPENAI_STRICT_SCHEMA", True, "flag")
+    openai_strict_schema: bool = setting("OPENAI_STRICT_SCHEMA", True, boolean_flag)
     # setting() gives a dict default its own default_factory.
     openai_extra_body: dict[str, Any] = setting(  # noqa: RUF009
-        "OPENAI_EXTRA_BODY", {}, "json", shown="unset"
+        "OPENAI_EXTRA_BODY", {}, json_object, shown="unset"
     )
-    openai_api_version: str | None = setting("OPENAI_API_VERSION", None)
-    openai_api_key_header: str = setting("OPENAI_API_KEY_HEADER", "Authorization", "header")
-    openai_probe_seconds: float = setting(
-        "OPENAI_PROBE_SECONDS", 300.0, "number", low=0, high=86400
-    )
+    openai_api_version: str | None = setting("OPENAI_API_VERSION", None, plain_text)
+    openai_api_key_header: str = setting("OPENAI_API_KEY_HEADER", "Authorization", header_name)
+    openai_probe_seconds: float = setting("OPENAI_PROBE_SECONDS", 300.0, decimal(low=0, high=86400))
     openai_shutdown_warn_days: int = setting(
-        "OPENAI_SHUTDOWN_WARN_DAYS", 60, "integer", low=0, high=366
+        "OPENAI_SHUTDOWN_WARN_DAYS", 60, whole_number(low=0, high=366)
     )
     openai_retry_initial_wait: float = setting(
-        "OPENAI_RETRY_INITIAL_WAIT", 0.5, "number", low=0, high=60
+        "OPENAI_RETRY_INITIAL_WAIT", 0.5, decimal(low=0, high=60)
     )
-    openai_retry_max_wait: float = setting("OPENAI_RETRY_MAX_WAIT", 8.0, "number", low=0, high=300)
+    openai_retry_max_wait: float = setting("OPENAI_RETRY_MAX_WAIT", 8.0, decimal(low=0, high=300))
     openai_retry_after_cap: float = setting(
-        "OPENAI_RETRY_AFTER_CAP", 20.0, "number", low=0, high=300
+        "OPENAI_RETRY_AFTER_CAP", 20.0, decimal(low=0, high=300)
     )
-    image_max_side: int = setting("IMAGE_MAX_SIDE", 1024, "integer", low=64, high=8192)
+    image_max_side: int = setting("IMAGE_MAX_SIDE", 1024, whole_number(low=64, high=8192))
     image_max_pixels: int = setting(
-        "IMAGE_MAX_PIXELS", 60_000_000, "integer", low=1_000_000, high=PILLOW_MAX_PIXELS
+        "IMAGE_MAX_PIXELS", 60_000_000, whole_number(low=1_000_000, high=PILLOW_MAX_PIXELS)
     )
-    decode_budget_mb: int = setting("DECODE_BUDGET_MB", 768, "integer", low=16, high=65536)
+    decode_budget_mb: int = setting("DECODE_BUDGET_MB", 768, whole_number(low=16, high=65536))
     single_flight_lock_seconds: float = setting(
-        "SINGLE_FLIGHT_LOCK_SECONDS", 10.0, "number", low=0.1, high=600
+        "SINGLE_FLIGHT_LOCK_SECONDS", 10.0, decimal(low=0.1, high=600)
     )
-    usda_sr28_dir: str | None = setting("USDA_SR28_DIR", None)
-    cache_ttl_seconds: int = setting("CACHE_TTL_SECONDS", 3600, "integer", low=1, high=365 * 86400)
-    store_path: str | None = setting("STORE_PATH", None, shown=STORE_PATH_SHOWN)
-    store_max_mb: float = setting("STORE_MAX_MB", 256.0, "number", low=0.01, high=1_000_000)
-    user_service_url: str = setting("USER_SERVICE_URL", "http://localhost:8082", "url")
-    user_service_timeout: float = setting("USER_SERVICE_TIMEOUT", 10.0, "number", low=0.1, high=600)
-    jwt_secret: str | None = setting("JWT_SECRET", None, secret=True)
-    jwt_public_key: str | None = setting("JWT_PUBLIC_KEY", None, "pem")
-    jwt_algorithms: tuple[str, ...] = setting("JWT_ALGORITHMS", ("HS256",), "algorithms")
-    jwt_audience: str | None = setting("JWT_AUDIENCE", None)
-    jwt_issuer: str | None = setting("JWT_ISSUER", None)
-    max_upload_mb: float = setting("MAX_UPLOAD_MB", 10.0, "number", low=0.01, high=1024)
+    usda_sr28_dir: str | None = setting("USDA_SR28_DIR", None, plain_text)
+    cache_ttl_seconds: int = setting(
+        "CACHE_TTL_SECONDS", 3600, whole_number(low=1, high=365 * 86400)
+    )
+    store_path: str | None = setting("STORE_PATH", None, plain_text, shown=STORE_PATH_SHOWN)
+    store_max_mb: float = setting("STORE_MAX_MB", 256.0, decimal(low=0.01, high=1_000_000))
+    user_service_url: str = setting("USER_SERVICE_URL", "http://localhost:8082", http_url)
+    user_service_timeout: float = setting("USER_SERVICE_TIMEOUT", 10.0, decimal(low=0.1, high=600))
+    jwt_secret: str | None = setting("JWT_SECRET", None, plain_text, secret=True)
+    jwt_public_key: str | None = setting("JWT_PUBLIC_KEY", None, pem_key)
+    jwt_algorithms: tuple[str, ...] = setting("JWT_ALGORITHMS", ("HS256",), jwt_algorithm_names)
+    jwt_audience: str | None = setting("JWT_AUDIENCE", None, plain_text)
+    jwt_issuer: str | None = setting("JWT_ISSUER", None, plain_text)
+    max_upload_mb: float = setting("MAX_UPLOAD_MB", 10.0, decimal(low=0.01, high=1024))
     model_max_concurrency: int = setting(
         "MODEL_MAX_CONCURRENCY",
         64,
-        "integer",
-        low=1,
-        high=10_000,
+        whole_number(low=1, high=10_000),
         fallback="GUNICORN_THREADS",
         shown="`GUNICORN_THREADS` (64)",
     )
-    model_queue_timeout: float = setting("MODEL_QUEUE_TIMEOUT", 2.0, "number", low=0, high=600)
+    model_queue_timeout: float = setting("MODEL_QUEUE_TIMEOUT", 2.0, decimal(low=0, high=600))
     startup_grace_seconds: float = setting(
-        "STARTUP_GRACE_SECONDS", 30.0, "number", low=0, high=86400
+        "STARTUP_GRACE_SECONDS", 30.0, decimal(low=0, high=86400)
     )
-    cors_origins: tuple[str, ...] = setting("CORS_ORIGINS", ("*",), "list")
-    log_level: str = setting("LOG_LEVEL", "INFO", "choice", choices=LOG_LEVELS)
+    cors_origins: tuple[str, ...] = setting("CORS_ORIGINS", ("*",), comma_list)
+    log_level: str = setting("LOG_LEVEL", "INFO", one_of(LOG_LEVELS, case=str.upper))
 
     def __post_init__(self) -> None:
         """Refuse a Config holding a value its setting does not allow, naming every one."""
@@ -326,7 +284,7 @@ class Config:
             raise ConfigError(problems)
 
     @classmethod
-    def settings(cls) -> dict[str, Setting]:
+    def settings(cls) -> dict[str, Setting[Any]]:
         """Every declared setting by field name."""
         return {item.name: item.metadata["setting"] for item in dataclasses.fields(cls)}
 
@@ -474,182 +432,9 @@ def redis_problems(config: Config) -> list[str]:
     return []
 
 
-def bind_problem(variable: str, address: str) -> str | None:
-    """Why gunicorn could not listen at an address, or None; checked before it tries and retries."""
-    if address.startswith("unix:"):
-        return unix_bind_problem(variable, re.split(r"unix:(?://)?", address, maxsplit=1)[1])
-    if address.startswith("fd://"):
-        return fd_bind_problem(variable, address)
-    found = TCP_BIND_PATTERN.fullmatch(address)
-    if found is None:
-        return f"{variable} must be one address: {BIND_FORMS}, got {address!r}"
-    port = int(found["port"] or GUNICORN_DEFAULT_PORT)
-    if port > MAX_PORT:
-        return f"{variable} must have a port from 0 (any free one) to {MAX_PORT}, got {address!r}"
-    if found["ipv6"] is not None and not is_ip_address(found["ipv6"]):
-        return f"{variable} must hold an IPv6 address between [ and ], got {address!r}"
-    return host_bind_problem(variable, found["ipv6"] or found["host"], port)
-
-
-def is_ip_address(text: str) -> bool:
-    """Whether the text is an IPv4 or IPv6 address."""
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def host_bind_problem(variable: str, host: str, port: int) -> str | None:
-    """Why a TCP host cannot be bound: neither an IP address nor a name that resolves."""
-    if is_ip_address(host):
-        return None
-    try:
-        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (OSError, UnicodeError):
-        return f"{variable} must name a host that resolves, got {host!r}"
-    return None
-
-
-def unix_bind_problem(variable: str, path: str) -> str | None:
-    """Why gunicorn cannot make its Unix socket at a path."""
-    folder = Path(path).parent
-    if not path or len(os.fsencode(path)) > MAX_UNIX_SOCKET_PATH:
-        return f"{variable} must name a socket path of 1 to {MAX_UNIX_SOCKET_PATH} bytes"
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        return f"{variable} must name a socket in a folder that exists and can be written: {path!r}"
-    if os.path.lexists(path) and not Path(path).is_socket():
-        return f"{variable} names {path!r}, which exists and is not a socket"
-    return None
-
-
-def fd_bind_problem(variable: str, address: str) -> str | None:
-    """Why an inherited descriptor cannot be listened on: not a number, not open, not a socket."""
-    number = address.removeprefix("fd://")
-    if INTEGER_PATTERN.fullmatch(number):
-        with contextlib.suppress(OSError, OverflowError):
-            if stat.S_ISSOCK(os.fstat(int(number)).st_mode):
-                return None
-    return f"{variable} must name an open socket, got {address!r}"
-
-
 def redis_url_password(url: str | None) -> str | None:
     """The password inside a Redis URL, if any, so that logs can blank it out."""
     return urlsplit(url).password if url else None
-
-
-def read_secret_file(path: Path, problems: list[str]) -> str | None:
-    """The stripped content of a secret file, or None when there is none."""
-    try:
-        value = path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as error:
-        problems.append(f"secret file {path} cannot be read ({type(error).__name__})")
-        return None
-    return value or None
-
-
-class EnvReader:
-    """Reads typed values from an environment mapping, collecting every value it cannot read."""
-
-    def __init__(self, env: Mapping[str, str], problems: list[str]) -> None:
-        self.env = env
-        self.problems = problems
-
-    def read(self, declared: Setting, default: Any) -> Any:
-        """The setting's value from its variable (or its fallback's), else the default."""
-        raw = self.text(declared.variable)
-        if raw is None and declared.fallback:
-            raw = self.text(declared.fallback)
-        if raw is None:
-            return default
-        reader: Callable[[str, str], Any] = getattr(self, f"read_{declared.kind}")
-        value = reader(declared.variable, raw)
-        return default if value is None and default is not None else value
-
-    def text(self, name: str) -> str | None:
-        """A string, or None when unset or blank."""
-        value = self.env.get(name, "").strip()
-        return value or None
-
-    def refuse(self, name: str, what: str, raw: str) -> None:
-        """Note a value that cannot be read; the caller goes on with the default."""
-        self.problems.append(f"{name} must be {what}, got {raw!r}")
-
-    def read_text(self, name: str, raw: str) -> str:
-        """Any text."""
-        return raw
-
-    def read_header(self, name: str, raw: str) -> str:
-        """An HTTP header name (checked with the other values)."""
-        return raw
-
-    def read_bind(self, name: str, raw: str) -> str:
-        """An address for gunicorn to listen at (checked with the other values)."""
-        return raw
-
-    def read_number(self, name: str, raw: str) -> float | None:
-        """A finite number in ASCII digits (float() would take other scripts' digits, ``1_0``)."""
-        value = float(raw) if DECIMAL_PATTERN.fullmatch(raw) else math.nan
-        if not math.isfinite(value):
-            self.refuse(name, "a number", raw)
-            return None
-        return value
-
-    def read_integer(self, name: str, raw: str) -> int | None:
-        """A whole number in ASCII digits (int() would take other scripts' digits, ``1_0``)."""
-        if not INTEGER_PATTERN.fullmatch(raw):
-            self.refuse(name, "a whole number", raw)
-            return None
-        return int(raw)
-
-    def read_choice(self, name: str, raw: str) -> str:
-        """A word, in the case its choices use (checked with the other values)."""
-        return raw.upper() if name == "LOG_LEVEL" else raw.lower()
-
-    def read_flag(self, name: str, raw: str) -> bool | None:
-        """true/false, 1/0, yes/no, on/off in any case."""
-        word = raw.lower()
-        if word in (*TRUE_WORDS, "on"):
-            return True
-        if word in (*FALSE_WORDS, "off"):
-            return False
-        self.refuse(name, "true or false", raw)
-        return None
-
-    def read_url(self, name: str, raw: str) -> str:
-        """A URL without a trailing slash (checked with the other values)."""
-        return raw.rstrip("/")
-
-    def read_redis_url(self, name: str, raw: str) -> str:
-        """A Redis URL; its value (which may hold a password) is never echoed."""
-        return raw
-
-    def read_list(self, name: str, raw: str) -> tuple[str, ...] | None:
-        """A comma-separated list."""
-        return tuple(item.strip() for item in raw.split(",") if item.strip()) or None
-
-    def read_algorithms(self, name: str, raw: str) -> tuple[str, ...] | None:
-        """The JWT algorithm allow-list, names in their usual case (checked with the rest)."""
-        known = {item.upper(): item for item in (*HS_ALGORITHMS, *PUBLIC_KEY_ALGORITHMS)}
-        names = self.read_list(name, raw)
-        return tuple(known.get(item.upper(), item) for item in names) if names else None
-
-    def read_pem(self, name: str, raw: str) -> str:
-        """A PEM public key; ``\\n`` escapes (one-line environment values) become newlines."""
-        return raw.replace("\\n", "\n")
-
-    def read_json(self, name: str, raw: str) -> dict[str, Any] | None:
-        """A JSON object."""
-        try:
-            value = parse_json(raw)
-        except ValueError:
-            value = None
-        if not isinstance(value, dict):
-            self.refuse(name, 'a JSON object such as {"top_k": 20}', raw)
-            return None
-        return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -864,7 +649,7 @@ class AnalysisForm:
 
 def read_analysis_form() -> AnalysisForm:
     """The query, headers and form of an analysis request, each checked (400 when wrong)."""
-    save = parse_flag(request.args.get("save"), "save")
+    save = query_flag(request.args.get("save"), "save")
     idempotency_key = read_idempotency_key() if save else None
     lang = read_language()
     data = read_upload()
@@ -872,16 +657,14 @@ def read_analysis_form() -> AnalysisForm:
     return AnalysisForm(data, image_digest(data), wanted, save, idempotency_key)
 
 
-def parse_flag(value: str | None, name: str) -> bool:
-    """A boolean query parameter: true/false, 1/0, yes/no in any case; absent is false."""
+def query_flag(value: str | None, name: str) -> bool:
+    """A boolean query parameter in a flag's words (``flag_value``); absent is false."""
     if value is None:
         return False
-    word = value.strip().lower()
-    if word in TRUE_WORDS:
-        return True
-    if word in FALSE_WORDS:
-        return False
-    raise BadRequest(f"{name} must be true or false, got {value[:20]!r}")
+    word = flag_value(value)
+    if word is None:
+        raise BadRequest(f"{name} must be true or false, got {value[:20]!r}")
+    return word
 
 
 def read_idempotency_key() -> str | None:

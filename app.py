@@ -12,7 +12,7 @@ those steps:
 3. idempotency guard: ``IdempotencyRecords.guard`` (a replay, or the key held until the answer)
 4. cache: ``cached_or_fresh`` → ``cache_key_for``, ``AnalysisCache``
 5. single flight: ``SingleFlight.run`` (one model call among concurrent misses)
-6. image: ``fresh_analysis`` → ``prepare_image``
+6. image: ``fresh_analysis`` → ``prepare_image`` (within ``DecodeBudget``)
 7. model slot: ``ModelSlots.hold``
 8. model: ``VisionModel.analyze`` → ``VisionModel.attempt`` → ``http_json``; the answer through
    ``parse_model_payload`` → ``normalise_analysis``; the verdict cached
@@ -33,19 +33,16 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes
 import dataclasses
 import fcntl
 import functools
 import hashlib
 import io
-import ipaddress
 import json
 import logging
 import math
 import os
 import re
-import socket
 import sqlite3
 import stat
 import sys
@@ -67,9 +64,6 @@ import requests
 import tenacity
 import urllib3
 import yaml
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from flask import Blueprint, Flask, Response, current_app, g, has_request_context, jsonify, request
 from flask.wrappers import Request
 from flask_cors import CORS
@@ -84,9 +78,6 @@ from gunicorn.http.errors import (
     ParseException,
 )
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
-from prometheus_client import Counter, Gauge, Histogram
-from prometheus_client.mmap_dict import MmapedDict
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
@@ -95,6 +86,7 @@ from redis.sentinel import Sentinel
 from requests.adapters import HTTPAdapter
 from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
 
+from decode_budget import DecodeBudget, decode_cost
 from errors import (
     AINotConfigured,
     BadRequest,
@@ -116,6 +108,20 @@ from errors import (
     UpstreamTimeout,
     UserServiceError,
 )
+from json_values import parse_json
+from logs import RequestContextFilter, redact
+from metrics import (
+    CACHE_EVENTS,
+    MODEL_REQUESTS,
+    MODEL_SECONDS,
+    MODEL_SHUTDOWN_DAYS,
+    MODEL_TOKENS,
+    REQUEST_SECONDS,
+    REQUESTS,
+    SINGLE_FLIGHT,
+    USER_SERVICE_REQUESTS,
+    metrics_text,
+)
 from model_servers import (
     LearntProfile,
     ServerProfile,
@@ -132,6 +138,26 @@ from model_servers import (
     upstream_problem,
 )
 from nutrition import NUTRIENT_UNITS, FoodMatch, NutritionDataError, NutritionTable
+from settings import (
+    EnvReader,
+    Setting,
+    boolean_flag,
+    comma_list,
+    decimal,
+    flag_value,
+    header_name,
+    http_url,
+    json_object,
+    jwt_algorithm_names,
+    one_of,
+    pem_key,
+    plain_text,
+    read_secret_file,
+    redis_address,
+    setting,
+    whole_number,
+)
+from token_keys import HS_ALGORITHMS, PUBLIC_KEY_ALGORITHMS, load_public_key
 
 SERVICE_NAME = "image-service"
 MIB = 1024 * 1024
@@ -153,69 +179,10 @@ REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 MAX_REASONING_OUTPUT_TOKENS = 128_000
 # Pillow refuses to open anything larger as a decompression bomb, whatever the service allows.
 PILLOW_MAX_PIXELS = 2 * 89_478_485
-HEADER_NAME_PATTERN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")
-HTTP_URL_PATTERN = re.compile(r"^https?://[^\s/]+")
-REDIS_URL_PATTERN = re.compile(r"^(rediss?|unix|redis\+sentinel)://")
-# What gunicorn listens at, in the forms gunicorn.util.parse_address reads; one address.
-BIND_FORMS = "host:port, [IPv6]:port, unix:/path or fd://N"
-TCP_BIND_PATTERN = re.compile(
-    r"(?:tcp://)?(?:\[(?P<ipv6>[^\]]+)\]|(?P<host>[^:\[\]/,\s]+))(?::(?P<port>[0-9]{1,6}))?"
-)
-GUNICORN_DEFAULT_PORT = 8000
-MAX_PORT = 65535
-MAX_UNIX_SOCKET_PATH = 107
-# Numbers in settings: ASCII digits, an optional sign, fraction and exponent; nothing else.
-INTEGER_PATTERN = re.compile(r"[+-]?[0-9]+")
-DECIMAL_PATTERN = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-TRUE_WORDS = frozenset({"true", "1", "yes"})
-FALSE_WORDS = frozenset({"false", "0", "no", ""})
 STORE_PATH_SHOWN = (
     "`$XDG_STATE_HOME/image-service/store.sqlite3`, else `~/.local/state/image-service/"
     "store.sqlite3`; the image sets `/var/lib/image-service/store.sqlite3`"
 )
-
-
-@dataclass(frozen=True)
-class Setting:
-    """How one ``Config`` field is read from its variable, and the values it may take."""
-
-    variable: str
-    kind: str = "text"
-    low: float | None = None
-    high: float | None = None
-    choices: tuple[str, ...] = ()
-    secret: bool = False
-    fallback: str | None = None
-    shown: str | None = None
-
-    def problem(self, value: Any) -> str | None:
-        """What is wrong with a value of this setting, or None."""
-        if value is None:
-            return None
-        if self.low is not None and self.high is not None and not self.low <= value <= self.high:
-            return f"{self.variable} must be from {self.low:g} to {self.high:g}, got {value!r}"
-        if self.choices and value not in self.choices:
-            return f"{self.variable} must be one of {', '.join(self.choices)}, got {value!r}"
-        if self.kind == "url" and not HTTP_URL_PATTERN.match(value):
-            return f"{self.variable} must be an http:// or https:// URL, got {value!r}"
-        if self.kind == "header" and not HEADER_NAME_PATTERN.fullmatch(value):
-            return f"{self.variable} must be an HTTP header name such as api-key, got {value!r}"
-        if self.kind == "redis_url" and not REDIS_URL_PATTERN.match(value):
-            return (
-                f"{self.variable} must start with redis://, rediss://, unix:// or redis+sentinel://"
-            )
-        if self.kind == "bind":
-            return bind_problem(self.variable, value)
-        return None
-
-
-def setting(variable: str, default: Any, kind: str = "text", **options: Any) -> Any:
-    """A ``Config`` field, read from ``variable``: the one place a setting is declared."""
-    declared = Setting(variable, kind, **options)
-    metadata = {"setting": declared}
-    if isinstance(default, dict):
-        return field(default_factory=dict, hash=False, metadata=metadata)
-    return field(default=default, repr=not declared.secret, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -227,96 +194,96 @@ class Config:
     Config that ``from_env`` would refuse. Every problem is reported in one ``ConfigError``.
     """
 
-    secrets_dir: str = setting("SECRETS_DIR", "/run/secrets")
-    redis_url: str | None = setting("REDIS_URL", None, "redis_url", secret=True)
-    redis_host: str | None = setting("REDIS_HOST", None)
-    redis_port: int = setting("REDIS_PORT", 6379, "integer", low=1, high=65535)
-    redis_db: int = setting("REDIS_DB", 0, "integer", low=0, high=1_000_000)
-    redis_password: str | None = setting("REDIS_PASSWORD", None, secret=True)
-    redis_sentinel_password: str | None = setting("REDIS_SENTINEL_PASSWORD", None, secret=True)
-    redis_cluster: bool = setting("REDIS_CLUSTER", False, "flag")
-    redis_ca_cert: str | None = setting("REDIS_CA_CERT", None)
-    redis_timeout: float = setting("REDIS_TIMEOUT", 0.5, "number", low=0.01, high=60)
-    redis_breaker_failures: int = setting("REDIS_BREAKER_FAILURES", 3, "integer", low=1, high=1000)
-    redis_breaker_cooldown: float = setting(
-        "REDIS_BREAKER_COOLDOWN", 15.0, "number", low=0, high=3600
+    secrets_dir: str = setting("SECRETS_DIR", "/run/secrets", plain_text)
+    redis_url: str | None = setting("REDIS_URL", None, redis_address, secret=True)
+    redis_host: str | None = setting("REDIS_HOST", None, plain_text)
+    redis_port: int = setting("REDIS_PORT", 6379, whole_number(low=1, high=65535))
+    redis_db: int = setting("REDIS_DB", 0, whole_number(low=0, high=1_000_000))
+    redis_password: str | None = setting("REDIS_PASSWORD", None, plain_text, secret=True)
+    redis_sentinel_password: str | None = setting(
+        "REDIS_SENTINEL_PASSWORD", None, plain_text, secret=True
     )
-    openai_api_key: str | None = setting("OPENAI_API_KEY", None, secret=True)
-    openai_base_url: str = setting("OPENAI_BASE_URL", "https://api.openai.com/v1", "url")
-    openai_model: str = setting("OPENAI_MODEL", "gpt-6-luna")
-    openai_api_timeout: float = setting("OPENAI_API_TIMEOUT", 30.0, "number", low=0.1, high=600)
-    openai_max_attempts: int = setting("OPENAI_MAX_ATTEMPTS", 3, "integer", low=1, high=10)
+    redis_cluster: bool = setting("REDIS_CLUSTER", False, boolean_flag)
+    redis_ca_cert: str | None = setting("REDIS_CA_CERT", None, plain_text)
+    redis_timeout: float = setting("REDIS_TIMEOUT", 0.5, decimal(low=0.01, high=60))
+    redis_breaker_failures: int = setting(
+        "REDIS_BREAKER_FAILURES", 3, whole_number(low=1, high=1000)
+    )
+    redis_breaker_cooldown: float = setting(
+        "REDIS_BREAKER_COOLDOWN", 15.0, decimal(low=0, high=3600)
+    )
+    openai_api_key: str | None = setting("OPENAI_API_KEY", None, plain_text, secret=True)
+    openai_base_url: str = setting("OPENAI_BASE_URL", "https://api.openai.com/v1", http_url)
+    openai_model: str = setting("OPENAI_MODEL", "gpt-6-luna", plain_text)
+    openai_api_timeout: float = setting("OPENAI_API_TIMEOUT", 30.0, decimal(low=0.1, high=600))
+    openai_max_attempts: int = setting("OPENAI_MAX_ATTEMPTS", 3, whole_number(low=1, high=10))
     openai_image_detail: str = setting(
-        "OPENAI_IMAGE_DETAIL", "auto", "choice", choices=("low", "high", "auto")
+        "OPENAI_IMAGE_DETAIL", "auto", one_of(("low", "high", "auto"))
     )
     openai_max_output_tokens: int = setting(
-        "OPENAI_MAX_OUTPUT_TOKENS", 1500, "integer", low=100, high=16_384
+        "OPENAI_MAX_OUTPUT_TOKENS", 1500, whole_number(low=100, high=16_384)
     )
     openai_reasoning_max_output_tokens: int = setting(
         "OPENAI_REASONING_MAX_OUTPUT_TOKENS",
         16_000,
-        "integer",
-        low=1000,
-        high=MAX_REASONING_OUTPUT_TOKENS,
+        whole_number(low=1000, high=MAX_REASONING_OUTPUT_TOKENS),
     )
     openai_reasoning_effort: str = setting(
-        "OPENAI_REASONING_EFFORT", "none", "choice", choices=REASONING_EFFORTS
+        "OPENAI_REASONING_EFFORT", "none", one_of(REASONING_EFFORTS)
     )
-    openai_strict_schema: bool = setting("OPENAI_STRICT_SCHEMA", True, "flag")
+    openai_strict_schema: bool = setting("OPENAI_STRICT_SCHEMA", True, boolean_flag)
     # setting() gives a dict default its own default_factory.
     openai_extra_body: dict[str, Any] = setting(  # noqa: RUF009
-        "OPENAI_EXTRA_BODY", {}, "json", shown="unset"
+        "OPENAI_EXTRA_BODY", {}, json_object, shown="unset"
     )
-    openai_api_version: str | None = setting("OPENAI_API_VERSION", None)
-    openai_api_key_header: str = setting("OPENAI_API_KEY_HEADER", "Authorization", "header")
-    openai_probe_seconds: float = setting(
-        "OPENAI_PROBE_SECONDS", 300.0, "number", low=0, high=86400
-    )
+    openai_api_version: str | None = setting("OPENAI_API_VERSION", None, plain_text)
+    openai_api_key_header: str = setting("OPENAI_API_KEY_HEADER", "Authorization", header_name)
+    openai_probe_seconds: float = setting("OPENAI_PROBE_SECONDS", 300.0, decimal(low=0, high=86400))
     openai_shutdown_warn_days: int = setting(
-        "OPENAI_SHUTDOWN_WARN_DAYS", 60, "integer", low=0, high=366
+        "OPENAI_SHUTDOWN_WARN_DAYS", 60, whole_number(low=0, high=366)
     )
     openai_retry_initial_wait: float = setting(
-        "OPENAI_RETRY_INITIAL_WAIT", 0.5, "number", low=0, high=60
+        "OPENAI_RETRY_INITIAL_WAIT", 0.5, decimal(low=0, high=60)
     )
-    openai_retry_max_wait: float = setting("OPENAI_RETRY_MAX_WAIT", 8.0, "number", low=0, high=300)
+    openai_retry_max_wait: float = setting("OPENAI_RETRY_MAX_WAIT", 8.0, decimal(low=0, high=300))
     openai_retry_after_cap: float = setting(
-        "OPENAI_RETRY_AFTER_CAP", 20.0, "number", low=0, high=300
+        "OPENAI_RETRY_AFTER_CAP", 20.0, decimal(low=0, high=300)
     )
-    image_max_side: int = setting("IMAGE_MAX_SIDE", 1024, "integer", low=64, high=8192)
+    image_max_side: int = setting("IMAGE_MAX_SIDE", 1024, whole_number(low=64, high=8192))
     image_max_pixels: int = setting(
-        "IMAGE_MAX_PIXELS", 60_000_000, "integer", low=1_000_000, high=PILLOW_MAX_PIXELS
+        "IMAGE_MAX_PIXELS", 60_000_000, whole_number(low=1_000_000, high=PILLOW_MAX_PIXELS)
     )
-    decode_budget_mb: int = setting("DECODE_BUDGET_MB", 768, "integer", low=16, high=65536)
+    decode_budget_mb: int = setting("DECODE_BUDGET_MB", 768, whole_number(low=16, high=65536))
     single_flight_lock_seconds: float = setting(
-        "SINGLE_FLIGHT_LOCK_SECONDS", 10.0, "number", low=0.1, high=600
+        "SINGLE_FLIGHT_LOCK_SECONDS", 10.0, decimal(low=0.1, high=600)
     )
-    usda_sr28_dir: str | None = setting("USDA_SR28_DIR", None)
-    cache_ttl_seconds: int = setting("CACHE_TTL_SECONDS", 3600, "integer", low=1, high=365 * 86400)
-    store_path: str | None = setting("STORE_PATH", None, shown=STORE_PATH_SHOWN)
-    store_max_mb: float = setting("STORE_MAX_MB", 256.0, "number", low=0.01, high=1_000_000)
-    user_service_url: str = setting("USER_SERVICE_URL", "http://localhost:8082", "url")
-    user_service_timeout: float = setting("USER_SERVICE_TIMEOUT", 10.0, "number", low=0.1, high=600)
-    jwt_secret: str | None = setting("JWT_SECRET", None, secret=True)
-    jwt_public_key: str | None = setting("JWT_PUBLIC_KEY", None, "pem")
-    jwt_algorithms: tuple[str, ...] = setting("JWT_ALGORITHMS", ("HS256",), "algorithms")
-    jwt_audience: str | None = setting("JWT_AUDIENCE", None)
-    jwt_issuer: str | None = setting("JWT_ISSUER", None)
-    max_upload_mb: float = setting("MAX_UPLOAD_MB", 10.0, "number", low=0.01, high=1024)
+    usda_sr28_dir: str | None = setting("USDA_SR28_DIR", None, plain_text)
+    cache_ttl_seconds: int = setting(
+        "CACHE_TTL_SECONDS", 3600, whole_number(low=1, high=365 * 86400)
+    )
+    store_path: str | None = setting("STORE_PATH", None, plain_text, shown=STORE_PATH_SHOWN)
+    store_max_mb: float = setting("STORE_MAX_MB", 256.0, decimal(low=0.01, high=1_000_000))
+    user_service_url: str = setting("USER_SERVICE_URL", "http://localhost:8082", http_url)
+    user_service_timeout: float = setting("USER_SERVICE_TIMEOUT", 10.0, decimal(low=0.1, high=600))
+    jwt_secret: str | None = setting("JWT_SECRET", None, plain_text, secret=True)
+    jwt_public_key: str | None = setting("JWT_PUBLIC_KEY", None, pem_key)
+    jwt_algorithms: tuple[str, ...] = setting("JWT_ALGORITHMS", ("HS256",), jwt_algorithm_names)
+    jwt_audience: str | None = setting("JWT_AUDIENCE", None, plain_text)
+    jwt_issuer: str | None = setting("JWT_ISSUER", None, plain_text)
+    max_upload_mb: float = setting("MAX_UPLOAD_MB", 10.0, decimal(low=0.01, high=1024))
     model_max_concurrency: int = setting(
         "MODEL_MAX_CONCURRENCY",
         64,
-        "integer",
-        low=1,
-        high=10_000,
+        whole_number(low=1, high=10_000),
         fallback="GUNICORN_THREADS",
         shown="`GUNICORN_THREADS` (64)",
     )
-    model_queue_timeout: float = setting("MODEL_QUEUE_TIMEOUT", 2.0, "number", low=0, high=600)
+    model_queue_timeout: float = setting("MODEL_QUEUE_TIMEOUT", 2.0, decimal(low=0, high=600))
     startup_grace_seconds: float = setting(
-        "STARTUP_GRACE_SECONDS", 30.0, "number", low=0, high=86400
+        "STARTUP_GRACE_SECONDS", 30.0, decimal(low=0, high=86400)
     )
-    cors_origins: tuple[str, ...] = setting("CORS_ORIGINS", ("*",), "list")
-    log_level: str = setting("LOG_LEVEL", "INFO", "choice", choices=LOG_LEVELS)
+    cors_origins: tuple[str, ...] = setting("CORS_ORIGINS", ("*",), comma_list)
+    log_level: str = setting("LOG_LEVEL", "INFO", one_of(LOG_LEVELS, case=str.upper))
 
     def __post_init__(self) -> None:
         """Refuse a Config holding a value its setting does not allow, naming every one."""
@@ -331,7 +298,7 @@ class Config:
             raise ConfigError(problems)
 
     @classmethod
-    def settings(cls) -> dict[str, Setting]:
+    def settings(cls) -> dict[str, Setting[Any]]:
         """Every declared setting by field name."""
         return {item.name: item.metadata["setting"] for item in dataclasses.fields(cls)}
 
@@ -442,8 +409,8 @@ def jwt_problems(config: Config) -> list[str]:
     if not asymmetric or not config.jwt_public_key:
         return []
     try:
-        key = load_pem_public_key(config.jwt_public_key.encode())
-    except (ValueError, TypeError, UnsupportedAlgorithm):
+        key = load_public_key(config.jwt_public_key)
+    except ValueError:
         return ["JWT_PUBLIC_KEY is not a PEM public key"]
     wrong = [name for name in asymmetric if not isinstance(key, PUBLIC_KEY_ALGORITHMS[name])]
     if wrong:
@@ -479,239 +446,14 @@ def redis_problems(config: Config) -> list[str]:
     return []
 
 
-def bind_problem(variable: str, address: str) -> str | None:
-    """Why gunicorn could not listen at an address, or None; checked before it tries and retries."""
-    if address.startswith("unix:"):
-        return unix_bind_problem(variable, re.split(r"unix:(?://)?", address, maxsplit=1)[1])
-    if address.startswith("fd://"):
-        return fd_bind_problem(variable, address)
-    found = TCP_BIND_PATTERN.fullmatch(address)
-    if found is None:
-        return f"{variable} must be one address: {BIND_FORMS}, got {address!r}"
-    port = int(found["port"] or GUNICORN_DEFAULT_PORT)
-    if port > MAX_PORT:
-        return f"{variable} must have a port from 0 (any free one) to {MAX_PORT}, got {address!r}"
-    if found["ipv6"] is not None and not is_ip_address(found["ipv6"]):
-        return f"{variable} must hold an IPv6 address between [ and ], got {address!r}"
-    return host_bind_problem(variable, found["ipv6"] or found["host"], port)
-
-
-def is_ip_address(text: str) -> bool:
-    """Whether the text is an IPv4 or IPv6 address."""
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def host_bind_problem(variable: str, host: str, port: int) -> str | None:
-    """Why a TCP host cannot be bound: neither an IP address nor a name that resolves."""
-    if is_ip_address(host):
-        return None
-    try:
-        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (OSError, UnicodeError):
-        return f"{variable} must name a host that resolves, got {host!r}"
-    return None
-
-
-def unix_bind_problem(variable: str, path: str) -> str | None:
-    """Why gunicorn cannot make its Unix socket at a path."""
-    folder = Path(path).parent
-    if not path or len(os.fsencode(path)) > MAX_UNIX_SOCKET_PATH:
-        return f"{variable} must name a socket path of 1 to {MAX_UNIX_SOCKET_PATH} bytes"
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        return f"{variable} must name a socket in a folder that exists and can be written: {path!r}"
-    if os.path.lexists(path) and not Path(path).is_socket():
-        return f"{variable} names {path!r}, which exists and is not a socket"
-    return None
-
-
-def fd_bind_problem(variable: str, address: str) -> str | None:
-    """Why an inherited descriptor cannot be listened on: not a number, not open, not a socket."""
-    number = address.removeprefix("fd://")
-    if INTEGER_PATTERN.fullmatch(number):
-        with contextlib.suppress(OSError, OverflowError):
-            if stat.S_ISSOCK(os.fstat(int(number)).st_mode):
-                return None
-    return f"{variable} must name an open socket, got {address!r}"
-
-
 def redis_url_password(url: str | None) -> str | None:
     """The password inside a Redis URL, if any, so that logs can blank it out."""
     return urlsplit(url).password if url else None
 
 
-def read_secret_file(path: Path, problems: list[str]) -> str | None:
-    """The stripped content of a secret file, or None when there is none."""
-    try:
-        value = path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as error:
-        problems.append(f"secret file {path} cannot be read ({type(error).__name__})")
-        return None
-    return value or None
-
-
-class EnvReader:
-    """Reads typed values from an environment mapping, collecting every value it cannot read."""
-
-    def __init__(self, env: Mapping[str, str], problems: list[str]) -> None:
-        self.env = env
-        self.problems = problems
-
-    def read(self, declared: Setting, default: Any) -> Any:
-        """The setting's value from its variable (or its fallback's), else the default."""
-        raw = self.text(declared.variable)
-        if raw is None and declared.fallback:
-            raw = self.text(declared.fallback)
-        if raw is None:
-            return default
-        reader: Callable[[str, str], Any] = getattr(self, f"read_{declared.kind}")
-        value = reader(declared.variable, raw)
-        return default if value is None and default is not None else value
-
-    def text(self, name: str) -> str | None:
-        """A string, or None when unset or blank."""
-        value = self.env.get(name, "").strip()
-        return value or None
-
-    def refuse(self, name: str, what: str, raw: str) -> None:
-        """Note a value that cannot be read; the caller goes on with the default."""
-        self.problems.append(f"{name} must be {what}, got {raw!r}")
-
-    def read_text(self, name: str, raw: str) -> str:
-        """Any text."""
-        return raw
-
-    def read_header(self, name: str, raw: str) -> str:
-        """An HTTP header name (checked with the other values)."""
-        return raw
-
-    def read_bind(self, name: str, raw: str) -> str:
-        """An address for gunicorn to listen at (checked with the other values)."""
-        return raw
-
-    def read_number(self, name: str, raw: str) -> float | None:
-        """A finite number in ASCII digits (float() would take other scripts' digits, ``1_0``)."""
-        value = float(raw) if DECIMAL_PATTERN.fullmatch(raw) else math.nan
-        if not math.isfinite(value):
-            self.refuse(name, "a number", raw)
-            return None
-        return value
-
-    def read_integer(self, name: str, raw: str) -> int | None:
-        """A whole number in ASCII digits (int() would take other scripts' digits, ``1_0``)."""
-        if not INTEGER_PATTERN.fullmatch(raw):
-            self.refuse(name, "a whole number", raw)
-            return None
-        return int(raw)
-
-    def read_choice(self, name: str, raw: str) -> str:
-        """A word, in the case its choices use (checked with the other values)."""
-        return raw.upper() if name == "LOG_LEVEL" else raw.lower()
-
-    def read_flag(self, name: str, raw: str) -> bool | None:
-        """true/false, 1/0, yes/no, on/off in any case."""
-        word = raw.lower()
-        if word in (*TRUE_WORDS, "on"):
-            return True
-        if word in (*FALSE_WORDS, "off"):
-            return False
-        self.refuse(name, "true or false", raw)
-        return None
-
-    def read_url(self, name: str, raw: str) -> str:
-        """A URL without a trailing slash (checked with the other values)."""
-        return raw.rstrip("/")
-
-    def read_redis_url(self, name: str, raw: str) -> str:
-        """A Redis URL; its value (which may hold a password) is never echoed."""
-        return raw
-
-    def read_list(self, name: str, raw: str) -> tuple[str, ...] | None:
-        """A comma-separated list."""
-        return tuple(item.strip() for item in raw.split(",") if item.strip()) or None
-
-    def read_algorithms(self, name: str, raw: str) -> tuple[str, ...] | None:
-        """The JWT algorithm allow-list, names in their usual case (checked with the rest)."""
-        known = {item.upper(): item for item in (*HS_ALGORITHMS, *PUBLIC_KEY_ALGORITHMS)}
-        names = self.read_list(name, raw)
-        return tuple(known.get(item.upper(), item) for item in names) if names else None
-
-    def read_pem(self, name: str, raw: str) -> str:
-        """A PEM public key; ``\\n`` escapes (one-line environment values) become newlines."""
-        return raw.replace("\\n", "\n")
-
-    def read_json(self, name: str, raw: str) -> dict[str, Any] | None:
-        """A JSON object."""
-        try:
-            value = parse_json(raw)
-        except ValueError:
-            value = None
-        if not isinstance(value, dict):
-            self.refuse(name, 'a JSON object such as {"top_k": 20}', raw)
-            return None
-        return value
-
-
 # ---------------------------------------------------------------------------------------------
 # Logging
 # ---------------------------------------------------------------------------------------------
-
-
-# Log lines stay single lines (a caller's path or an upstream message cannot start a forged one):
-# the C0 and C1 controls, DEL, and the two Unicode separators are each written as an escape, so
-# no reader that honours a Unicode line break (NEL, U+2028, U+2029) sees one either.
-CONTROL_CHARACTERS = {
-    **{code: f"\\x{code:02x}" for code in (*range(32), *range(127, 160))},
-    **{code: f"\\u{code:04x}" for code in (0x2028, 0x2029)},
-}
-MAX_LOG_MESSAGE = 1000
-MIN_SECRET_FRAGMENT = 4
-
-
-class RequestContextFilter(logging.Filter):
-    """Stamps each record with the request id and blanks out any configured secret."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.secrets: tuple[str, ...] = ()
-
-    def redact_also(self, *secrets: str | None) -> None:
-        """Add an app's secrets to those blanked out (every app's, so none is ever exposed)."""
-        found = (secret for secret in secrets if secret and len(secret) >= MIN_SECRET_FRAGMENT)
-        self.secrets = tuple(dict.fromkeys((*self.secrets, *found)))
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """Add ``request_id``; keep the message one line, short, and free of secrets."""
-        record.request_id = request_id_or_dash()
-        message = record.getMessage()
-        cleaned = message.translate(CONTROL_CHARACTERS)
-        if len(cleaned) > MAX_LOG_MESSAGE:
-            cleaned = cleaned[:MAX_LOG_MESSAGE] + "…"
-        cleaned = redact(cleaned, self.secrets)
-        if cleaned != message:
-            record.msg, record.args = cleaned, None
-        return True
-
-
-def redact(text: str, secrets: tuple[str, ...]) -> str:
-    """The text with every secret, and the start of one cut off at its end, blanked out."""
-    for secret in secrets:
-        if len(secret) >= MIN_SECRET_FRAGMENT:
-            text = redact_cut_secret(text.replace(secret, "[redacted]"), secret)
-    return text
-
-
-def redact_cut_secret(text: str, secret: str) -> str:
-    """Redact the start of a secret left at the end of a shortened line."""
-    for length in range(min(len(secret), len(text)) - 1, MIN_SECRET_FRAGMENT - 1, -1):
-        if text.endswith(secret[:length]) or text.endswith(secret[:length] + "…"):
-            return text[: text.rfind(secret[:length])] + "[redacted]"
-    return text
 
 
 def request_id_or_dash() -> str:
@@ -722,7 +464,7 @@ def request_id_or_dash() -> str:
         return "-"
 
 
-LOG_FILTER = RequestContextFilter()
+LOG_FILTER = RequestContextFilter(request_id_or_dash)
 
 
 def configure_logging(config: Config) -> None:
@@ -747,113 +489,10 @@ def configure_logging(config: Config) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics (Prometheus; multiprocess mode when PROMETHEUS_MULTIPROC_DIR is set, as gunicorn does)
-# ---------------------------------------------------------------------------------------------
-
-
-# A dead worker's values that only ever add up; gauges keep prometheus_client's own handling.
-ARCHIVED_METRIC_KINDS = ("counter", "histogram", "summary")
-# Not a *.db file, so neither /metrics nor the start-up clean-up takes it for metrics.
-METRICS_LOCK_FILE = "archive.lock"
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
-REQUESTS = Counter(
-    "image_service_requests", "HTTP requests answered.", ["endpoint", "method", "status"]
-)
-REQUEST_SECONDS = Histogram(
-    "image_service_request_duration_seconds",
-    "Time to answer an HTTP request.",
-    ["endpoint"],
-    buckets=LATENCY_BUCKETS,
-)
-CACHE_EVENTS = Counter(
-    "image_service_cache_events", "Analysis cache lookups (hit, miss) and failures.", ["event"]
-)
-MODEL_REQUESTS = Counter(
-    "image_service_model_requests", "Attempts to call the vision model, by outcome.", ["outcome"]
-)
-MODEL_SECONDS = Histogram(
-    "image_service_model_request_duration_seconds",
-    "Time of one attempt to call the vision model.",
-    buckets=LATENCY_BUCKETS,
-)
-MODEL_TOKENS = Counter(
-    "image_service_model_tokens", "Tokens the vision model reported using.", ["kind"]
-)
-SINGLE_FLIGHT = Counter(
-    "image_service_single_flight",
-    "Cache misses by role: leader (called the model), follower (waited), takeover.",
-    ["role"],
-)
-# Every worker probes the same model; the fewest days a live worker counted is the one to alert on.
-MODEL_SHUTDOWN_DAYS = Gauge(
-    "image_service_model_shutdown_days",
-    "Days until the vision model's announced shutdown date (negative once past).",
-    ["model"],
-    multiprocess_mode="livemin",
-)
-USER_SERVICE_REQUESTS = Counter(
-    "image_service_user_service_requests", "Food entries sent to the User Service.", ["outcome"]
-)
-
-
-def metrics_text() -> bytes:
-    """Every metric, summed over the worker processes when there are several."""
-    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if folder:
-        registry = prometheus_client.CollectorRegistry()
-        MultiProcessCollector(registry, path=folder)  # type: ignore[no-untyped-call]
-        with metrics_folder_lock(Path(folder), fcntl.LOCK_SH):
-            return prometheus_client.generate_latest(registry)
-    return prometheus_client.generate_latest()
-
-
-@contextlib.contextmanager
-def metrics_folder_lock(folder: Path, mode: int) -> Iterator[None]:
-    """Hold the metrics folder's lock: shared to read it, exclusive to archive a dead worker."""
-    with open(folder / METRICS_LOCK_FILE, "ab") as handle:
-        fcntl.flock(handle, mode)
-        yield
-
-
-def archive_dead_process_metrics(pid: int, folder: Path) -> None:
-    """Fold a dead worker's counts into one archive file per kind, so recycling piles up no files.
-
-    ``mark_process_dead`` drops only its live gauges; its counters, histograms and summaries are
-    added to ``<kind>_archive.db``, which /metrics sums like any worker's file, and removed.
-    """
-    mark_process_dead(pid, str(folder))  # type: ignore[no-untyped-call]
-    with metrics_folder_lock(folder, fcntl.LOCK_EX):
-        for kind in ARCHIVED_METRIC_KINDS:
-            dead = folder / f"{kind}_{pid}.db"
-            if dead.exists():
-                add_into_archive(dead, folder / f"{kind}_archive.db")
-                dead.unlink()
-
-
-def add_into_archive(source: Path, archive: Path) -> None:
-    """Add every value of one process's metrics file to the archive of its kind."""
-    values = MmapedDict.read_all_values_from_file(str(source))  # type: ignore[no-untyped-call]
-    archived = MmapedDict(str(archive))  # type: ignore[no-untyped-call]
-    try:
-        for key, value, _timestamp, _position in values:
-            total = archived.read_value(key)[0] + value  # type: ignore[no-untyped-call]
-            archived.write_value(key, total, 0.0)  # type: ignore[no-untyped-call]
-    finally:
-        archived.close()  # type: ignore[no-untyped-call]
-
-
-# ---------------------------------------------------------------------------------------------
 # Authentication (JWT)
 # ---------------------------------------------------------------------------------------------
 
 
-HS_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
-# Asymmetric algorithms and the public-key types that verify them.
-PUBLIC_KEY_ALGORITHMS: dict[str, tuple[type, ...]] = {
-    **dict.fromkeys(("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"), (rsa.RSAPublicKey,)),
-    **dict.fromkeys(("ES256", "ES384", "ES512"), (ec.EllipticCurvePublicKey,)),
-    "EdDSA": (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey),
-}
 MIN_HS_SECRET_BYTES = 32
 # exp, nbf and iat are NumericDate values (RFC 7519): numbers, which PyJWT also takes as numeric
 # text; a number past the year 9999 would never expire.
@@ -908,9 +547,7 @@ def bearer_token(header: str | None) -> str:
 def jwt_verification_key(config: Config) -> Any:
     """The key tokens are verified with: the public key object, the shared secret, or None."""
     if config.uses_public_key:
-        return (
-            load_pem_public_key(config.jwt_public_key.encode()) if config.jwt_public_key else None
-        )
+        return load_public_key(config.jwt_public_key) if config.jwt_public_key else None
     return config.jwt_secret
 
 
@@ -1026,7 +663,7 @@ class AnalysisForm:
 
 def read_analysis_form() -> AnalysisForm:
     """The query, headers and form of an analysis request, each checked (400 when wrong)."""
-    save = parse_flag(request.args.get("save"), "save")
+    save = query_flag(request.args.get("save"), "save")
     idempotency_key = read_idempotency_key() if save else None
     lang = read_language()
     data = read_upload()
@@ -1034,16 +671,14 @@ def read_analysis_form() -> AnalysisForm:
     return AnalysisForm(data, image_digest(data), wanted, save, idempotency_key)
 
 
-def parse_flag(value: str | None, name: str) -> bool:
-    """A boolean query parameter: true/false, 1/0, yes/no in any case; absent is false."""
+def query_flag(value: str | None, name: str) -> bool:
+    """A boolean query parameter in a flag's words (``flag_value``); absent is false."""
     if value is None:
         return False
-    word = value.strip().lower()
-    if word in TRUE_WORDS:
-        return True
-    if word in FALSE_WORDS:
-        return False
-    raise BadRequest(f"{name} must be true or false, got {value[:20]!r}")
+    word = flag_value(value)
+    if word is None:
+        raise BadRequest(f"{name} must be true or false, got {value[:20]!r}")
+    return word
 
 
 def read_idempotency_key() -> str | None:
@@ -2196,88 +1831,6 @@ DECODE_ERRORS = (
 )
 JPEG_QUALITY = 85
 DRAFT_SLACK = 0.9
-# Peak bytes per pixel while an image of each mode is decoded and prepared (the decoded pixels,
-# then the RGB or RGBA copy that is shrunk), measured on 60-megapixel images with
-# /proc/self/status's VmHWM: a palette expands to 4 bytes a pixel, a 16-bit image is widened to 32
-# bits before it is scaled to 8, and WebP's decoder holds a buffer of its own.
-PEAK_BYTES_PER_PIXEL = {"1": 6, "L": 6, "P": 6, "RGB": 5, "YCbCr": 5, "CMYK": 9}
-PEAK_BYTES_WITH_ALPHA = 10
-PEAK_BYTES_WEBP = 17
-PEAK_BYTES_OTHER = 11
-# A decode this large gives its memory back to the operating system afterwards.
-TRIM_AFTER_BYTES = 64 * MIB
-
-
-def decode_cost(image: Image.Image) -> int:
-    """Bytes that decoding and preparing this opened image will hold at its peak."""
-    width, height = image.size
-    if image.format == "WEBP":
-        per_pixel = PEAK_BYTES_WEBP
-    elif "transparency" in image.info or image.mode in ("LA", "PA", "RGBA", "RGBa", "La"):
-        per_pixel = PEAK_BYTES_WITH_ALPHA
-    else:
-        per_pixel = PEAK_BYTES_PER_PIXEL.get(image.mode, PEAK_BYTES_OTHER)
-    return width * height * per_pixel
-
-
-class DecodeBudget:
-    """The decoded pixels one worker may hold at once (``DECODE_BUDGET_MB``); the rest wait.
-
-    The cost is reserved from the image's header before a byte is decoded, so a burst of tiny
-    files that claim huge dimensions waits its turn instead of taking the worker's memory.
-    """
-
-    def __init__(self, megabytes: int, wait_seconds: float) -> None:
-        self.capacity = megabytes * MIB
-        self.free = self.capacity
-        self.wait_seconds = wait_seconds
-        self.changed = threading.Condition()
-
-    @contextlib.contextmanager
-    def reserve(self, cost: int) -> Iterator[None]:
-        """Hold ``cost`` bytes of the budget while decoding, waiting ``MODEL_QUEUE_TIMEOUT``."""
-        if cost > self.capacity:
-            raise BadRequest(
-                f"decoding this image would take {cost // MIB} MB, more than this server's "
-                f"{self.capacity // MIB} MB (DECODE_BUDGET_MB); send a smaller image or a JPEG",
-                code=ErrorCode.INVALID_IMAGE,
-            )
-        deadline = time.monotonic() + self.wait_seconds
-        with self.changed:
-            while self.free < cost:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise Overloaded(
-                        "too many large photos are being decoded right now; retry shortly",
-                        retry_after=self.wait_seconds,
-                    )
-                self.changed.wait(remaining)
-            self.free -= cost
-        try:
-            yield
-        finally:
-            with self.changed:
-                self.free += cost
-                self.changed.notify_all()
-            if cost >= TRIM_AFTER_BYTES:
-                release_memory()
-
-
-@functools.cache
-def c_library() -> ctypes.CDLL | None:
-    """The C library, when it is glibc (whose ``malloc_trim`` returns freed memory)."""
-    try:
-        library = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-    return library if hasattr(library, "malloc_trim") else None
-
-
-def release_memory() -> None:
-    """Give freed heap pages back to the operating system after a large decode."""
-    library = c_library()
-    if library is not None:
-        library.malloc_trim(0)
 
 
 @dataclass(frozen=True)
@@ -2290,11 +1843,18 @@ class PreparedImage:
     source_format: str
 
 
-def prepare_image(data: bytes, max_side: int, max_pixels: int) -> PreparedImage:
-    """Decode an upload, orient it, shrink it, flatten it to RGB, and re-encode it bare."""
+def prepare_image(
+    data: bytes, max_side: int, max_pixels: int, budget: DecodeBudget
+) -> PreparedImage:
+    """Decode an upload within the decode budget, orient, shrink, flatten to RGB, re-encode bare.
+
+    The image is opened lazily, told to decode no larger than it needs, and its cost reserved
+    from ``budget`` before a byte is decoded.
+    """
     image = open_image(data, max_pixels)
     reduce_while_decoding(image, max_side)
-    return prepare_opened(image, max_side)
+    with budget.reserve(decode_cost(image)):
+        return prepare_opened(image, max_side)
 
 
 def prepare_opened(image: Image.Image, max_side: int) -> PreparedImage:
@@ -2543,14 +2103,6 @@ def http_json(
         raise requests.ConnectionError(
             f"the connection failed mid-answer ({type(error).__name__})"
         ) from error
-
-
-def parse_json(data: bytes | str) -> Any:
-    """JSON, with absurd nesting reported as the ValueError any other bad JSON is."""
-    try:
-        return json.loads(data)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
 
 
 def public_url(url: str) -> str:
@@ -3938,10 +3490,9 @@ def sound_cached(cache: AnalysisCache, key: str) -> dict[str, Any] | None:
 def fresh_analysis(services: Services, form: AnalysisForm, key: str) -> dict[str, Any]:
     """Decode the photo within the decode budget, ask the model within a slot, cache the verdict."""
     config = services.config
-    image = open_image(form.data, config.image_max_pixels)
-    reduce_while_decoding(image, config.image_max_side)
-    with services.decode_budget.reserve(decode_cost(image)):
-        prepared = prepare_opened(image, config.image_max_side)
+    prepared = prepare_image(
+        form.data, config.image_max_side, config.image_max_pixels, services.decode_budget
+    )
     try:
         with services.model_slots.hold():
             answer = services.model.analyze(prepared.jpeg, form.wanted, g.request_id)

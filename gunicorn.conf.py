@@ -36,36 +36,35 @@ from gunicorn.workers.gthread import ThreadWorker  # noqa: E402
 
 from app import (  # noqa: E402
     Config,
-    EnvReader,
-    Setting,
-    archive_dead_process_metrics,
     check_embedded_store,
     nutrition_table,
     startup_summary,
 )
 from errors import ConfigError, ErrorCode  # noqa: E402
+from metrics import archive_dead_process_metrics  # noqa: E402
+from settings import EnvReader, Setting, listen_address, whole_number  # noqa: E402
 
-SERVER_SETTINGS = {
-    "bind": (Setting("GUNICORN_BIND", "bind"), "0.0.0.0:8083"),
-    "workers": (Setting("GUNICORN_WORKERS", "integer", low=1, high=256), 2),
-    "threads": (Setting("GUNICORN_THREADS", "integer", low=1, high=10_000), 64),
-    "timeout": (Setting("GUNICORN_TIMEOUT", "integer", low=1, high=86400), None),
-    "graceful_timeout": (Setting("GUNICORN_GRACEFUL_TIMEOUT", "integer", low=0, high=3600), 30),
-    "keepalive": (Setting("GUNICORN_KEEPALIVE", "integer", low=0, high=3600), 5),
-    "max_requests": (Setting("GUNICORN_MAX_REQUESTS", "integer", low=0, high=10**9), 10000),
+SERVER_SETTINGS: dict[str, tuple[Setting[Any], Any]] = {
+    "bind": (Setting("GUNICORN_BIND", listen_address), "0.0.0.0:8083"),
+    "workers": (Setting("GUNICORN_WORKERS", whole_number(low=1, high=256)), 2),
+    "threads": (Setting("GUNICORN_THREADS", whole_number(low=1, high=10_000)), 64),
+    "timeout": (Setting("GUNICORN_TIMEOUT", whole_number(low=1, high=86400)), None),
+    "graceful_timeout": (Setting("GUNICORN_GRACEFUL_TIMEOUT", whole_number(low=0, high=3600)), 30),
+    "keepalive": (Setting("GUNICORN_KEEPALIVE", whole_number(low=0, high=3600)), 5),
+    "max_requests": (Setting("GUNICORN_MAX_REQUESTS", whole_number(low=0, high=10**9)), 10000),
     "max_requests_jitter": (
-        Setting("GUNICORN_MAX_REQUESTS_JITTER", "integer", low=0, high=10**9),
+        Setting("GUNICORN_MAX_REQUESTS_JITTER", whole_number(low=0, high=10**9)),
         1000,
     ),
     # A header line may reach 72 KiB, so an oversized bearer token still gets the service's own
     # 401 JSON rather than gunicorn's HTML 400; fewer header lines than the default keep the
     # total per request bounded.
     "limit_request_field_size": (
-        Setting("GUNICORN_LIMIT_REQUEST_FIELD_SIZE", "integer", low=1024, high=1024 * 1024),
+        Setting("GUNICORN_LIMIT_REQUEST_FIELD_SIZE", whole_number(low=1024, high=1024 * 1024)),
         72 * 1024,
     ),
     "limit_request_fields": (
-        Setting("GUNICORN_LIMIT_REQUEST_FIELDS", "integer", low=1, high=32768),
+        Setting("GUNICORN_LIMIT_REQUEST_FIELDS", whole_number(low=1, high=32768)),
         64,
     ),
 }

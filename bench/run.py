@@ -262,10 +262,13 @@ def row_a(bench: Bench) -> list[report.Row]:
 
     settings = bench.settings
     photo_sets = {name: bench.library.load(specs) for name, specs in prep_specs(settings).items()}
-    max_pixels = service.Config().image_max_pixels
+    config = service.Config()
+    budget = service.DecodeBudget(config.decode_budget_mb, config.model_queue_timeout)
     quality = int(getattr(service, "JPEG_QUALITY", 85))
     calls: dict[str, Callable[[bytes], object]] = {
-        "service": lambda photo: service.prepare_image(photo, MAX_SIDE, max_pixels),
+        "service": lambda photo: service.prepare_image(
+            photo, MAX_SIDE, config.image_max_pixels, budget
+        ),
         "naive": lambda photo: naive_prepare(photo, MAX_SIDE, quality),
         "floor": decode_floor,
     }
@@ -307,7 +310,9 @@ def prep_row(
     """Row a for one photo set: medians, p95, output sizes and the decode floor."""
     fast, slow = percentile(times["service"], 0.5), percentile(times["naive"], 0.5)
     floor = percentile(times["floor"], 0.5)
-    prepared = service.prepare_image(photos[0], MAX_SIDE, service.Config().image_max_pixels)
+    config = service.Config()
+    budget = service.DecodeBudget(config.decode_budget_mb, config.model_queue_timeout)
+    prepared = service.prepare_image(photos[0], MAX_SIDE, config.image_max_pixels, budget)
     naive = naive_prepare(photos[0], MAX_SIDE, quality)
     with Image.open(io.BytesIO(naive)) as naive_image:
         naive_size = naive_image.size

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from app import Config, ConfigError, bind_problem, create_app
+from app import Config, ConfigError, create_app
+from settings import bind_problem
 from tests import images
 from tests.conftest import REDIS_PASSWORD
 from tests.fakes import ChatCompletionsServer, RedisServer, StalledServer, UserServiceServer

@@ -35,6 +35,7 @@ from app import (
     create_app,
     prepare_image,
 )
+from decode_budget import DecodeBudget
 from tests import images
 from tests.conftest import (
     JWT_SECRET,
@@ -354,14 +355,14 @@ def test_heic_claiming_50000x50000_is_refused_before_the_model(
 )
 def test_heic_that_fails_to_decode_is_an_invalid_image(make: Callable[[], bytes]) -> None:
     with pytest.raises(BadRequest) as raised:
-        prepare_image(make(), 1024, 60_000_000)
+        prepare_image(make(), 1024, 60_000_000, DecodeBudget(768, 0.0))
 
     assert raised.value.code == "invalid_image"
 
 
 def test_heic_cut_inside_its_header_is_an_invalid_image_not_an_unsupported_one() -> None:
     with pytest.raises(BadRequest) as raised:
-        prepare_image(heic_cut_inside_its_header(), 1024, 60_000_000)
+        prepare_image(heic_cut_inside_its_header(), 1024, 60_000_000, DecodeBudget(768, 0.0))
 
     assert raised.value.code == "invalid_image"
 

@@ -1,4 +1,4 @@
-"""Image preparation: prepare_image as a unit, and what callers and the model see over HTTP."""
+"""Image preparation: prepare_image, which requests run, as a unit and as callers see it."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from PIL import Image
 from werkzeug.test import TestResponse
 
 from app import BadRequest, PreparedImage, prepare_image
+from decode_budget import DecodeBudget
 from tests import images
 from tests.conftest import cached_keys
 from tests.fakes import ChatCompletionsServer, RedisServer
@@ -18,11 +19,12 @@ from tests.fakes import ChatCompletionsServer, RedisServer
 MAX_SIDE = 1024
 MAX_PIXELS = 60_000_000
 WHITE_ENOUGH = 245  # JPEG may shift pure white by a few levels
+DECODE_BUDGET_MB = 768
 
 
 def prepare(data: bytes, max_side: int = MAX_SIDE, max_pixels: int = MAX_PIXELS) -> PreparedImage:
-    """prepare_image with the service's default limits."""
-    return prepare_image(data, max_side, max_pixels)
+    """prepare_image with the service's default limits and decode budget."""
+    return prepare_image(data, max_side, max_pixels, DecodeBudget(DECODE_BUDGET_MB, 0.0))
 
 
 def decoded(prepared: PreparedImage) -> Image.Image:

@@ -9,7 +9,7 @@ import requests
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from app import archive_dead_process_metrics
+from metrics import archive_dead_process_metrics
 from tests.conftest import REQUEST_TIMEOUT, running_gunicorn
 from tests.fakes import ChatCompletionsServer, RedisServer, UserServiceServer
 

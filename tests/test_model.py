@@ -18,24 +18,26 @@ from requests.structures import CaseInsensitiveDict
 from werkzeug.test import TestResponse
 
 from app import (
+    AnalysisRequest,
+    Config,
+    NotFood,
+    UpstreamError,
+    UpstreamReply,
+    build_model_request,
+    parse_model_content,
+    retry_after_seconds,
+)
+from meal import (
     MAX_CALORIES,
     MAX_GRAMS,
     MAX_INGREDIENTS,
     MAX_ITEM_GRAMS,
     MAX_NAME_LENGTH,
     MAX_TEXT_READ,
-    AnalysisRequest,
-    Config,
-    NotFood,
-    UpstreamError,
-    UpstreamReply,
     beyond_limits,
-    build_model_request,
     clean_text,
     normalise_analysis,
-    parse_model_content,
     parse_number,
-    retry_after_seconds,
 )
 from tests import images
 from tests.conftest import MEAL, AnalyzeActions, cached_keys

@@ -3505,7 +3505,7 @@ def count_tokens(usage: Mapping[str, int]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The model's answer, normalised
+# The model's answer, parsed (meal.py's normalise_analysis makes it the typed meal)
 # ---------------------------------------------------------------------------------------------
 
 

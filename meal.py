@@ -185,7 +185,6 @@ MASS_UNIT = "g"
 PERCENT = "%"
 # How much of any one string from the model is looked at; every text field keeps far less.
 MAX_TEXT_READ = 1_000
-CODE_FENCE_PATTERN = re.compile(r"^\s*```[A-Za-z0-9_-]*\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)
 # Bounds beyond which a model's estimate for one photographed meal is not believable.
 MAX_CALORIES = 10_000
 MAX_GRAMS = 2_000
@@ -620,17 +619,6 @@ def total_nutrients(items: list[Item]) -> dict[str, float | None]:
         ]
         totals[name] = round(sum(values), 1) if values else None
     return totals
-
-
-# ---------------------------------------------------------------------------------------------
-# User Service
-# ---------------------------------------------------------------------------------------------
-
-
-USER_SERVICE_ATTEMPTS = 2
-# An entry id longer than this is not an id: the answer is taken as a failure to store.
-MAX_ENTRY_ID = 200
-USER_SERVICE_RETRY_WAIT = 0.2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The meal: a model's answer checked and tidied, counted from USDA SR28, and turned into JSON.
 
-Built in one place (``build_analysis``, from a model's answer, from a cached entry or from the
-items a caller names) and turned into the contract's JSON in one place (``as_contract``).
+Made in one place (``build_analysis``: from a model's answer, from the items a caller names),
+counted anew from the table (``ground_in_table``), read back from the cache (``from_cached``),
+and turned into the contract's JSON in one place (``as_contract``), the food entry included.
 
 The analysis and its items are ``TypedDict``s rather than dataclasses: the contract's JSON *is*
 these dicts, so key order is insertion order, an optional field absent stays absent (never

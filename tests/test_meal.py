@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -170,3 +173,12 @@ def test_the_food_entry_is_the_contracts_fields_then_the_richer_analysis() -> No
         *STATEMENT_KEYS,
     ]
     assert entry["items"] == as_contract(analysis)["items"]
+
+
+def test_the_meal_imports_neither_flask_nor_the_app() -> None:
+    probe = "import sys, meal; print(sorted({'flask', 'app'} & set(sys.modules)))"
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"

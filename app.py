@@ -110,6 +110,22 @@ from errors import (
 )
 from json_values import parse_json
 from logs import RequestContextFilter, redact
+from meal import (
+    MAX_ITEMS,
+    MAX_NAME_LENGTH,
+    NOT_FOOD,
+    Analysis,
+    NotFoodVerdict,
+    as_cached,
+    as_contract,
+    clean_text,
+    final_analysis,
+    food_entry,
+    from_cached,
+    normalise_analysis,
+    nutrition_analysis,
+    stored_analysis_is_sound,
+)
 from metrics import (
     CACHE_EVENTS,
     MODEL_REQUESTS,
@@ -137,7 +153,7 @@ from model_servers import (
     token_usage,
     upstream_problem,
 )
-from nutrition import NUTRIENT_UNITS, FoodMatch, NutritionDataError, NutritionTable
+from nutrition import NutritionDataError, NutritionTable
 from settings import (
     EnvReader,
     Setting,
@@ -2178,8 +2194,6 @@ ITEM_SCHEMA: dict[str, Any] = {
     ],
     "additionalProperties": False,
 }
-# What an item must hold; the description and cooking method help the table, when they come.
-ITEM_FIELDS = ("name", "grams", "calories", "protein", "carbs", "fat", "confidence")
 ANALYSIS_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
@@ -2212,11 +2226,6 @@ ANALYSIS_SCHEMA: dict[str, Any] = {
     ],
     "additionalProperties": False,
 }
-# What every answer must hold; the totals may come as items or, from servers that ignore the
-# schema, as top-level numbers.
-REQUIRED_ANSWER_FIELDS = ("name", "servingSize", "ingredients", "confidence")
-TOTAL_FIELDS = ("calories", "protein", "carbs", "fat")
-NOT_FOOD_VERDICT: dict[str, Any] = {"isFood": False}
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
 MAX_UPSTREAM_WORDS = 300
 MAX_MODEL_NAME = 200
@@ -2228,7 +2237,7 @@ PROBE_TIMEOUT_SECONDS = 5.0
 class ModelAnswer:
     """A normalised analysis and the token usage the model reported."""
 
-    analysis: dict[str, Any]
+    analysis: Analysis
     usage: dict[str, int]
 
 
@@ -2765,44 +2774,11 @@ class VisionModel:
 
 
 # ---------------------------------------------------------------------------------------------
-# The model's answer, normalised
+# The model's answer, parsed (meal.py's normalise_analysis makes it the typed meal)
 # ---------------------------------------------------------------------------------------------
 
 
-# A number the model wrote as text: ASCII digits with an optional minus and decimal point, then
-# the field's own unit if any ("450 kcal", "12.5 g", "92%"); "1e3", "1,5" or "2.5kg" are not read.
-DECIMAL_TEXT = re.compile(
-    r"\s*(-?(?:[0-9]+\.?[0-9]*|\.[0-9]+))\s*([a-z%]*)\s*", re.ASCII | re.IGNORECASE
-)
-MAX_NUMBER_TEXT = 30
-ENERGY_UNIT = "kcal"
-MASS_UNIT = "g"
-PERCENT = "%"
-# How much of any one string from the model is looked at; every text field keeps far less.
-MAX_TEXT_READ = 1_000
 CODE_FENCE_PATTERN = re.compile(r"^\s*```[A-Za-z0-9_-]*\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)
-# Bounds beyond which a model's estimate for one photographed meal is not believable.
-MAX_CALORIES = 10_000
-MAX_GRAMS = 2_000
-MAX_NAME_LENGTH = 200
-MAX_INGREDIENTS = 50
-MAX_INGREDIENT_LENGTH = 100
-MAX_ITEMS = 30
-MAX_ITEM_GRAMS = 5_000
-MAX_ASSUMPTIONS = 10
-MAX_SUGGESTIONS = 3
-MAX_STATEMENT_LENGTH = 200
-MAX_ENERGY_GAP = 0.25
-# What one meal holds: the meal's totals, and each item's grams, calories and macronutrients.
-MEAL_LIMITS = (
-    ("calories", MAX_CALORIES, ENERGY_UNIT),
-    ("protein", MAX_GRAMS, MASS_UNIT),
-    ("carbs", MAX_GRAMS, MASS_UNIT),
-    ("fat", MAX_GRAMS, MASS_UNIT),
-)
-ITEM_LIMITS = (("grams", MAX_ITEM_GRAMS, MASS_UNIT), *MEAL_LIMITS)
-RANGE_LIMITS = (("low", MAX_CALORIES, ENERGY_UNIT), ("high", MAX_CALORIES, ENERGY_UNIT))
-MAX_PROBLEMS_SHOWN = 3
 
 
 def parse_model_payload(payload: Mapping[str, Any], requested_model: str) -> ModelAnswer:
@@ -2846,328 +2822,6 @@ def parse_model_content(content: str) -> dict[str, Any]:
     return value
 
 
-def normalise_analysis(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """Check and tidy a model's analysis into the contract's shape; refuse what is unusable.
-
-    The totals are the sums of the items (the model's own totals are used only when it gave no
-    items); the calorie range is widened to hold the total; a total that disagrees with the
-    energy of its macronutrients is reported in ``warnings``.
-    """
-    if raw.get("isFood") is False:
-        raise NotFood("no food was found in this photo")
-    items = clean_items(raw.get("items"))
-    missing = [name for name in REQUIRED_ANSWER_FIELDS if name not in raw]
-    if not items:
-        missing += [name for name in TOTAL_FIELDS if name not in raw]
-    if missing:
-        raise UpstreamError(f"the vision model's answer lacks {', '.join(missing)}")
-    name = clean_text(raw["name"], MAX_NAME_LENGTH)
-    if not name:
-        raise UpstreamError("the vision model's answer names no dish")
-    totals = sum_items(items) if items else model_totals(raw)
-    analysis: dict[str, Any] = {
-        "name": name,
-        **totals,
-        "servingSize": clean_text(raw["servingSize"], MAX_NAME_LENGTH),
-        "ingredients": clean_ingredients(raw["ingredients"]),
-        "confidence": clean_confidence(raw["confidence"]),
-        "items": items,
-    }
-    calories_range = clean_range(raw.get("caloriesRange"), totals["calories"])
-    if calories_range is not None:
-        analysis["caloriesRange"] = calories_range
-    analysis["assumptions"] = clean_strings(raw.get("assumptions"), MAX_ASSUMPTIONS)
-    analysis["suggestions"] = clean_strings(raw.get("suggestions"), MAX_SUGGESTIONS)
-    analysis["warnings"] = consistency_warnings(totals)
-    listed = raw.get("items")
-    if isinstance(listed, list) and len(listed) > MAX_ITEMS:
-        analysis["warnings"].append(
-            f"the model listed {len(listed)} foods; the first {MAX_ITEMS} are kept and summed"
-        )
-    return believable(analysis, UpstreamError, "the vision model's answer")
-
-
-def model_totals(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """The totals as the model gave them, from servers that answer without items."""
-    return {
-        "calories": round(bounded_number(raw["calories"], "calories", MAX_CALORIES, ENERGY_UNIT)),
-        "protein": grams(bounded_number(raw["protein"], "protein", MAX_GRAMS, MASS_UNIT)),
-        "carbs": grams(bounded_number(raw["carbs"], "carbs", MAX_GRAMS, MASS_UNIT)),
-        "fat": grams(bounded_number(raw["fat"], "fat", MAX_GRAMS, MASS_UNIT)),
-    }
-
-
-def clean_items(value: Any) -> list[dict[str, Any]]:
-    """The foods on the plate, each checked like the totals."""
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise UpstreamError("the vision model's items are not a list")
-    items = []
-    for raw in value[:MAX_ITEMS]:
-        if not isinstance(raw, dict):
-            raise UpstreamError("the vision model's items are not objects")
-        missing = [name for name in ITEM_FIELDS if name not in raw]
-        if missing:
-            raise UpstreamError(f"an item of the vision model's answer lacks {', '.join(missing)}")
-        items.append(
-            {
-                "name": clean_text(raw["name"], MAX_NAME_LENGTH) or "unnamed food",
-                **item_numbers(raw),
-                "confidence": clean_confidence(raw["confidence"]),
-                **described(raw),
-            }
-        )
-    return items
-
-
-def item_numbers(raw: Mapping[str, Any]) -> dict[str, float | int]:
-    """An item's grams, calories and macronutrients, each within what one meal holds."""
-    numbers: dict[str, float | int] = {}
-    for name, high, unit in ITEM_LIMITS:
-        number = bounded_number(raw[name], f"item {name}", high, unit)
-        numbers[name] = round(number) if unit == ENERGY_UNIT else grams(number)
-    return numbers
-
-
-def described(raw: Mapping[str, Any]) -> dict[str, str]:
-    """An item's table-style description and cooking method, when the model gave them."""
-    found = {}
-    for name in ("description", "cookingMethod"):
-        value = raw.get(name)
-        if isinstance(value, str) and value.strip():
-            found[name] = clean_text(value, MAX_NAME_LENGTH)
-    return found
-
-
-def sum_items(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """The meal's totals: the sums over its items."""
-    calories = sum(item["calories"] for item in items)
-    return {
-        "calories": calories,
-        **{name: grams(sum(item[name] for item in items)) for name in ("protein", "carbs", "fat")},
-    }
-
-
-def clean_range(value: Any, calories: int) -> dict[str, int] | None:
-    """The calorie range, ordered and widened so that ``low <= calories <= high``."""
-    if not isinstance(value, dict) or "low" not in value or "high" not in value:
-        return None
-    low = round(bounded_number(value["low"], "calorie range", MAX_CALORIES, ENERGY_UNIT))
-    high = round(bounded_number(value["high"], "calorie range", MAX_CALORIES, ENERGY_UNIT))
-    low, high = min(low, high), max(low, high)
-    return {"low": min(low, calories), "high": max(high, calories)}
-
-
-def clean_strings(value: Any, limit: int) -> list[str]:
-    """Up to ``limit`` short, single-line strings."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list):
-        raise UpstreamError("the vision model's answer holds a non-list where a list belongs")
-    texts = (
-        " ".join(item[:MAX_TEXT_READ].split())[:MAX_STATEMENT_LENGTH]
-        for item in value
-        if isinstance(item, str)
-    )
-    return [text for text in texts if text][:limit]
-
-
-def consistency_warnings(totals: Mapping[str, Any]) -> list[str]:
-    """Say so when the calories and the macronutrients' energy (4/4/9 kcal per g) disagree."""
-    energy = 4 * totals["protein"] + 4 * totals["carbs"] + 9 * totals["fat"]
-    calories = totals["calories"]
-    if max(calories, energy) == 0:
-        return []
-    gap = abs(energy - calories) / max(calories, 1)
-    if gap <= MAX_ENERGY_GAP:
-        return []
-    return [
-        f"calories ({calories} kcal) differ from the energy of the macronutrients "
-        f"({round(energy)} kcal, 4/4/9 kcal per g) by {round(gap * 100)}%"
-    ]
-
-
-def parse_number(value: Any, unit: str = "") -> float | None:
-    """A finite number from a JSON number, or from plain decimal text in the field's own unit.
-
-    Text is read only as ASCII digits with an optional minus and decimal point, so that "1e3",
-    "1,5", "2.5kg", "0x10" or another script's digits are never taken for some other number.
-    """
-    if isinstance(value, str):
-        return decimal_text(value, unit)
-    return json_number(value)
-
-
-def json_number(value: Any) -> float | None:
-    """A JSON number (not a boolean) as a finite float, else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
-
-
-def decimal_text(text: str, unit: str) -> float | None:
-    """The number in a short plain decimal text, bare or in ``unit``, else None."""
-    found = DECIMAL_TEXT.fullmatch(text) if len(text) <= MAX_NUMBER_TEXT else None
-    if found is None or found.group(2).lower() not in ("", unit):
-        return None
-    return json_number(float(found.group(1)))
-
-
-def bounded_number(value: Any, name: str, high: float, unit: str) -> float:
-    """A non-negative, believable number (text only plain decimal in ``unit``), or UpstreamError."""
-    number = parse_number(value, unit)
-    if number is None:
-        shown = str(value)[:MAX_NUMBER_TEXT]
-        raise UpstreamError(f"the vision model's {name} ({shown!r}) is not a number in {unit}")
-    if number < 0 or number > high:
-        raise UpstreamError(f"the vision model's {name} ({number:g}) is not believable")
-    return number
-
-
-def beyond_limits(analysis: Mapping[str, Any]) -> list[str]:
-    """Each number of a final answer outside the limits a model's own estimate is held to.
-
-    Whoever counted the answer (the model, the table, or anything later that changes numbers),
-    the same bounds hold, so no way of computing a meal serves what no meal holds.
-    """
-    problems = numbers_outside(analysis, MEAL_LIMITS, "the meal's")
-    items = analysis.get("items", [])
-    if not isinstance(items, list):
-        return [*problems, "the items are not a list"]
-    for number, item in enumerate(items, 1):
-        problems += numbers_outside(item, ITEM_LIMITS, f"item {number}'s")
-    calories_range = analysis.get("caloriesRange")
-    if calories_range is not None:
-        problems += numbers_outside(calories_range, RANGE_LIMITS, "the calorie range's")
-    return problems
-
-
-def numbers_outside(
-    values: Any, limits: tuple[tuple[str, float, str], ...], whose: str
-) -> list[str]:
-    """The fields of ``values`` that are not JSON numbers from 0 to their limit, in words."""
-    if not isinstance(values, Mapping):
-        return [f"{whose} numbers are not an object"]
-    problems = []
-    for name, high, unit in limits:
-        number = json_number(values.get(name))
-        if number is None:
-            problems.append(f"{whose} {name}: not a number")
-        elif not 0 <= number <= high:
-            problems.append(f"{whose} {name}: {number:.10g} {unit}, not within 0 to {high} {unit}")
-    return problems
-
-
-def believable(
-    analysis: dict[str, Any],
-    refusal: type[ServiceError] = UpstreamError,
-    whose: str = "the analysis",
-) -> dict[str, Any]:
-    """The answer unchanged when its numbers are within one meal's limits, else ``refusal``."""
-    problems = beyond_limits(analysis)
-    if problems:
-        shown = "; ".join(problems[:MAX_PROBLEMS_SHOWN])
-        raise refusal(f"{whose}: not believable as one meal ({shown})")
-    return analysis
-
-
-def grams(value: float) -> float | int:
-    """Grams with at most one decimal; a whole number stays whole (``40``, not ``40.0``)."""
-    rounded = round(float(value), 1)
-    return int(rounded) if rounded.is_integer() else rounded
-
-
-def clean_text(value: Any, limit: int) -> str:
-    """A single-line string of at most ``limit`` characters."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = str(value)
-    if not isinstance(value, str):
-        raise UpstreamError("the vision model's answer holds a non-text value where text belongs")
-    return " ".join(value[:MAX_TEXT_READ].split())[:limit]
-
-
-def clean_ingredients(value: Any) -> list[str]:
-    """A list of distinct ingredient names; a comma-separated string is accepted too."""
-    if isinstance(value, str):
-        value = value.split(",")
-    if not isinstance(value, list):
-        raise UpstreamError("the vision model's ingredients are not a list")
-    kept: dict[str, str] = {}
-    for item in value:
-        if len(kept) == MAX_INGREDIENTS:
-            break
-        if isinstance(item, str):
-            text = " ".join(item[:MAX_TEXT_READ].split())[:MAX_INGREDIENT_LENGTH]
-            if text:
-                kept.setdefault(text.lower(), text)
-    return list(kept.values())
-
-
-def clean_confidence(value: Any) -> float:
-    """A confidence in [0, 1]; a percentage such as 92 or "92%" is read as 0.92."""
-    number = parse_number(value, PERCENT)
-    if number is None:
-        raise UpstreamError("the vision model's confidence is not a number")
-    looks_like_percent = (isinstance(value, str) and "%" in value) or number.is_integer()
-    if 1 < number <= 100 and looks_like_percent:
-        number /= 100
-    return round(min(1.0, max(0.0, number)), 2)
-
-
-# The fields of a stored analysis that the model answer's checks must leave as they are.
-CHECKED_FIELDS = ("name", *TOTAL_FIELDS, "servingSize", "ingredients", "confidence")
-# The longest text a stored analysis holds: a name, an SR28 description, a warning.
-MAX_STORED_TEXT = 2 * MAX_STATEMENT_LENGTH
-MAX_STORED_DEPTH = 6
-
-
-def stored_analysis_is_sound(stored: Mapping[str, Any]) -> bool:
-    """Whether an analysis read back from the store is one the service could have written.
-
-    It passes the checks a model's answer passes, unchanged by them, and holds nothing else
-    beyond them: no negative or endless number, no text longer than the service writes.
-    """
-    if stored == NOT_FOOD_VERDICT:
-        return True
-    try:
-        checked = normalise_analysis(stored)
-    except (UpstreamError, NotFood):
-        return False
-    items = stored.get("items")
-    if not isinstance(items, list) or len(items) != len(checked["items"]):
-        return False
-    same_items = all(
-        item.get(name) == clean[name]
-        for item, clean in zip(items, checked["items"], strict=True)
-        for name in ITEM_FIELDS
-    )
-    same = all(stored.get(name) == checked[name] for name in CHECKED_FIELDS)
-    return same and same_items and is_plain_value(stored, MAX_STORED_DEPTH)
-
-
-def is_plain_value(value: Any, depth: int) -> bool:
-    """Whether a stored value holds only short texts, finite non-negative numbers, shallow nests."""
-    if isinstance(value, dict):
-        return depth > 0 and all(
-            isinstance(key, str) and len(key) <= MAX_NAME_LENGTH and is_plain_value(item, depth - 1)
-            for key, item in value.items()
-        )
-    if isinstance(value, list):
-        return depth > 0 and all(is_plain_value(item, depth - 1) for item in value)
-    if isinstance(value, str):
-        return len(value) <= MAX_STORED_TEXT
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return math.isfinite(value) and value >= 0
-    return value is None or isinstance(value, bool)
-
-
 # ---------------------------------------------------------------------------------------------
 # Nutrition from USDA SR28 (the table in nutrition.py counts what the model names)
 # ---------------------------------------------------------------------------------------------
@@ -3189,81 +2843,6 @@ def nutrition_table(config: Config) -> NutritionTable | None:
         return load_nutrition_table(config.usda_sr28_dir)
     except NutritionDataError as error:
         raise ConfigError([f"USDA_SR28_DIR: {error}"]) from None
-
-
-def ground_in_table(analysis: dict[str, Any], table: NutritionTable | None) -> dict[str, Any]:
-    """Each item the table knows counted from it; the totals (and ``nutrients``) their sums."""
-    if table is None or not analysis.get("items"):
-        return analysis
-    items = [ground_item(item, table) for item in analysis["items"]]
-    totals = sum_items(items)
-    grounded = {**analysis, **totals, "items": items, "nutrients": total_nutrients(items)}
-    if "caloriesRange" in analysis:
-        grounded["caloriesRange"] = clean_range(analysis["caloriesRange"], totals["calories"])
-    # The model's totals' consistency gives way to the counted totals'; other warnings stay.
-    stale = consistency_warnings(analysis)
-    kept = [warning for warning in analysis.get("warnings", []) if warning not in stale]
-    grounded["warnings"] = consistency_warnings(totals) + kept
-    return grounded
-
-
-def final_analysis(analysis: dict[str, Any], table: NutritionTable | None) -> dict[str, Any]:
-    """The model's analysis counted from the table, refused as absurd past one meal's limits."""
-    return believable(ground_in_table(analysis, table), whose="the analysis counted from the table")
-
-
-def ground_item(item: Mapping[str, Any], table: NutritionTable) -> dict[str, Any]:
-    """The item with SR28's numbers when its description matches a food, else the model's."""
-    found = table.match(item.get("description") or item["name"], method=item.get("cookingMethod"))
-    if found is None:
-        return {**item, "nutritionSource": "model"}
-    return {**item, **counted(table, found.ndb_no, item["grams"]), **match_fields(found)}
-
-
-def counted(table: NutritionTable, ndb_no: str, weight: float) -> dict[str, Any]:
-    """SR28's per-100-g values scaled to the grams, with a household portion when one fits."""
-    values = table.nutrients(ndb_no, weight)
-    food = table.food(ndb_no)
-    found: dict[str, Any] = {
-        "calories": int(values["calories"]),
-        **{name: grams(values[name]) for name in ("protein", "carbs", "fat")},
-        "nutrients": dict(values["nutrients"]),
-        "ndbNo": ndb_no,
-        "usdaDescription": food.description if food else "",
-        "nutritionSource": "usda-sr28",
-    }
-    portion = table.portion(ndb_no, weight)
-    if portion:
-        found["portion"] = portion
-    return found
-
-
-def match_fields(found: FoodMatch) -> dict[str, Any]:
-    """How sure the match is, and the runners-up an app can offer as "did you mean"."""
-    return {
-        "matchConfidence": round(found.confidence, 2),
-        "alternatives": [
-            {
-                "ndbNo": other.ndb_no,
-                "usdaDescription": other.description,
-                "kcalPer100g": other.kcal_per_100g,
-            }
-            for other in found.alternatives
-        ],
-    }
-
-
-def total_nutrients(items: list[dict[str, Any]]) -> dict[str, float | None]:
-    """The sums over the grounded items; None for a nutrient none of them has a value for."""
-    totals: dict[str, float | None] = {}
-    for name in NUTRIENT_UNITS:
-        values = [
-            item["nutrients"][name]
-            for item in items
-            if item.get("nutrients") and item["nutrients"].get(name) is not None
-        ]
-        totals[name] = round(sum(values), 1) if values else None
-    return totals
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3297,9 +2876,7 @@ class UserService:
             reraise=True,
         )
 
-    def save(
-        self, analysis: Mapping[str, Any], form: AnalysisForm, caller: Caller, request_id: str
-    ) -> str:
+    def save(self, analysis: Analysis, form: AnalysisForm, caller: Caller, request_id: str) -> str:
         """Store the analysis as the caller's food entry; return the new entry's id."""
         headers = {"Authorization": caller.authorization, "X-Request-ID": request_id}
         if form.idempotency_key:
@@ -3319,13 +2896,16 @@ class UserService:
             problem = user_service_problem(error, self.timeout)
             logger.error("Error saving food entry to user service at %s: %s", where, problem)
             USER_SERVICE_REQUESTS.labels("unreachable").inc()
-            raise UserServiceError(f"the User Service at {where} {problem}", analysis) from None
+            raise UserServiceError(
+                f"the User Service at {where} {problem}", as_contract(analysis)
+            ) from None
         entry_id = created_entry_id(reply)
         USER_SERVICE_REQUESTS.labels("error" if entry_id is None else "ok").inc()
         if entry_id is None:
             logger.error("Error saving food entry to user service: HTTP %s", reply.status)
             raise UserServiceError(
-                f"the User Service did not store the entry (HTTP {reply.status})", analysis
+                f"the User Service did not store the entry (HTTP {reply.status})",
+                as_contract(analysis),
             )
         return entry_id
 
@@ -3346,40 +2926,6 @@ def user_service_problem(error: requests.RequestException, timeout: float) -> st
     if isinstance(error, AnswerTooLarge):
         return "answered more than any entry needs"
     return f"could not be reached ({type(error).__name__})"
-
-
-def food_entry(analysis: Mapping[str, Any], user_id: str, digest: str) -> dict[str, Any]:
-    """The entry the User Service stores: the contract's fields, then the richer analysis."""
-    return {
-        "userId": user_id,
-        **{name: analysis[name] for name in ENTRY_FIELDS},
-        "source": "image-analysis",
-        "imageHash": digest,
-        **{name: analysis[name] for name in ENTRY_DETAIL_FIELDS if name in analysis},
-    }
-
-
-ENTRY_FIELDS = (
-    "name",
-    "calories",
-    "protein",
-    "carbs",
-    "fat",
-    "servingSize",
-    "ingredients",
-    "confidence",
-)
-# The richer analysis travels too; a User Service that does not know these fields ignores them.
-ENTRY_DETAIL_FIELDS = (
-    "items",
-    "nutrients",
-    "caloriesRange",
-    "assumptions",
-    "suggestions",
-    "warnings",
-    "model",
-    "promptVersion",
-)
 
 
 def created_entry_id(response: UpstreamReply) -> str | None:
@@ -3450,13 +2996,13 @@ def analyze_food() -> Response:
         if guard.replay is not None:
             return replayed(guard.replay)
         analysis, source = cached_or_fresh(services, form)
+        entry_id = None
         if form.save:
             entry_id = services.user_service.save(analysis, form, g.caller, g.request_id)
-            analysis = {**analysis, "entryId": entry_id}
-        return guard.answer({"analysis": analysis, "source": source})
+        return guard.answer({"analysis": as_contract(analysis, entry_id), "source": source})
 
 
-def cached_or_fresh(services: Services, form: AnalysisForm) -> tuple[dict[str, Any], str]:
+def cached_or_fresh(services: Services, form: AnalysisForm) -> tuple[Analysis, str]:
     """The analysis and its source: the cache, else one model call among concurrent misses.
 
     Requests that waited on another's model call (``SingleFlight``) answer with ``cache``.
@@ -3498,20 +3044,22 @@ def fresh_analysis(services: Services, form: AnalysisForm, key: str) -> dict[str
             answer = services.model.analyze(prepared.jpeg, form.wanted, g.request_id)
         analysis = final_analysis(answer.analysis, services.table)
     except NotFood:
-        services.cache.set(key, NOT_FOOD_VERDICT)
+        services.cache.set(key, as_cached(NOT_FOOD))
         raise
     except (UpstreamError, UpstreamRateLimited, AINotConfigured, Overloaded) as error:
         logger.error("Error analyzing food image: %s", error.message)
         raise
-    services.cache.set(key, analysis)
-    return analysis
+    cached = as_cached(analysis)
+    services.cache.set(key, cached)
+    return cached
 
 
-def food_only(analysis: dict[str, Any]) -> dict[str, Any]:
-    """The analysis, or NotFood for a cached verdict that the photo shows no food."""
-    if analysis.get("isFood") is False:
-        raise NotFood("no food was found in this photo")
-    return analysis
+def food_only(cached: dict[str, Any]) -> Analysis:
+    """The cached analysis, or NotFood for a cached verdict that the photo shows no food."""
+    verdict = from_cached(cached)
+    if isinstance(verdict, NotFoodVerdict):
+        raise verdict.refusal()
+    return verdict
 
 
 def replayed(response: Mapping[str, Any]) -> Response:
@@ -3532,7 +3080,7 @@ def stored_response_is_sound(response: Mapping[str, Any]) -> bool:
     if not isinstance(entry_id, str) or not 0 < len(entry_id) <= MAX_ENTRY_ID:
         return False
     rest = {name: value for name, value in analysis.items() if name != "entryId"}
-    return rest != NOT_FOOD_VERDICT and stored_analysis_is_sound(rest)
+    return not isinstance(from_cached(rest), NotFoodVerdict) and stored_analysis_is_sound(rest)
 
 
 OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
@@ -3543,22 +3091,8 @@ OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
 def nutrition() -> Response:
     """The analysis of items the caller names or picks, counted from the table; no model call."""
     table = current_services().table_or_503()
-    items = [nutrition_item(table, number, asked) for number, asked in read_nutrition_items()]
-    totals = sum_items(items)
-    analysis = {
-        "name": ", ".join(item["name"] for item in items)[:MAX_NAME_LENGTH],
-        **totals,
-        "servingSize": ", ".join(item.get("portion") or f"{item['grams']} g" for item in items),
-        "ingredients": [item["name"] for item in items],
-        "confidence": min(item["confidence"] for item in items),
-        "items": items,
-        "nutrients": total_nutrients(items),
-        "assumptions": [],
-        "suggestions": [],
-        "warnings": consistency_warnings(totals),
-    }
-    checked = believable(analysis, BadRequest, "the items' grams")
-    return jsonify(analysis=checked, source="usda-sr28")
+    analysis = nutrition_analysis(table, read_nutrition_items())
+    return jsonify(analysis=as_contract(analysis), source="usda-sr28")
 
 
 def read_json_body() -> Any:
@@ -3580,8 +3114,8 @@ def read_json_body() -> Any:
         ) from None
 
 
-def read_nutrition_items() -> list[tuple[int, Mapping[str, Any]]]:
-    """The ``items`` of a ``POST /nutrition`` body, numbered, each an object."""
+def read_nutrition_items() -> list[Mapping[str, Any]]:
+    """The ``items`` of a ``POST /nutrition`` body, each an object."""
     body = read_json_body()
     items = body.get("items") if isinstance(body, dict) else None
     if not isinstance(items, list) or not items:
@@ -3593,46 +3127,7 @@ def read_nutrition_items() -> list[tuple[int, Mapping[str, Any]]]:
         raise BadRequest(f"send at most {MAX_ITEMS} items, got {len(items)}")
     if not all(isinstance(item, dict) for item in items):
         raise BadRequest("each item must be an object with a name or an ndbNo, and grams")
-    return list(enumerate(items, 1))
-
-
-def nutrition_item(table: NutritionTable, number: int, asked: Mapping[str, Any]) -> dict[str, Any]:
-    """One item of ``POST /nutrition``: the food picked by ``ndbNo``, or matched by its name."""
-    weight = json_number(asked.get("grams"))
-    if weight is None or not 0 <= weight <= MAX_ITEM_GRAMS:
-        raise BadRequest(
-            f"item {number}: grams must be a JSON number (not text) from 0 to {MAX_ITEM_GRAMS}"
-        )
-    ndb_no, name = asked.get("ndbNo"), asked.get("name")
-    if isinstance(ndb_no, str) and ndb_no:
-        food = table.food(ndb_no)
-        if food is None:
-            raise BadRequest(f"item {number}: no USDA SR28 food has ndbNo {ndb_no[:10]!r}")
-        label = clean_text(name, MAX_NAME_LENGTH) if isinstance(name, str) else ""
-        return {
-            "name": label or food.description,
-            "grams": grams(weight),
-            "confidence": 1.0,
-            **counted(table, ndb_no, weight),
-            "matchConfidence": 1.0,
-        }
-    if not isinstance(name, str) or not name.strip():
-        raise BadRequest(f"item {number}: give a name or an ndbNo")
-    method = asked.get("cookingMethod")
-    name = clean_text(name, MAX_NAME_LENGTH)
-    method = clean_text(method, MAX_NAME_LENGTH) if isinstance(method, str) else None
-    found = table.match(name, method=method)
-    if found is None:
-        raise BadRequest(
-            f"item {number}: no USDA SR28 food matches {name[:60]!r}; pick one with GET /foods?q="
-        )
-    return {
-        "name": clean_text(name, MAX_NAME_LENGTH),
-        "grams": grams(weight),
-        "confidence": round(found.confidence, 2),
-        **counted(table, found.ndb_no, weight),
-        **match_fields(found),
-    }
+    return items
 
 
 @bp.get("/foods")

@@ -14,7 +14,8 @@ import pytest
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from app import MAX_ITEMS, PROMPT_VERSION, SYSTEM_PROMPT, Config
+from app import PROMPT_VERSION, SYSTEM_PROMPT, Config
+from meal import MAX_ITEMS
 from tests import images
 from tests.conftest import MEAL, AnalyzeActions, assert_json_error
 from tests.fakes import ChatCompletionsServer, RecordedRequest, Reply, UserServiceServer

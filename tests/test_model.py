@@ -18,21 +18,23 @@ from requests.structures import CaseInsensitiveDict
 from werkzeug.test import TestResponse
 
 from app import (
+    AnalysisRequest,
+    Config,
+    NotFood,
+    UpstreamError,
+    build_model_request,
+    parse_model_content,
+)
+from meal import (
     MAX_CALORIES,
     MAX_GRAMS,
     MAX_INGREDIENTS,
     MAX_ITEM_GRAMS,
     MAX_NAME_LENGTH,
     MAX_TEXT_READ,
-    AnalysisRequest,
-    Config,
-    NotFood,
-    UpstreamError,
     beyond_limits,
-    build_model_request,
     clean_text,
     normalise_analysis,
-    parse_model_content,
     parse_number,
 )
 from model_servers import retry_after_seconds

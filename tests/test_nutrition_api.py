@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from app import MAX_TEXT_READ, ConfigError, create_app
+from app import ConfigError, create_app
+from meal import MAX_TEXT_READ
 from nutrition import NUTRIENT_UNITS, NutritionTable
 from tests import images
 from tests.conftest import SR28, assert_json_error, cached_keys, post_photo

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from app import CircuitBreaker, Config
+from app import Config
+from store import CircuitBreaker
 from tests import images
 from tests.conftest import AnalyzeActions, app_for, cached_keys, post_photo
 from tests.fakes import (

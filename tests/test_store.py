@@ -248,7 +248,7 @@ def test_the_service_carries_on_through_a_sentinel_failover(
 
 
 def test_expired_records_are_dropped_as_the_table_is_written(tmp_path: Path) -> None:
-    from app import EXPIRE_EVERY, EmbeddedStore
+    from store import EXPIRE_EVERY, EmbeddedStore
 
     store = EmbeddedStore(tmp_path / "store.sqlite3", "records")
     for number in range(EXPIRE_EVERY - 1):
@@ -631,7 +631,8 @@ def test_a_planted_lock_that_never_expires_is_taken_over(
 
 
 def test_store_max_mb_bounds_the_files_on_disk_log_included(tmp_path: Path) -> None:
-    from app import AnalysisCache, EmbeddedStore, wal_pages_for
+    from app import AnalysisCache
+    from store import EmbeddedStore, wal_pages_for
 
     bound = 1024 * 1024
     folder = tmp_path / "bounded"
@@ -647,7 +648,7 @@ def test_store_max_mb_bounds_the_files_on_disk_log_included(tmp_path: Path) -> N
 
 
 def test_a_store_file_overwritten_with_garbage_is_made_afresh(tmp_path: Path) -> None:
-    from app import EmbeddedStore
+    from store import EmbeddedStore
 
     store_path = tmp_path / "state" / "store.sqlite3"
     worker = EmbeddedStore(store_path, "records")
@@ -663,7 +664,7 @@ def test_a_store_file_overwritten_with_garbage_is_made_afresh(tmp_path: Path) ->
 
 
 def test_a_store_file_replaced_by_another_database_gets_its_tables(tmp_path: Path) -> None:
-    from app import EmbeddedStore
+    from store import EmbeddedStore
 
     store_path = tmp_path / "state" / "store.sqlite3"
     store = EmbeddedStore(store_path, "records")
@@ -682,11 +683,12 @@ def test_a_store_file_replaced_by_another_database_gets_its_tables(tmp_path: Pat
 def test_a_redis_lock_planted_without_expiry_is_dropped_when_read_as_a_lock(
     redis: RedisServer, make_config: Callable[..., object]
 ) -> None:
-    from app import Config, build_stores
+    from app import Config, redis_settings
+    from store import build_stores
 
     config = make_config()
     assert isinstance(config, Config)
-    _, records = build_stores(config)
+    _, records = build_stores(redis_settings(config), config.store_file, 1024 * 1024)
     with redis.client() as connection:
         connection.set("lock:planted", "0" * 32)
         connection.set("idempotency:kept", "a record", px=60_000)
@@ -697,7 +699,7 @@ def test_a_redis_lock_planted_without_expiry_is_dropped_when_read_as_a_lock(
 
 
 def test_a_folder_shared_with_other_files_keeps_its_mode(tmp_path: Path) -> None:
-    from app import EmbeddedStore
+    from store import EmbeddedStore
 
     folder = tmp_path / "shared"
     folder.mkdir()

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from store import CircuitBreaker
 from tests import images
 from tests.conftest import (
     REDIS_PASSWORD,
@@ -709,3 +710,93 @@ def test_a_folder_shared_with_other_files_keeps_its_mode(tmp_path: Path) -> None
     store.set("key", "value", 60)
     assert oct(stat.S_IMODE(folder.stat().st_mode)) == "0o755"
     assert oct(stat.S_IMODE((folder / "store.sqlite3").stat().st_mode)) == "0o600"
+
+
+# ------------------------------------------------------------------ the breaker, alone
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_breaker_stays_closed_below_its_threshold() -> None:
+    breaker = CircuitBreaker(threshold=3, cooldown=60, clock=Clock())
+
+    opened = [breaker.failed(), breaker.failed()]
+
+    assert opened == [False, False]
+    assert breaker.allows()
+
+
+def test_breaker_opens_at_its_threshold() -> None:
+    breaker = CircuitBreaker(threshold=3, cooldown=60, clock=Clock())
+
+    opened = [breaker.failed() for _ in range(3)]
+
+    assert opened == [False, False, True]
+    assert not breaker.allows()
+
+
+def test_success_resets_the_count_of_consecutive_failures() -> None:
+    breaker = CircuitBreaker(threshold=2, cooldown=60, clock=Clock())
+    breaker.failed()
+    breaker.succeeded()
+
+    assert breaker.failed() is False
+    assert breaker.allows()
+
+
+def test_breaker_stays_open_until_the_cool_off_has_passed() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=1, cooldown=60, clock=clock)
+    breaker.failed()
+    clock.advance(59.9)
+
+    assert not breaker.allows()
+
+
+def test_breaker_allows_a_trial_once_the_cool_off_has_passed() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=1, cooldown=60, clock=clock)
+    breaker.failed()
+    clock.advance(60)
+
+    assert breaker.allows()
+
+
+def test_failed_trial_after_the_cool_off_reopens_the_breaker() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=2, cooldown=60, clock=clock)
+    breaker.failed()
+    breaker.failed()
+    clock.advance(60)
+    assert breaker.allows()  # the trial
+
+    reopened = breaker.failed()
+
+    assert reopened is True
+    assert not breaker.allows()
+
+
+def test_successful_trial_after_the_cool_off_closes_the_breaker() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=2, cooldown=60, clock=clock)
+    breaker.failed()
+    breaker.failed()
+    clock.advance(60)
+    assert breaker.allows()  # the trial
+    breaker.succeeded()
+
+    reopened = breaker.failed()
+
+    assert reopened is False
+    assert breaker.allows()

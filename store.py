@@ -32,6 +32,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from errors import ConfigError
+from sqlite_connections import ProcessConnections
 
 logger = logging.getLogger("image_service")
 
@@ -497,8 +498,13 @@ class OpenedFile:
     """One thread's connection, and the file (device, inode) it was opened on."""
 
     connection: sqlite3.Connection
-    pid: int
     identity: tuple[int, int]
+
+
+class ThreadFiles(threading.local):
+    """Each thread's opened file, None until it opens one."""
+
+    held: OpenedFile | None = None
 
 
 class EmbeddedStore:
@@ -527,7 +533,7 @@ class EmbeddedStore:
         self.sql = {name: template.format(table=table) for name, template in EMBEDDED_SQL.items()}
         self.max_bytes = max_bytes
         self.wal_pages = wal_pages
-        self.local = threading.local()
+        self.threads = ProcessConnections(ThreadFiles)
         self.problem: str | None = None
         self.written = 0
         self.lock = threading.Lock()
@@ -535,16 +541,12 @@ class EmbeddedStore:
 
     def connection(self) -> sqlite3.Connection:
         """This thread's connection to the file now at the path; opened again when that changed."""
-        held: OpenedFile | None = getattr(self.local, "held", None)
-        if (
-            held is not None
-            and held.pid == os.getpid()
-            and held.identity == file_identity(self.path)
-        ):
+        held = self.threads.here().held
+        if held is not None and held.identity == file_identity(self.path):
             return held.connection
         self.close()
-        self.local.held = self.open()
-        return cast(sqlite3.Connection, self.local.held.connection)
+        opened = self.threads.here().held = self.open()
+        return opened.connection
 
     def open(self, damaged: tuple[int, int] | None = None) -> OpenedFile:
         """Open the file as the service's own, making it (and its tables) when it is missing.
@@ -583,7 +585,7 @@ class EmbeddedStore:
         if file_identity(self.path) != (info.st_dev, info.st_ino):
             connection.close()
             raise StoreRefused("the file was replaced while it was opened")
-        return OpenedFile(connection, os.getpid(), (info.st_dev, info.st_ino))
+        return OpenedFile(connection, (info.st_dev, info.st_ino))
 
     def initialise(self, connection: sqlite3.Connection) -> None:
         """Set the file's layout and both tables (kept if there) and this connection's WAL bound."""
@@ -598,9 +600,9 @@ class EmbeddedStore:
 
     def close(self) -> None:
         """Close this thread's connection (one inherited through a fork is only dropped)."""
-        held: OpenedFile | None = getattr(self.local, "held", None)
-        self.local.held = None
-        if held is not None and held.pid == os.getpid():
+        files = self.threads.here()
+        held, files.held = files.held, None
+        if held is not None:
             held.connection.close()
 
     def run(self, operation: str, *parameters: Any) -> sqlite3.Cursor:
@@ -625,13 +627,13 @@ class EmbeddedStore:
             damaged = is_damaged(error)
             if not damaged and "no such table" not in str(error):
                 raise
-            held: OpenedFile = self.local.held
+            held = self.threads.here().held
             logger.warning("The store %s is not usable (%s): opening it afresh", self.path, error)
             self.close()
-            self.local.held = self.open(held.identity if damaged else None)
-        return cast(sqlite3.Connection, self.local.held.connection).execute(
-            self.sql[operation], parameters
-        )
+            identity = held.identity if damaged and held is not None else None
+            opened = self.threads.here().held = self.open(identity)
+            connection = opened.connection
+        return connection.execute(self.sql[operation], parameters)
 
     def get(self, key: str, longest: float = math.inf) -> str | None:
         """The value, or None when absent, expired, or claiming to outlive ``longest`` seconds."""

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from store import CircuitBreaker
+from store import CircuitBreaker, SentinelURL, parse_sentinel_url
 from tests import images
 from tests.conftest import (
     REDIS_PASSWORD,
@@ -710,6 +710,40 @@ def test_a_folder_shared_with_other_files_keeps_its_mode(tmp_path: Path) -> None
     store.set("key", "value", 60)
     assert oct(stat.S_IMODE(folder.stat().st_mode)) == "0o755"
     assert oct(stat.S_IMODE((folder / "store.sqlite3").stat().st_mode)) == "0o600"
+
+
+# ------------------------------------------------------------------ the Sentinel URL, read once
+
+
+def test_a_sentinel_url_names_its_sentinels_service_database_and_password() -> None:
+    address = parse_sentinel_url("redis+sentinel://:secret@s1:26380,s2:26381/mymaster/2")
+
+    assert address == SentinelURL(
+        hosts=(("s1", 26380), ("s2", 26381)), service="mymaster", db=2, password="secret"
+    )
+
+
+def test_a_sentinel_without_a_port_is_asked_on_sentinels_own() -> None:
+    address = parse_sentinel_url("redis+sentinel://s1,s2:26380/mymaster")
+
+    assert (address.hosts, address.db, address.password) == (
+        (("s1", 26379), ("s2", 26380)),
+        0,
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+sentinel://h1:abc/mymaster",
+        "redis+sentinel://h1:26379/mymaster/x",
+        "redis+sentinel://h1:26379",
+    ],
+)
+def test_a_sentinel_url_without_a_service_or_a_port_number_is_refused(url: str) -> None:
+    with pytest.raises(ValueError, match="REDIS_URL"):
+        parse_sentinel_url(url)
 
 
 # ------------------------------------------------------------------ the breaker, alone

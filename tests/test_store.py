@@ -21,9 +21,20 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+import redis as redis_py
 import requests
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from store import CircuitBreaker, SentinelURL, parse_sentinel_url
+from store import (
+    CircuitBreaker,
+    RedisStore,
+    RequestScope,
+    SentinelURL,
+    StoreUnavailable,
+    no_request,
+    parse_sentinel_url,
+)
 from tests import images
 from tests.conftest import (
     REDIS_PASSWORD,
@@ -32,7 +43,13 @@ from tests.conftest import (
     bearer,
     running_gunicorn,
 )
-from tests.fakes import ChatCompletionsServer, RedisServer, Reply, UserServiceServer
+from tests.fakes import (
+    ChatCompletionsServer,
+    RedisServer,
+    Reply,
+    UserServiceServer,
+    free_port,
+)
 from tests.redis_topologies import RedisCluster, RedisSentinelSet
 from tests.servers import STARTUP_TIMEOUT, Gunicorn, start_gunicorn
 
@@ -710,6 +727,42 @@ def test_a_folder_shared_with_other_files_keeps_its_mode(tmp_path: Path) -> None
     store.set("key", "value", 60)
     assert oct(stat.S_IMODE(folder.stat().st_mode)) == "0o755"
     assert oct(stat.S_IMODE((folder / "store.sqlite3").stat().st_mode)) == "0o600"
+
+
+# ------------------------------------------------------------------ one request, one Redis failure
+
+
+def redis_at_a_closed_port(
+    scope: Callable[[], RequestScope | None], events: list[str]
+) -> RedisStore:
+    """A RedisStore whose server is gone, behind a breaker that never opens here."""
+    client = redis_py.Redis(
+        port=free_port(), socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
+    )
+    return RedisStore(client, CircuitBreaker(1000, 60), scope=scope, count=events.append)
+
+
+def test_a_request_that_saw_redis_fail_does_not_ask_it_again() -> None:
+    scope, events = RequestScope(), []
+    store = redis_at_a_closed_port(lambda: scope, events)
+
+    for _ in range(3):
+        with pytest.raises(StoreUnavailable):
+            store.get("key")
+
+    assert scope.redis_failed
+    assert events == ["error", "skipped", "skipped"]
+
+
+def test_outside_a_request_every_call_asks_redis() -> None:
+    events: list[str] = []
+    store = redis_at_a_closed_port(no_request, events)
+
+    for _ in range(2):
+        with pytest.raises(StoreUnavailable):
+            store.get("key")
+
+    assert events == ["error", "error"]
 
 
 # ------------------------------------------------------------------ the Sentinel URL, read once

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -13,9 +12,6 @@ from app import Config, create_app
 from tests import images
 from tests.conftest import RecordHandler
 from tests.fakes import ChatCompletionsServer, RedisServer, StalledServer
-
-# REDIS_TIMEOUT defaults to 0.5 s, and a request meets Redis twice (GET, SET): far below this.
-GENEROUS_BOUND_SECONDS = 5.0
 
 
 def analyze(client: FlaskClient, headers: dict[str, str], photo: bytes) -> dict[str, object]:
@@ -105,7 +101,7 @@ def test_cache_is_used_again_once_health_sees_redis_back(
     assert client.get("/health").get_json()["checks"]["redis"] == "connected"
 
 
-def test_analysis_succeeds_when_redis_hangs(
+def test_analysis_succeeds_when_redis_hangs_and_asks_it_once(
     make_config: Callable[..., Config],
     auth_headers: dict[str, str],
     model: ChatCompletionsServer,
@@ -114,10 +110,9 @@ def test_analysis_succeeds_when_redis_hangs(
     flask_app = create_app(make_config(redis_host=stalled.host, redis_port=stalled.port))
     flask_app.testing = True
 
-    started = time.monotonic()
     body = analyze(flask_app.test_client(), auth_headers, images.jpeg())
-    elapsed = time.monotonic() - started
 
     assert body["source"] == "api"
     assert len(model.calls) == 1
-    assert elapsed < GENEROUS_BOUND_SECONDS
+    # One timeout, then the request skips Redis: what keeps a hung Redis from adding more.
+    assert stalled.accepted == 1

@@ -34,7 +34,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
-import fcntl
 import functools
 import hashlib
 import io
@@ -43,8 +42,6 @@ import logging
 import math
 import os
 import re
-import sqlite3
-import stat
 import sys
 import threading
 import time
@@ -53,13 +50,12 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import IO, Any, TypeGuard, TypeVar, cast
+from typing import IO, Any, TypeVar, cast
 from urllib.parse import quote, urlencode, urlsplit
 
 import jwt
 import pillow_heif
 import prometheus_client
-import redis
 import requests
 import tenacity
 import urllib3
@@ -78,11 +74,6 @@ from gunicorn.http.errors import (
     ParseException,
 )
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
-from redis.backoff import NoBackoff
-from redis.cluster import RedisCluster
-from redis.exceptions import RedisClusterException
-from redis.retry import Retry
-from redis.sentinel import Sentinel
 from requests.adapters import HTTPAdapter
 from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
 
@@ -92,13 +83,10 @@ from errors import (
     BadRequest,
     ConfigError,
     ErrorCode,
-    IdempotencyKeyInProgress,
-    IdempotencyKeyReused,
     InternalError,
     NotFood,
     NutritionNotConfigured,
     Overloaded,
-    RecordsUnavailable,
     ServiceError,
     TransientUpstreamError,
     Unauthorized,
@@ -109,6 +97,7 @@ from errors import (
     UserServiceError,
 )
 from json_values import parse_json
+from locks import IdempotencyRecords, SingleFlight
 from logs import RequestContextFilter, redact
 from meal import (
     MAX_ITEMS,
@@ -172,6 +161,16 @@ from settings import (
     redis_address,
     setting,
     whole_number,
+)
+from store import (
+    SENTINEL_SCHEME,
+    RedisSettings,
+    RequestScope,
+    Store,
+    StoreUnavailable,
+    build_stores,
+    decode_cached,
+    parse_sentinel_url,
 )
 from token_keys import HS_ALGORITHMS, PUBLIC_KEY_ALGORITHMS, load_public_key
 
@@ -441,13 +440,11 @@ def redis_problems(config: Config) -> list[str]:
         cluster_db = config.redis_cluster and config.redis_db != 0
         return ["REDIS_CLUSTER takes database 0 only (REDIS_DB)"] if cluster_db else []
     parts = urlsplit(url)
-    if url.startswith("redis+sentinel://"):
-        hosts = parts.netloc.rpartition("@")[2].split(",")
-        if any(not re.fullmatch(r"[^:]+(:[0-9]{1,5})?", host) for host in hosts):
-            return ["REDIS_URL names a Sentinel without a host, or with a port that is no number"]
-        service, _, db = parts.path.strip("/").partition("/")
-        if not service or not re.fullmatch(r"[0-9]*", db):
-            return ["REDIS_URL must name the Sentinel service: redis+sentinel://h1:26379/mymaster"]
+    if url.startswith(SENTINEL_SCHEME):
+        try:
+            parse_sentinel_url(url)
+        except ValueError as error:
+            return [str(error)]
         return []
     try:
         _ = parts.port
@@ -764,865 +761,6 @@ def read_note() -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The store (Redis, or an embedded SQLite file shared by the host's workers)
-# ---------------------------------------------------------------------------------------------
-
-
-# What redis-py raises: a Cluster's own errors (no node reachable, slots uncovered) are not
-# RedisErrors.
-REDIS_ERRORS = (redis.RedisError, RedisClusterException)
-# How long an embedded-store statement waits for another process's write to finish.
-STORE_BUSY_SECONDS = 2.0
-# How far past a caller's clock reading another's expiry may legitimately reach: a writer that
-# read the clock later may have waited less for the file's lock.
-STORE_CLOCK_MARGIN = STORE_BUSY_SECONDS + 1
-# How often (in writes) a table without a size bound drops its expired rows.
-EXPIRE_EVERY = 256
-
-
-class StoreUnavailable(Exception):
-    """Redis failed, or is being skipped after repeated failures."""
-
-
-class CircuitBreaker:
-    """Opens after repeated failures, so a dead dependency costs nothing for a cool-off."""
-
-    def __init__(self, threshold: int, cooldown: float) -> None:
-        self.threshold = threshold
-        self.cooldown = cooldown
-        self.failures = 0
-        self.open_until = 0.0
-        self.lock = threading.Lock()
-
-    def allows(self) -> bool:
-        """Whether a call may be tried now: closed, or the one trial call after the cool-off."""
-        with self.lock:
-            now = time.monotonic()
-            if now < self.open_until:
-                return False
-            if self.failures >= self.threshold:
-                self.open_until = now + self.cooldown
-            return True
-
-    def succeeded(self) -> None:
-        """Close the breaker."""
-        with self.lock:
-            self.failures = 0
-            self.open_until = 0.0
-
-    def failed(self) -> bool:
-        """Count a failure; True when this one opens the breaker."""
-        with self.lock:
-            self.failures += 1
-            if self.failures < self.threshold:
-                return False
-            self.open_until = time.monotonic() + self.cooldown
-            return True
-
-
-# Deletes a key only while it still holds the caller's token, so a lock outlived by its owner
-# is never released by that owner after someone else took it over.
-COMPARE_AND_DELETE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-# Extends a key's lifetime only while it still holds the caller's token.
-COMPARE_AND_EXPIRE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-# Reads a key, dropping it instead when it claims to live longer than ARGV[1] ms (or forever).
-GET_WITHIN = """
-local left = redis.call('PTTL', KEYS[1])
-if left == -1 or left > tonumber(ARGV[1]) then redis.call('DEL', KEYS[1]) return false end
-return redis.call('GET', KEYS[1])
-"""
-
-
-class RedisStore:
-    """String values with expiry in Redis, behind a circuit breaker; failures raise."""
-
-    def __init__(self, client: RedisClient, breaker: CircuitBreaker, kind: str = "redis") -> None:
-        self.client = client
-        self.breaker = breaker
-        self.kind = kind
-
-    def describe(self) -> str:
-        """``redis``, ``redis-sentinel`` or ``redis-cluster`` for /health."""
-        return self.kind
-
-    def run(self, operation: str, command: Callable[[RedisClient], Any]) -> Any:
-        """Run one Redis command, or raise StoreUnavailable (logged and counted).
-
-        After a failure Redis is not asked again within the same request, and after
-        ``REDIS_BREAKER_FAILURES`` failures in a row not at all until the cool-off ends.
-        """
-        if not self.breaker.allows() or redis_failed_in_this_request():
-            CACHE_EVENTS.labels("skipped").inc()
-            raise StoreUnavailable("Redis is skipped for a cool-off")
-        try:
-            result = command(self.client)
-        except REDIS_ERRORS as error:
-            if has_request_context():
-                g.redis_failed = True
-            CACHE_EVENTS.labels("error").inc()
-            opened = self.breaker.failed()
-            logger.warning(
-                "Redis connection error on %s: %s%s",
-                operation,
-                redis_problem(error),
-                f"; skipping Redis for {self.breaker.cooldown:g}s" if opened else "",
-            )
-            raise StoreUnavailable(redis_problem(error)) from None
-        self.breaker.succeeded()
-        return result
-
-    def get(self, key: str, longest: float = math.inf) -> str | None:
-        """The value, or None; a key claiming to outlive ``longest`` seconds is dropped."""
-        if math.isinf(longest):
-            raw = self.run("GET", lambda client: client.get(key))
-        else:
-            milliseconds = max(1, int(longest * 1000))
-            raw = self.run("GET", lambda client: client.eval(GET_WITHIN, 1, key, milliseconds))
-        return raw.decode() if isinstance(raw, bytes) else raw
-
-    def set(self, key: str, value: str, ttl: float) -> None:
-        """Store a value for ``ttl`` seconds."""
-        self.run("SET", lambda client: client.set(key, value, px=max(1, int(ttl * 1000))))
-
-    def add(self, key: str, value: str, ttl: float, longest: float = math.inf) -> bool:
-        """Store a value only if the key is absent; True when stored (``get`` drops outlivers)."""
-        stored = self.run(
-            "SET NX", lambda client: client.set(key, value, px=max(1, int(ttl * 1000)), nx=True)
-        )
-        return bool(stored)
-
-    def delete_if(self, key: str, value: str) -> None:
-        """Delete the key if it still holds ``value``."""
-        self.run("DEL", lambda client: client.eval(COMPARE_AND_DELETE, 1, key, value))
-
-    def extend_if(self, key: str, value: str, ttl: float) -> None:
-        """Give the key ``ttl`` more seconds if it still holds ``value``."""
-        milliseconds = max(1, int(ttl * 1000))
-        self.run(
-            "PEXPIRE", lambda client: client.eval(COMPARE_AND_EXPIRE, 1, key, value, milliseconds)
-        )
-
-    def health(self) -> str:
-        """``connected``, ``connection failed`` or ``error: <reason>``; ignores the breaker."""
-        try:
-            self.client.ping()
-        except redis.AuthenticationError:
-            return "error: authentication failed"
-        except (redis.ConnectionError, redis.TimeoutError):
-            return "connection failed"
-        except REDIS_ERRORS as error:
-            return f"error: {redis_problem(error)}"
-        self.breaker.succeeded()
-        return "connected"
-
-    @property
-    def refuses_unguarded_saves(self) -> bool:
-        """An unreachable Redis lets saves go ahead unguarded, as the README promises."""
-        return False
-
-
-def redis_failed_in_this_request() -> bool:
-    """Whether Redis already failed while serving this request (one timeout per request at most)."""
-    return has_request_context() and bool(g.get("redis_failed", False))
-
-
-# The embedded store's statements, one per operation, each atomic on its own. ``{table}`` is one
-# of EMBEDDED_TABLES, never a caller's value.
-EMBEDDED_TABLES = ("analyses", "records")
-EMBEDDED_SQL = {
-    "create": "CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, value TEXT NOT NULL,"
-    " expires REAL NOT NULL, stored REAL NOT NULL, size INTEGER NOT NULL)",
-    "index": "CREATE INDEX IF NOT EXISTS {table}_stored ON {table} (stored)",
-    # A row claiming to live longer than the caller allows (``longest``) counts as expired.
-    "get": "SELECT value FROM {table} WHERE key = ? AND expires > ? AND expires <= ?",
-    "set": "INSERT OR REPLACE INTO {table} VALUES (?, ?, ?, ?, ?)",
-    # Inserts, or replaces only an expired value; one changed row means the key was free.
-    "add": "INSERT INTO {table} VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
-    " value = excluded.value, expires = excluded.expires, stored = excluded.stored,"
-    " size = excluded.size WHERE {table}.expires <= ? OR {table}.expires > ?",
-    "delete_if": "DELETE FROM {table} WHERE key = ? AND value = ?",
-    "extend_if": "UPDATE {table} SET expires = ? WHERE key = ? AND value = ? AND expires > ?",
-    "expire": "DELETE FROM {table} WHERE expires <= ?",
-    "size": "SELECT total(size) FROM {table}",
-    # The bytes of the file's pages in use beyond an empty store's, whichever table holds them.
-    "used": "SELECT (page_count - freelist_count - ?) * page_size"
-    " FROM pragma_page_count(), pragma_freelist_count(), pragma_page_size()",
-    # The oldest rows whose sizes, added up from the oldest, first reach the excess.
-    "evict": "DELETE FROM {table} WHERE key IN (SELECT key FROM (SELECT key, size, sum(size)"
-    " OVER (ORDER BY stored, key) AS running FROM {table}) WHERE running - size < ?)",
-    "probe": "SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT 1)",
-    "vacuum": "PRAGMA incremental_vacuum",
-    "checkpoint": "PRAGMA wal_checkpoint(TRUNCATE)",
-}
-# Set on every new file: freed pages can be handed back to the filesystem, and every worker
-# shares one write-ahead log.
-EMBEDDED_FILE_PRAGMAS = ("PRAGMA auto_vacuum=INCREMENTAL", "PRAGMA journal_mode=WAL")
-STORE_FILE_MODE = 0o600
-STORE_FOLDER_MODE = 0o700
-# SQLite's companions of a file in WAL mode: the log and its shared index.
-STORE_COMPANIONS = ("-wal", "-shm")
-# A database file shorter than SQLite's header was truncated: a sound one starts with a page.
-SQLITE_HEADER_BYTES = 100
-SQLITE_PAGE_BYTES = 4096
-# The pages of an empty store (header, two tables, their indexes, a pointer map): not the
-# cache's to evict.
-EMPTY_STORE_PAGES = 8
-# What SQLite says of a file that is no longer a database (overwritten or truncated).
-DAMAGED_FILE_ERRORS = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
-
-
-class StoreRefused(Exception):
-    """The embedded store's file or folder is not the service's own, or cannot hold a database."""
-
-
-def ownership_problem(info: os.stat_result, what: str) -> str | None:
-    """Why another user could change this file or folder, or None when only the service can."""
-    mode = stat.S_IMODE(info.st_mode)
-    if info.st_uid != os.geteuid():
-        return f"{what} is owned by uid {info.st_uid}, not the service's uid {os.geteuid()}"
-    if mode & stat.S_IWOTH:
-        return f"{what} is writable by every user (mode {mode:04o})"
-    if mode & stat.S_IWGRP and info.st_gid != os.getegid():
-        return f"{what} is writable by group {info.st_gid}, not the service's own (mode {mode:04o})"
-    return None
-
-
-def file_problem(info: os.stat_result, what: str) -> str | None:
-    """Why this (lstat) entry cannot be the store's file, or None."""
-    if stat.S_ISLNK(info.st_mode):
-        return f"{what} is a symbolic link"
-    if stat.S_ISDIR(info.st_mode):
-        return f"{what} is a folder, not a file"
-    if not stat.S_ISREG(info.st_mode):
-        return f"{what} is not a regular file"
-    return ownership_problem(info, what)
-
-
-def tighten(path: Path, info: os.stat_result, private: int) -> None:
-    """Take from group and others what the service's own entry lets them read (older 0644s)."""
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o777 != private:
-        os.chmod(path, mode & ~0o777 | private)
-
-
-def prepare_store_folder(store_path: Path) -> None:
-    """Create the file's folder and any missing parent (0700), or check the one there.
-
-    A folder of the store's own (it holds nothing else) is tightened too; one shared with other
-    files, such as a home or ``/var/lib``, keeps its mode.
-    """
-    folder = store_path.parent
-    missing = [path for path in (folder, *folder.parents) if not os.path.lexists(path)]
-    try:
-        for path in reversed(missing):
-            path.mkdir(mode=STORE_FOLDER_MODE)
-            os.chmod(path, STORE_FOLDER_MODE)
-        info = os.stat(folder)
-        if not stat.S_ISDIR(info.st_mode):
-            raise StoreRefused("the folder that should hold it is not a folder")
-        own = {store_path.name, *(store_path.name + suffix for suffix in STORE_COMPANIONS)}
-        alone = set(os.listdir(folder)) <= own
-    except OSError as error:
-        raise StoreRefused(f"the folder cannot be made or read ({error.strerror})") from None
-    problem = ownership_problem(info, "the folder")
-    if problem:
-        raise StoreRefused(problem)
-    if alone:
-        tighten(folder, info, STORE_FOLDER_MODE)
-
-
-def prepare_store_file(path: Path) -> os.stat_result:
-    """The file once it is the service's own: created 0600, else checked (not followed), tightened.
-
-    The folder is checked first and only the service can write it, so nobody else can swap the
-    file between this check and SQLite's open.
-    """
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        create_store_file(path)
-        info = os.lstat(path)
-    problem = file_problem(info, "the path")
-    for suffix in STORE_COMPANIONS:
-        companion = Path(f"{path}{suffix}")
-        with contextlib.suppress(FileNotFoundError):
-            found = os.lstat(companion)
-            problem = problem or file_problem(found, f"its {suffix[1:].upper()} file")
-            if problem is None:
-                tighten(companion, found, STORE_FILE_MODE)
-    if problem:
-        raise StoreRefused(problem)
-    tighten(path, info, STORE_FILE_MODE)
-    return info
-
-
-def create_store_file(path: Path) -> None:
-    """A new empty file, 0600 whatever the umask (SQLite gives its log and index the same mode).
-
-    A log left behind by a file that is gone would be replayed into the new one: it goes first.
-    """
-    discard_store_file(path)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    descriptor = os.open(path, flags, STORE_FILE_MODE)
-    try:
-        os.fchmod(descriptor, STORE_FILE_MODE)
-    finally:
-        os.close(descriptor)
-
-
-def discard_store_file(path: Path) -> None:
-    """Remove the file and its companions, where they are plain files (never a folder)."""
-    for name in (str(path), *(f"{path}{suffix}" for suffix in STORE_COMPANIONS)):
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISREG(os.lstat(name).st_mode):
-                os.unlink(name)
-
-
-def file_identity(path: Path) -> tuple[int, int] | None:
-    """The device and inode of the file at ``path``; None when it is gone or was truncated."""
-    try:
-        info = os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    if stat.S_ISREG(info.st_mode) and info.st_size < SQLITE_HEADER_BYTES:
-        return None
-    return info.st_dev, info.st_ino
-
-
-@contextlib.contextmanager
-def folder_lock(folder: Path) -> Iterator[None]:
-    """Hold the folder's flock, so one process at a time creates, checks or replaces the file."""
-    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(descriptor)
-
-
-def store_problem(error: Exception) -> str:
-    """A short reason for /health that names no path."""
-    if isinstance(error, OSError):
-        return error.strerror or type(error).__name__
-    return str(error).split("\n", 1)[0][:120]
-
-
-def is_damaged(error: sqlite3.DatabaseError) -> bool:
-    """Whether the file is no longer a database (overwritten, truncated), rather than busy."""
-    return getattr(error, "sqlite_errorname", "") in DAMAGED_FILE_ERRORS
-
-
-@dataclass
-class OpenedFile:
-    """One thread's connection, and the file (device, inode) it was opened on."""
-
-    connection: sqlite3.Connection
-    pid: int
-    identity: tuple[int, int]
-
-
-class EmbeddedStore:
-    """The same operations in a SQLite file (WAL) that every worker on the host shares.
-
-    One table per store: the analysis cache, bounded to ``STORE_MAX_MB`` with the oldest
-    entries evicted first, and the locks and idempotency records, which only expire. Each
-    operation is one statement, so each is atomic across threads and processes; connections
-    are opened per thread and per process (a forked worker opens its own). The file is the
-    service's own (checked whenever a connection opens) and is watched: one deleted, truncated,
-    replaced or damaged is noticed by the next operation, and opened or made afresh.
-    """
-
-    def __init__(
-        self, path: Path, table: str, max_bytes: int | None = None, wal_pages: int = 1000
-    ) -> None:
-        if table not in EMBEDDED_TABLES:
-            raise ValueError(f"no embedded table {table!r}")
-        self.path = path
-        self.sql = {name: template.format(table=table) for name, template in EMBEDDED_SQL.items()}
-        self.max_bytes = max_bytes
-        self.wal_pages = wal_pages
-        self.local = threading.local()
-        self.problem: str | None = None
-        self.written = 0
-        self.lock = threading.Lock()
-
-    def connection(self) -> sqlite3.Connection:
-        """This thread's connection to the file now at the path; opened again when that changed."""
-        held: OpenedFile | None = getattr(self.local, "held", None)
-        if (
-            held is not None
-            and held.pid == os.getpid()
-            and held.identity == file_identity(self.path)
-        ):
-            return held.connection
-        self.close()
-        self.local.held = self.open()
-        return cast(sqlite3.Connection, self.local.held.connection)
-
-    def open(self, damaged: tuple[int, int] | None = None) -> OpenedFile:
-        """Open the file as the service's own, making it (and its tables) when it is missing.
-
-        A file that was truncated, or the ``damaged`` one, is replaced by a new one.
-        """
-        prepare_store_folder(self.path)
-        with folder_lock(self.path.parent):
-            info = prepare_store_file(self.path)
-            if info.st_size < SQLITE_HEADER_BYTES or (info.st_dev, info.st_ino) == damaged:
-                info = self.replace_file()
-            try:
-                return self.connect(info)
-            except sqlite3.DatabaseError as error:
-                if not is_damaged(error):
-                    raise
-                logger.warning("The store %s is not a database (%s): made afresh", self.path, error)
-                return self.connect(self.replace_file())
-
-    def replace_file(self) -> os.stat_result:
-        """A new empty file in place of the one at the path (and its log, which would replay)."""
-        discard_store_file(self.path)
-        return prepare_store_file(self.path)
-
-    def connect(self, info: os.stat_result) -> OpenedFile:
-        """A connection to the checked file, its layout and tables set; never one SQLite made."""
-        uri = f"file:{quote(str(self.path.absolute()))}?mode=rw"
-        connection = sqlite3.connect(
-            uri, timeout=STORE_BUSY_SECONDS, isolation_level=None, check_same_thread=False
-        )
-        try:
-            self.initialise(connection)
-        except sqlite3.Error:
-            connection.close()
-            raise
-        if file_identity(self.path) != (info.st_dev, info.st_ino):
-            connection.close()
-            raise StoreRefused("the file was replaced while it was opened")
-        return OpenedFile(connection, os.getpid(), (info.st_dev, info.st_ino))
-
-    def initialise(self, connection: sqlite3.Connection) -> None:
-        """Set the file's layout and both tables (kept if there) and this connection's WAL bound."""
-        connection.execute("PRAGMA synchronous=NORMAL")
-        for pragma in EMBEDDED_FILE_PRAGMAS:
-            connection.execute(pragma)
-        for table in EMBEDDED_TABLES:
-            connection.execute(EMBEDDED_SQL["create"].format(table=table))
-            connection.execute(EMBEDDED_SQL["index"].format(table=table))
-        connection.execute(f"PRAGMA wal_autocheckpoint={self.wal_pages:d}")
-        connection.execute(f"PRAGMA journal_size_limit={self.wal_pages * SQLITE_PAGE_BYTES:d}")
-
-    def close(self) -> None:
-        """Close this thread's connection (one inherited through a fork is only dropped)."""
-        held: OpenedFile | None = getattr(self.local, "held", None)
-        self.local.held = None
-        if held is not None and held.pid == os.getpid():
-            held.connection.close()
-
-    def run(self, operation: str, *parameters: Any) -> sqlite3.Cursor:
-        """Run one statement, or raise StoreUnavailable (logged, counted, and shown by /health)."""
-        try:
-            cursor = self.execute(operation, parameters)
-        except (sqlite3.Error, OSError, StoreRefused) as error:
-            self.close()
-            self.problem = store_problem(error)
-            CACHE_EVENTS.labels("error").inc()
-            logger.warning("Store error on %s in %s: %s", operation, self.path, self.problem)
-            raise StoreUnavailable(self.problem) from None
-        self.problem = None
-        return cursor
-
-    def execute(self, operation: str, parameters: tuple[Any, ...]) -> sqlite3.Cursor:
-        """The statement on the file at the path; one found damaged is replaced and tried again."""
-        connection = self.connection()
-        try:
-            return connection.execute(self.sql[operation], parameters)
-        except sqlite3.DatabaseError as error:
-            damaged = is_damaged(error)
-            if not damaged and "no such table" not in str(error):
-                raise
-            held: OpenedFile = self.local.held
-            logger.warning("The store %s is not usable (%s): opening it afresh", self.path, error)
-            self.close()
-            self.local.held = self.open(held.identity if damaged else None)
-        return cast(sqlite3.Connection, self.local.held.connection).execute(
-            self.sql[operation], parameters
-        )
-
-    def get(self, key: str, longest: float = math.inf) -> str | None:
-        """The value, or None when absent, expired, or claiming to outlive ``longest`` seconds."""
-        now = time.time()
-        row = self.run("get", key, now, now + longest + STORE_CLOCK_MARGIN).fetchone()
-        return cast(str, row[0]) if row else None
-
-    def set(self, key: str, value: str, ttl: float) -> None:
-        """Store a value for ``ttl`` seconds, evicting the oldest entries beyond the bound."""
-        now, size = time.time(), len(key) + len(value)
-        self.run("set", key, value, now + ttl, now, size)
-        self.note_written(size)
-
-    def add(self, key: str, value: str, ttl: float, longest: float = math.inf) -> bool:
-        """Store a value only if the key is absent, expired or outliving ``longest``; True if so."""
-        now, size = time.time(), len(key) + len(value)
-        outlived = now + longest + STORE_CLOCK_MARGIN
-        cursor = self.run("add", key, value, now + ttl, now, size, now, outlived)
-        self.note_written(size)
-        return cursor.rowcount == 1
-
-    def delete_if(self, key: str, value: str) -> None:
-        """Delete the key if it still holds ``value``."""
-        self.run("delete_if", key, value)
-
-    def extend_if(self, key: str, value: str, ttl: float) -> None:
-        """Give the key ``ttl`` more seconds if it still holds ``value``."""
-        now = time.time()
-        self.run("extend_if", now + ttl, key, value, now)
-
-    def health(self) -> str:
-        """Redis is not configured: the embedded store stands in."""
-        return "not configured"
-
-    def describe(self) -> str:
-        """``embedded``, or ``embedded, degraded: <reason>`` while the file cannot be used."""
-        with contextlib.suppress(StoreUnavailable):
-            self.run("probe").fetchone()
-        return "embedded" if self.problem is None else f"embedded, degraded: {self.problem}"
-
-    @property
-    def refuses_unguarded_saves(self) -> bool:
-        """A file on this host that fails is refused rather than risking a second saved entry."""
-        return True
-
-    def note_written(self, size: int) -> None:
-        """Evict once a twentieth of the bound has been written since the last look.
-
-        A table without a bound (locks, idempotency records) drops its expired rows every
-        ``EXPIRE_EVERY`` writes instead.
-        """
-        if self.max_bytes is None:
-            with self.lock:
-                self.written += 1
-                due = self.written % EXPIRE_EVERY == 0
-            if due:
-                self.run("expire", time.time())
-            return
-        with self.lock:
-            self.written += size
-            due = self.written * 20 >= self.max_bytes
-            if due:
-                self.written = 0
-        if due:
-            self.evict(self.max_bytes)
-
-    def evict(self, max_bytes: int) -> None:
-        """Drop expired entries, then the oldest, until entries and pages fit nine tenths of it.
-
-        The entries' share of the pages to free is taken from the oldest; the freed pages go back
-        to the filesystem and the log is emptied, so the files on disk shrink with the table.
-        """
-        self.run("expire", time.time())
-        total = int(self.run("size").fetchone()[0])
-        used = max(total, int(self.run("used", EMPTY_STORE_PAGES).fetchone()[0]))
-        if used > max_bytes:
-            self.run("evict", total * (used - max_bytes * 9 // 10) // used)
-        self.run("vacuum").fetchall()
-        self.run("checkpoint").fetchall()
-
-
-Store = RedisStore | EmbeddedStore
-
-
-def wal_pages_for(max_bytes: int) -> int:
-    """The log's bound in pages: a tenth of ``STORE_MAX_MB``, from 16 pages to SQLite's 1000."""
-    return max(16, min(1000, max_bytes // SQLITE_PAGE_BYTES // 10))
-
-
-def check_embedded_store(config: Config) -> None:
-    """Stop the start with one line naming ``STORE_PATH`` when the store cannot be the service's."""
-    if config.redis_configured:
-        return
-    store = EmbeddedStore(config.store_file, "records")
-    try:
-        store.execute("probe", ()).fetchone()
-    except (sqlite3.Error, OSError, StoreRefused) as error:
-        raise ConfigError([f"STORE_PATH {config.store_file}: {store_problem(error)}"]) from None
-    finally:
-        store.close()
-
-
-def decode_cached(raw: bytes | str | None) -> dict[str, Any] | None:
-    """A cached JSON object, or None when absent or unreadable."""
-    if raw is None:
-        return None
-    try:
-        value = parse_json(raw)
-    except ValueError:
-        logger.warning("Ignoring an unreadable cache entry")
-        return None
-    return value if isinstance(value, dict) else None
-
-
-@contextlib.contextmanager
-def heartbeat(store: Store, key: str, value: str, seconds: float) -> Iterator[None]:
-    """Renew ``key`` while the block runs and it still holds ``value``.
-
-    A holder that dies stops renewing, so its key expires within ``seconds`` and another
-    request can take over.
-    """
-    stop = threading.Event()
-
-    def renew() -> None:
-        while not stop.wait(seconds / 3):
-            with contextlib.suppress(StoreUnavailable):
-                store.extend_if(key, value, seconds)
-
-    threading.Thread(target=renew, name="heartbeat", daemon=True).start()
-    try:
-        yield
-    finally:
-        stop.set()
-
-
-def redis_problem(error: Exception) -> str:
-    """A short description of a Redis failure that carries no credentials."""
-    if isinstance(error, redis.AuthenticationError):
-        return "authentication failed"
-    if isinstance(error, redis.TimeoutError):
-        return "timed out"
-    if isinstance(error, redis.ConnectionError):
-        return "connection failed"
-    if isinstance(error, redis.ResponseError):
-        return str(error).split("\n", 1)[0][:80]
-    return type(error).__name__
-
-
-RedisClient = redis.Redis | RedisCluster
-
-
-def build_redis_client(config: Config) -> RedisClient:
-    """A lazily connecting client with short timeouts and no hidden retries.
-
-    One server (``redis://``, ``rediss://``), the master a Sentinel names
-    (``redis+sentinel://``, found again after a failover), or a Cluster (``REDIS_CLUSTER``).
-    """
-    options: dict[str, Any] = {
-        "socket_timeout": config.redis_timeout,
-        "socket_connect_timeout": config.redis_timeout,
-        "retry": Retry(NoBackoff(), 0),
-        "health_check_interval": 30,
-    }
-    url = config.redis_url or f"redis://{config.redis_host}:{config.redis_port}/{config.redis_db}"
-    if url.startswith("rediss://") and config.redis_ca_cert:
-        options["ssl_ca_certs"] = config.redis_ca_cert
-    if url.startswith("redis+sentinel://"):
-        return sentinel_master(url, config, options)
-    password = urlsplit(url).password or config.redis_password
-    if config.redis_cluster:
-        return RedisCluster.from_url(url, password=password, **options)
-    return redis.Redis.from_url(url, password=password, **options)
-
-
-def sentinel_master(url: str, config: Config, options: dict[str, Any]) -> redis.Redis:
-    """The master of ``redis+sentinel://host1:26379,host2:26379/<service>[/<db>]``."""
-    parts = urlsplit(url)
-    hosts = []
-    for address in parts.netloc.rpartition("@")[2].split(","):
-        host, _, port = address.rpartition(":")
-        hosts.append((host.strip("[]") or "localhost", int(port or 26379)))
-    service, _, db = parts.path.strip("/").partition("/")
-    sentinels = Sentinel(  # type: ignore[no-untyped-call]
-        hosts,
-        sentinel_kwargs={
-            "socket_timeout": config.redis_timeout,
-            "socket_connect_timeout": config.redis_timeout,
-            "retry": Retry(NoBackoff(), 0),
-            "password": config.redis_sentinel_password,
-        },
-    )
-    password = parts.password or config.redis_password
-    master: redis.Redis = sentinels.master_for(  # type: ignore[no-untyped-call]
-        service, password=password, db=int(db or 0), **options
-    )
-    return master
-
-
-def build_stores(config: Config) -> tuple[Store, Store]:
-    """The store for analyses and the one for locks and idempotency records.
-
-    Both are one Redis when configured. Embedded, they are two tables of one SQLite file, so
-    that a stream of new photos evicting old analyses never evicts a lock or an idempotency
-    record before its time.
-    """
-    if config.redis_configured:
-        breaker = CircuitBreaker(config.redis_breaker_failures, config.redis_breaker_cooldown)
-        store = RedisStore(build_redis_client(config), breaker, redis_kind(config))
-        return store, store
-    max_bytes = int(config.store_max_mb * MIB)
-    wal_pages = wal_pages_for(max_bytes)
-    cache = EmbeddedStore(config.store_file, "analyses", max_bytes, wal_pages)
-    return cache, EmbeddedStore(config.store_file, "records", wal_pages=wal_pages)
-
-
-def redis_kind(config: Config) -> str:
-    """``redis``, ``redis-sentinel`` or ``redis-cluster``, as /health names the store."""
-    if (config.redis_url or "").startswith("redis+sentinel://"):
-        return "redis-sentinel"
-    return "redis-cluster" if config.redis_cluster else "redis"
-
-
-# ---------------------------------------------------------------------------------------------
-# Idempotency guard (Idempotency-Key on saves)
-# ---------------------------------------------------------------------------------------------
-
-
-IDEMPOTENCY_PREFIX = "idempotency:"
-IDEMPOTENCY_TTL_SECONDS = 24 * 3600
-
-
-@dataclass(frozen=True)
-class IdempotencyClaim:
-    """What a request carrying an Idempotency-Key may do: go ahead, or replay a response."""
-
-    key: str | None
-    token: str
-    replay: dict[str, Any] | None = None
-
-
-@dataclass
-class IdempotencyGuard:
-    """One request's hold on its Idempotency-Key: a replay to send, or the response to keep."""
-
-    records: IdempotencyRecords | None = None
-    claim: IdempotencyClaim | None = None
-    fingerprint: str = ""
-
-    @property
-    def replay(self) -> dict[str, Any] | None:
-        """The first response to the key, when this request is a retry of it."""
-        return self.claim.replay if self.claim else None
-
-    def answer(self, body: dict[str, Any]) -> Response:
-        """Keep the response for the key's retries, then send it."""
-        if self.records is not None and self.claim is not None:
-            self.records.complete(self.claim, self.fingerprint, body)
-        return jsonify(body)
-
-
-class IdempotencyRecords:
-    """First responses of ``save=true`` requests by user and Idempotency-Key, kept for 24 h.
-
-    ``sound`` tells a first response the service could have sent from one planted in the store.
-    """
-
-    def __init__(
-        self, store: Store, pending_seconds: float, sound: Callable[[Mapping[str, Any]], bool]
-    ) -> None:
-        self.store = store
-        self.pending_seconds = pending_seconds
-        self.sound = sound
-
-    def claim(self, user_id: str, idempotency_key: str, digest: str) -> IdempotencyClaim:
-        """Reserve the key for this request, or return the stored first response."""
-        scope = f"{user_id}\0{idempotency_key}".encode()
-        key = IDEMPOTENCY_PREFIX + hashlib.sha256(scope).hexdigest()
-        token = uuid.uuid4().hex
-        pending = pending_record(digest, token)
-        record = None
-        for _attempt in range(3):  # a record that expires or is dropped between the calls: again
-            try:
-                if self.store.add(key, pending, self.pending_seconds):
-                    return IdempotencyClaim(key, token)
-                record = self.read(key)
-            except StoreUnavailable:
-                break
-            if record is not None:
-                break
-        if record is None:
-            if self.store.refuses_unguarded_saves:
-                raise RecordsUnavailable(
-                    "the store that keeps Idempotency-Key records cannot be used just now",
-                    retry_after=1,
-                )
-            logger.warning("Idempotency-Key not enforced: the store is unavailable")
-            return IdempotencyClaim(None, token)
-        if record.get("digest") != digest:
-            raise IdempotencyKeyReused(
-                "this Idempotency-Key was already used with another photo, note or language"
-            )
-        if record.get("state") != "done":
-            raise IdempotencyKeyInProgress(
-                "a request with this Idempotency-Key is still being processed"
-            )
-        return IdempotencyClaim(None, token, replay=cast(dict[str, Any], record["response"]))
-
-    def read(self, key: str) -> dict[str, Any] | None:
-        """The key's record; one that is not a record the service writes is dropped (a miss)."""
-        raw = self.store.get(key)
-        record = decode_cached(raw)
-        if raw is None or self.is_record(record):
-            return record
-        logger.warning("Dropping an Idempotency-Key record that does not validate")
-        self.store.delete_if(key, raw)
-        return None
-
-    def is_record(self, record: dict[str, Any] | None) -> bool:
-        """Whether a record read back is pending with a token, or done with a sound response."""
-        if record is None or not isinstance(record.get("digest"), str):
-            return False
-        if record.get("state") == "pending":
-            return isinstance(record.get("token"), str)
-        response = record.get("response")
-        return record.get("state") == "done" and isinstance(response, dict) and self.sound(response)
-
-    @contextlib.contextmanager
-    def guard(self, user_id: str, form: AnalysisForm) -> Iterator[IdempotencyGuard]:
-        """Hold the form's Idempotency-Key, if it has one, while the request works on it.
-
-        A retry of a finished request gets its response to replay; a failure frees the key, so
-        that a retry is processed afresh.
-        """
-        if form.idempotency_key is None:
-            yield IdempotencyGuard()
-            return
-        claim = self.claim(user_id, form.idempotency_key, form.fingerprint)
-        if claim.key is None:
-            yield IdempotencyGuard(self, claim, form.fingerprint)
-            return
-        pending = pending_record(form.fingerprint, claim.token)
-        try:
-            with heartbeat(self.store, claim.key, pending, self.pending_seconds):
-                yield IdempotencyGuard(self, claim, form.fingerprint)
-        except Exception:
-            self.release(claim, form.fingerprint)
-            raise
-
-    def complete(self, claim: IdempotencyClaim, digest: str, response: Mapping[str, Any]) -> None:
-        """Keep the response the key's retries will get."""
-        if claim.key is None:
-            return
-        record = {"state": "done", "digest": digest, "response": response}
-        try:
-            self.store.set(claim.key, json.dumps(record), IDEMPOTENCY_TTL_SECONDS)
-        except StoreUnavailable:
-            logger.warning("Idempotency-Key response not kept: the store is unavailable")
-
-    def release(self, claim: IdempotencyClaim, digest: str) -> None:
-        """Free the key after a failure, so a retry is processed afresh."""
-        if claim.key is None:
-            return
-        with contextlib.suppress(StoreUnavailable):
-            self.store.delete_if(claim.key, pending_record(digest, claim.token))
-
-
-def pending_record(fingerprint: str, token: str) -> str:
-    """The record of a key whose first request is still at work (renewed while it lives)."""
-    return json.dumps({"state": "pending", "digest": fingerprint, "token": token})
-
-
-# ---------------------------------------------------------------------------------------------
 # Cache
 # ---------------------------------------------------------------------------------------------
 
@@ -1673,159 +811,40 @@ class AnalysisCache:
             self.store.set(key, json.dumps(value, separators=(",", ":")), self.ttl_seconds)
 
 
-# ---------------------------------------------------------------------------------------------
-# Single flight
-# ---------------------------------------------------------------------------------------------
-
-
-LOCK_PREFIX = "lock:"
-# What a lock holds: the holder's token (``uuid4().hex``); anything else was not written by one.
-LOCK_TOKEN_PATTERN = re.compile(r"[0-9a-f]{32}")
-FAILURE_PREFIX = "failed:"
-FAILURE_NOTICE_SECONDS = 10
-FOLLOW_POLL_INITIAL = 0.01
-FOLLOW_POLL_MAX = 0.1
-
-
-class SingleFlight:
-    """One model call per analysis at a time, across threads, workers and replicas.
-
-    The first request for a key takes a lock (``SET NX PX`` with a token, kept alive by a
-    heartbeat while it works, released by compare-and-delete); the others poll the cache with
-    backoff and pick up the result. If the holder dies, its lock expires and a waiter takes over;
-    if it fails, the waiters get the same error instead of each calling the model in turn.
-    """
-
-    def __init__(self, store: Store, lock_seconds: float, wait_limit: float) -> None:
-        self.store = store
-        self.lock_seconds = lock_seconds
-        self.wait_limit = wait_limit
-
-    def run(
-        self,
-        key: str,
-        compute: Callable[[], dict[str, Any]],
-        read_result: Callable[[], dict[str, Any] | None],
-    ) -> tuple[dict[str, Any], bool]:
-        """The result for ``key`` and whether this request computed it."""
-        lock_key, failure_key = LOCK_PREFIX + key, FAILURE_PREFIX + key
-        deadline = time.monotonic() + self.wait_limit
-        while True:
-            token = uuid.uuid4().hex
-            try:
-                leader = self.store.add(lock_key, token, self.lock_seconds, self.lock_seconds)
-            except StoreUnavailable:
-                return compute(), True
-            if leader:
-                SINGLE_FLIGHT.labels("leader").inc()
-                with self.leading(lock_key, failure_key, token):
-                    return compute(), True
-            SINGLE_FLIGHT.labels("follower").inc()
-            try:
-                result = self.follow(lock_key, failure_key, read_result, deadline)
-            except StoreUnavailable:
-                return compute(), True
-            if result is not None:
-                return result, False
-            if time.monotonic() >= deadline:
-                raise UpstreamTimeout("the analysis of this photo by another request is overdue")
-            SINGLE_FLIGHT.labels("takeover").inc()
-
-    @contextlib.contextmanager
-    def leading(self, lock_key: str, failure_key: str, token: str) -> Iterator[None]:
-        """Hold the lock while the block computes; leave a short failure notice for the waiters."""
-        try:
-            with heartbeat(self.store, lock_key, token, self.lock_seconds):
-                yield
-        except ServiceError as error:
-            notice = {
-                "token": token,
-                "status": error.status,
-                "headers": error.headers(),
-                **error.body(),
-            }
-            with contextlib.suppress(StoreUnavailable):
-                self.store.set(failure_key, json.dumps(notice), FAILURE_NOTICE_SECONDS)
-            raise
-        finally:
-            with contextlib.suppress(StoreUnavailable):
-                self.store.delete_if(lock_key, token)
-
-    def follow(
-        self,
-        lock_key: str,
-        failure_key: str,
-        read_result: Callable[[], dict[str, Any] | None],
-        deadline: float,
-    ) -> dict[str, Any] | None:
-        """Wait for the holder's result; None when the lock is gone without one (take over)."""
-        delay = FOLLOW_POLL_INITIAL
-        holders: set[str] = set()
-        while time.monotonic() < deadline:
-            time.sleep(delay)
-            delay = min(delay * 2, FOLLOW_POLL_MAX)
-            result = read_result()
-            if result is not None:
-                return result
-            holder = self.store.get(lock_key, self.lock_seconds)
-            if holder is not None and LOCK_TOKEN_PATTERN.fullmatch(holder):
-                holders.add(holder)
-                continue
-            if holder is not None:
-                self.store.delete_if(lock_key, holder)
-                return None
-            result = read_result()
-            if result is not None:
-                return result
-            notice = decode_cached(self.store.get(failure_key))
-            if is_failure_notice(notice) and notice["token"] in holders:
-                raise RelayedError(notice)
-            return None
+def redis_settings(config: Config) -> RedisSettings | None:
+    """How to reach the configured Redis, or None for the embedded store."""
+    if not config.redis_configured:
         return None
-
-
-def is_failure_notice(notice: dict[str, Any] | None) -> TypeGuard[dict[str, Any]]:
-    """Whether a failure notice read back is one ``SingleFlight.leading`` could have written."""
-    if notice is None:
-        return False
-    status, headers = notice.get("status"), notice.get("headers", {})
-    return (
-        isinstance(notice.get("token"), str)
-        and type(status) is int
-        and 400 <= status <= 599
-        and isinstance(notice.get("error"), str)
-        and isinstance(notice.get("code"), str)
-        and isinstance(headers, dict)
-        and all(isinstance(value, str) for value in headers.values())
+    url = config.redis_url or f"redis://{config.redis_host}:{config.redis_port}/{config.redis_db}"
+    return RedisSettings(
+        url=url,
+        password=config.redis_password,
+        sentinel_password=config.redis_sentinel_password,
+        ca_cert=config.redis_ca_cert,
+        cluster=config.redis_cluster,
+        timeout=config.redis_timeout,
+        breaker_failures=config.redis_breaker_failures,
+        breaker_cooldown=config.redis_breaker_cooldown,
     )
 
 
-class RelayedError(ServiceError):
-    """The error the request that held the lock got, passed on to those that waited for it."""
+def request_scope() -> RequestScope | None:
+    """This request's store state, kept on ``flask.g``: Redis is not asked again after failing."""
+    if not has_request_context():
+        return None
+    if "store_scope" not in g:
+        g.store_scope = RequestScope()
+    return cast(RequestScope, g.store_scope)
 
-    def __init__(self, notice: Mapping[str, Any]) -> None:
-        code = str(notice.get("code", ""))
-        known = code in ErrorCode._value2member_map_
-        super().__init__(
-            str(notice.get("error", "")),
-            code=ErrorCode(code) if known else ErrorCode.UPSTREAM_ERROR,
-        )
-        self.status = int(notice.get("status", 502))
-        headers = notice.get("headers")
-        self.extra_headers = {str(k): str(v) for k, v in (headers or {}).items()}
-        self.extra = {
-            name: value
-            for name, value in notice.items()
-            if name not in ("token", "status", "headers", "error", "code")
-        }
 
-    def body(self) -> dict[str, Any]:
-        """The holder's error body."""
-        return {**super().body(), **self.extra}
+def count_cache_event(event: str) -> None:
+    """Count a store ``error`` or a ``skipped`` call."""
+    CACHE_EVENTS.labels(event).inc()
 
-    def headers(self) -> dict[str, str]:
-        """The holder's error headers (``Retry-After``, ``WWW-Authenticate``)."""
-        return self.extra_headers
+
+def count_single_flight(role: str) -> None:
+    """Count a request leading, following or taking over a single flight."""
+    SINGLE_FLIGHT.labels(role).inc()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2992,14 +2011,18 @@ def analyze_food() -> Response:
     """Analyze an uploaded meal photo; with ``save=true`` also store it as a food entry."""
     services = current_services()
     form = read_analysis_form()
-    with services.idempotency.guard(g.caller.user_id, form) as guard:
+    with services.idempotency.guard(
+        g.caller.user_id, form.idempotency_key, form.fingerprint
+    ) as guard:
         if guard.replay is not None:
             return replayed(guard.replay)
         analysis, source = cached_or_fresh(services, form)
         entry_id = None
         if form.save:
             entry_id = services.user_service.save(analysis, form, g.caller, g.request_id)
-        return guard.answer({"analysis": as_contract(analysis, entry_id), "source": source})
+        return jsonify(
+            guard.answer({"analysis": as_contract(analysis, entry_id), "source": source})
+        )
 
 
 def cached_or_fresh(services: Services, form: AnalysisForm) -> tuple[Analysis, str]:
@@ -3401,7 +2424,13 @@ def create_app(
         MAX_FORM_PARTS=MAX_FORM_PARTS,
     )
     warn_about_weak_settings(config)
-    store, records = build_stores(config)
+    store, records = build_stores(
+        redis_settings(config),
+        config.store_file,
+        int(config.store_max_mb * MIB),
+        scope=request_scope,
+        count=count_cache_event,
+    )
     app.extensions[SERVICE_NAME] = Services(
         config=config,
         store=store,
@@ -3410,7 +2439,10 @@ def create_app(
             records, config.single_flight_lock_seconds, stored_response_is_sound
         ),
         flights=SingleFlight(
-            records, config.single_flight_lock_seconds, config.worst_request_seconds
+            records,
+            config.single_flight_lock_seconds,
+            config.worst_request_seconds,
+            count=count_single_flight,
         ),
         decode_budget=DecodeBudget(config.decode_budget_mb, config.model_queue_timeout),
         model_slots=ModelSlots(config.model_max_concurrency, config.model_queue_timeout),

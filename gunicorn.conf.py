@@ -36,13 +36,13 @@ from gunicorn.workers.gthread import ThreadWorker  # noqa: E402
 
 from app import (  # noqa: E402
     Config,
-    check_embedded_store,
     nutrition_table,
     startup_summary,
 )
 from errors import ConfigError, ErrorCode  # noqa: E402
 from metrics import archive_dead_process_metrics  # noqa: E402
 from settings import EnvReader, Setting, listen_address, whole_number  # noqa: E402
+from store import check_embedded_store  # noqa: E402
 
 SERVER_SETTINGS: dict[str, tuple[Setting[Any], Any]] = {
     "bind": (Setting("GUNICORN_BIND", listen_address), "0.0.0.0:8083"),
@@ -88,7 +88,8 @@ def read_settings() -> tuple[Config, dict[str, Any]]:
     try:
         config = Config.from_env()
         nutrition_table(config)  # loaded once, here in the master, before the workers fork
-        check_embedded_store(config)  # opened and closed: each worker opens its own
+        if not config.redis_configured:
+            check_embedded_store(config.store_file)  # opened and closed: each opens its own
     except ConfigError as error:
         problems[:0] = error.problems
     if problems:

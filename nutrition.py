@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import re
 import sqlite3
 import threading
@@ -20,6 +19,8 @@ from decimal import ROUND_HALF_UP, Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Final
+
+from sqlite_connections import ProcessConnections
 
 # --- constants -------------------------------------------------------------------------------
 
@@ -628,18 +629,16 @@ class _Connections:
 
     def __init__(self, image: bytes) -> None:
         self._image = image
-        self._state = self._new_state()
+        self._state = ProcessConnections(self._new_state)
+        self._state.here()
 
     @staticmethod
-    def _new_state() -> tuple[int, threading.Lock, list[sqlite3.Connection]]:
-        return os.getpid(), threading.Lock(), []
+    def _new_state() -> tuple[threading.Lock, list[sqlite3.Connection]]:
+        return threading.Lock(), []
 
     @contextmanager
     def lend(self) -> Iterator[sqlite3.Connection]:
-        state = self._state
-        if state[0] != os.getpid():  # forked: the parent's lock and connections are not ours
-            state = self._state = self._new_state()
-        _, lock, idle = state
+        lock, idle = self._state.here()  # forked: the parent's lock and connections are not ours
         with lock:
             connection = idle.pop() if idle else None
         if connection is None:

@@ -24,8 +24,8 @@ from app import (
     PROMPT_VERSION,
     AnalysisCache,
     Config,
-    EmbeddedStore,
 )
+from store import EmbeddedStore
 from tests import images
 from tests.conftest import MEAL, AnalyzeActions, assert_json_error, post_photo
 from tests.fakes import (

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from app import CircuitBreaker, Config
+from app import Config
 from tests import images
 from tests.conftest import AnalyzeActions, app_for, cached_keys, post_photo
 from tests.fakes import (
@@ -253,71 +253,6 @@ def test_redis_at_a_closed_port_is_skipped_once_the_breaker_opens(
     api.analyze(photo(2), client=client)
 
     assert skipped_count(client) > before
-
-
-# ------------------------------------------------------------------ the breaker, alone
-
-
-def test_breaker_stays_closed_below_its_threshold() -> None:
-    breaker = CircuitBreaker(threshold=3, cooldown=60)
-
-    opened = [breaker.failed(), breaker.failed()]
-
-    assert opened == [False, False]
-    assert breaker.allows()
-
-
-def test_breaker_opens_at_its_threshold() -> None:
-    breaker = CircuitBreaker(threshold=3, cooldown=60)
-
-    opened = [breaker.failed() for _ in range(3)]
-
-    assert opened == [False, False, True]
-    assert not breaker.allows()
-
-
-def test_success_resets_the_count_of_consecutive_failures() -> None:
-    breaker = CircuitBreaker(threshold=2, cooldown=60)
-    breaker.failed()
-    breaker.succeeded()
-
-    assert breaker.failed() is False
-    assert breaker.allows()
-
-
-def test_breaker_allows_a_trial_once_the_cool_off_has_passed() -> None:
-    breaker = CircuitBreaker(threshold=1, cooldown=0.05)
-    breaker.failed()
-    time.sleep(0.06)
-
-    assert breaker.allows()
-
-
-def test_failed_trial_after_the_cool_off_reopens_the_breaker() -> None:
-    breaker = CircuitBreaker(threshold=2, cooldown=0.05)
-    breaker.failed()
-    breaker.failed()
-    time.sleep(0.06)
-    assert breaker.allows()  # the trial
-
-    reopened = breaker.failed()
-
-    assert reopened is True
-    assert not breaker.allows()
-
-
-def test_successful_trial_after_the_cool_off_closes_the_breaker() -> None:
-    breaker = CircuitBreaker(threshold=2, cooldown=0.05)
-    breaker.failed()
-    breaker.failed()
-    time.sleep(0.06)
-    assert breaker.allows()  # the trial
-    breaker.succeeded()
-
-    reopened = breaker.failed()
-
-    assert reopened is False
-    assert breaker.allows()
 
 
 # ------------------------------------------------------------------ a model that fails

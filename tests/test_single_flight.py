@@ -10,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from flask import Flask
 
-from app import LOCK_PREFIX, Config, cache_key_for, create_app, image_digest
+from app import Config, cache_key_for, create_app, image_digest
+from locks import LOCK_PREFIX
 from tests import images
 from tests.fakes import ChatCompletionsServer, RedisServer, Reply
 

@@ -21,8 +21,20 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+import redis as redis_py
 import requests
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
+from store import (
+    CircuitBreaker,
+    RedisStore,
+    RequestScope,
+    SentinelURL,
+    StoreUnavailable,
+    no_request,
+    parse_sentinel_url,
+)
 from tests import images
 from tests.conftest import (
     REDIS_PASSWORD,
@@ -31,7 +43,13 @@ from tests.conftest import (
     bearer,
     running_gunicorn,
 )
-from tests.fakes import ChatCompletionsServer, RedisServer, Reply, UserServiceServer
+from tests.fakes import (
+    ChatCompletionsServer,
+    RedisServer,
+    Reply,
+    UserServiceServer,
+    free_port,
+)
 from tests.redis_topologies import RedisCluster, RedisSentinelSet
 from tests.servers import STARTUP_TIMEOUT, Gunicorn, start_gunicorn
 
@@ -248,7 +266,7 @@ def test_the_service_carries_on_through_a_sentinel_failover(
 
 
 def test_expired_records_are_dropped_as_the_table_is_written(tmp_path: Path) -> None:
-    from app import EXPIRE_EVERY, EmbeddedStore
+    from store import EXPIRE_EVERY, EmbeddedStore
 
     store = EmbeddedStore(tmp_path / "store.sqlite3", "records")
     for number in range(EXPIRE_EVERY - 1):
@@ -631,7 +649,8 @@ def test_a_planted_lock_that_never_expires_is_taken_over(
 
 
 def test_store_max_mb_bounds_the_files_on_disk_log_included(tmp_path: Path) -> None:
-    from app import AnalysisCache, EmbeddedStore, wal_pages_for
+    from app import AnalysisCache
+    from store import EmbeddedStore, wal_pages_for
 
     bound = 1024 * 1024
     folder = tmp_path / "bounded"
@@ -647,7 +666,7 @@ def test_store_max_mb_bounds_the_files_on_disk_log_included(tmp_path: Path) -> N
 
 
 def test_a_store_file_overwritten_with_garbage_is_made_afresh(tmp_path: Path) -> None:
-    from app import EmbeddedStore
+    from store import EmbeddedStore
 
     store_path = tmp_path / "state" / "store.sqlite3"
     worker = EmbeddedStore(store_path, "records")
@@ -663,7 +682,7 @@ def test_a_store_file_overwritten_with_garbage_is_made_afresh(tmp_path: Path) ->
 
 
 def test_a_store_file_replaced_by_another_database_gets_its_tables(tmp_path: Path) -> None:
-    from app import EmbeddedStore
+    from store import EmbeddedStore
 
     store_path = tmp_path / "state" / "store.sqlite3"
     store = EmbeddedStore(store_path, "records")
@@ -682,11 +701,12 @@ def test_a_store_file_replaced_by_another_database_gets_its_tables(tmp_path: Pat
 def test_a_redis_lock_planted_without_expiry_is_dropped_when_read_as_a_lock(
     redis: RedisServer, make_config: Callable[..., object]
 ) -> None:
-    from app import Config, build_stores
+    from app import Config, redis_settings
+    from store import build_stores
 
     config = make_config()
     assert isinstance(config, Config)
-    _, records = build_stores(config)
+    _, records = build_stores(redis_settings(config), config.store_file, 1024 * 1024)
     with redis.client() as connection:
         connection.set("lock:planted", "0" * 32)
         connection.set("idempotency:kept", "a record", px=60_000)
@@ -697,7 +717,7 @@ def test_a_redis_lock_planted_without_expiry_is_dropped_when_read_as_a_lock(
 
 
 def test_a_folder_shared_with_other_files_keeps_its_mode(tmp_path: Path) -> None:
-    from app import EmbeddedStore
+    from store import EmbeddedStore
 
     folder = tmp_path / "shared"
     folder.mkdir()
@@ -707,3 +727,163 @@ def test_a_folder_shared_with_other_files_keeps_its_mode(tmp_path: Path) -> None
     store.set("key", "value", 60)
     assert oct(stat.S_IMODE(folder.stat().st_mode)) == "0o755"
     assert oct(stat.S_IMODE((folder / "store.sqlite3").stat().st_mode)) == "0o600"
+
+
+# ------------------------------------------------------------------ one request, one Redis failure
+
+
+def redis_at_a_closed_port(
+    scope: Callable[[], RequestScope | None], events: list[str]
+) -> RedisStore:
+    """A RedisStore whose server is gone, behind a breaker that never opens here."""
+    client = redis_py.Redis(
+        port=free_port(), socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
+    )
+    return RedisStore(client, CircuitBreaker(1000, 60), scope=scope, count=events.append)
+
+
+def test_a_request_that_saw_redis_fail_does_not_ask_it_again() -> None:
+    scope, events = RequestScope(), []
+    store = redis_at_a_closed_port(lambda: scope, events)
+
+    for _ in range(3):
+        with pytest.raises(StoreUnavailable):
+            store.get("key")
+
+    assert scope.redis_failed
+    assert events == ["error", "skipped", "skipped"]
+
+
+def test_outside_a_request_every_call_asks_redis() -> None:
+    events: list[str] = []
+    store = redis_at_a_closed_port(no_request, events)
+
+    for _ in range(2):
+        with pytest.raises(StoreUnavailable):
+            store.get("key")
+
+    assert events == ["error", "error"]
+
+
+# ------------------------------------------------------------------ the Sentinel URL, read once
+
+
+def test_a_sentinel_url_names_its_sentinels_service_database_and_password() -> None:
+    address = parse_sentinel_url("redis+sentinel://:secret@s1:26380,s2:26381/mymaster/2")
+
+    assert address == SentinelURL(
+        hosts=(("s1", 26380), ("s2", 26381)), service="mymaster", db=2, password="secret"
+    )
+
+
+def test_a_sentinel_without_a_port_is_asked_on_sentinels_own() -> None:
+    address = parse_sentinel_url("redis+sentinel://s1,s2:26380/mymaster")
+
+    assert (address.hosts, address.db, address.password) == (
+        (("s1", 26379), ("s2", 26380)),
+        0,
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+sentinel://h1:abc/mymaster",
+        "redis+sentinel://h1:26379/mymaster/x",
+        "redis+sentinel://h1:26379",
+    ],
+)
+def test_a_sentinel_url_without_a_service_or_a_port_number_is_refused(url: str) -> None:
+    with pytest.raises(ValueError, match="REDIS_URL"):
+        parse_sentinel_url(url)
+
+
+# ------------------------------------------------------------------ the breaker, alone
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_breaker_stays_closed_below_its_threshold() -> None:
+    breaker = CircuitBreaker(threshold=3, cooldown=60, clock=Clock())
+
+    opened = [breaker.failed(), breaker.failed()]
+
+    assert opened == [False, False]
+    assert breaker.allows()
+
+
+def test_breaker_opens_at_its_threshold() -> None:
+    breaker = CircuitBreaker(threshold=3, cooldown=60, clock=Clock())
+
+    opened = [breaker.failed() for _ in range(3)]
+
+    assert opened == [False, False, True]
+    assert not breaker.allows()
+
+
+def test_success_resets_the_count_of_consecutive_failures() -> None:
+    breaker = CircuitBreaker(threshold=2, cooldown=60, clock=Clock())
+    breaker.failed()
+    breaker.succeeded()
+
+    assert breaker.failed() is False
+    assert breaker.allows()
+
+
+def test_breaker_stays_open_until_the_cool_off_has_passed() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=1, cooldown=60, clock=clock)
+    breaker.failed()
+    clock.advance(59.9)
+
+    assert not breaker.allows()
+
+
+def test_breaker_allows_a_trial_once_the_cool_off_has_passed() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=1, cooldown=60, clock=clock)
+    breaker.failed()
+    clock.advance(60)
+
+    assert breaker.allows()
+
+
+def test_failed_trial_after_the_cool_off_reopens_the_breaker() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=2, cooldown=60, clock=clock)
+    breaker.failed()
+    breaker.failed()
+    clock.advance(60)
+    assert breaker.allows()  # the trial
+
+    reopened = breaker.failed()
+
+    assert reopened is True
+    assert not breaker.allows()
+
+
+def test_successful_trial_after_the_cool_off_closes_the_breaker() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=2, cooldown=60, clock=clock)
+    breaker.failed()
+    breaker.failed()
+    clock.advance(60)
+    assert breaker.allows()  # the trial
+    breaker.succeeded()
+
+    reopened = breaker.failed()
+
+    assert reopened is False
+    assert breaker.allows()

@@ -28,7 +28,13 @@ from werkzeug.test import TestResponse
 from app import CACHE_PREFIX, Config, create_app
 from nutrition import NutritionTable
 from tests import images
-from tests.fakes import ChatCompletionsServer, RedisServer, UserServiceServer
+from tests.fakes import (
+    ChatCompletionsServer,
+    RedisServer,
+    Reply,
+    StalledServer,
+    UserServiceServer,
+)
 from tests.servers import STARTUP_TIMEOUT, Gunicorn, start_gunicorn
 
 REDIS_PASSWORD = "redis-test-pw-Kq8zT3"
@@ -131,6 +137,26 @@ def base_environment(
 
 
 @pytest.fixture
+def stalled() -> Iterator[StalledServer]:
+    """A port that accepts connections and never answers: a hung Redis."""
+    with StalledServer() as server:
+        yield server
+
+
+def slow_answer(model: ChatCompletionsServer, delay: float) -> Reply:
+    """The default analysis, answered after ``delay`` seconds."""
+    return dataclasses.replace(model.completion(json.dumps(model.analysis)), delay=delay)
+
+
+@pytest.fixture
+def secrets_dir(tmp_path: Path) -> Path:
+    """An empty folder of secret files, standing in for /run/secrets."""
+    folder = tmp_path / "secrets"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
 def make_config(
     redis: RedisServer,
     model: ChatCompletionsServer,
@@ -200,6 +226,14 @@ def post_photo(
         content_type="multipart/form-data",
         **options,
     )
+
+
+def json_answer(client: FlaskClient, headers: Mapping[str, str], photo: bytes) -> dict[str, Any]:
+    """POST one photo to /analyze-food; the JSON answer, which must be a 200."""
+    response = post_photo(client, headers, photo)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    body: dict[str, Any] = response.get_json()
+    return body
 
 
 class AnalyzeActions:

@@ -654,6 +654,14 @@ class ChatCompletionsServer(RecordingServer):
 # ---------------------------------------------------------------- User Service
 
 
+def answer_with(**changes: Any) -> Reply:
+    """A completion carrying the default analysis with some fields changed (None drops one)."""
+    analysis = {**DEFAULT_ANALYSIS, **changes}
+    return ChatCompletionsServer.completion(
+        json.dumps({name: value for name, value in analysis.items() if value is not None})
+    )
+
+
 class UserServiceServer(RecordingServer):
     """A User Service that stores food entries in `self.entries` and answers 201 with an id."""
 
@@ -765,7 +773,7 @@ def _stop_forgotten_redis_servers() -> None:
         server.stop()
 
 
-class _PortInUseError(RuntimeError):
+class PortInUseError(RuntimeError):
     """redis-server could not bind its port."""
 
 
@@ -803,7 +811,7 @@ class RedisServer(ClosesOnExit):
             try:
                 self.start()
                 return
-            except _PortInUseError:
+            except PortInUseError:
                 if attempt == 2:
                     raise
 
@@ -879,7 +887,7 @@ class RedisServer(ClosesOnExit):
                 if exit_code is not None:
                     self.stop()
                     error = (
-                        _PortInUseError if "Address already in use" in self.log() else RuntimeError
+                        PortInUseError if "Address already in use" in self.log() else RuntimeError
                     )
                     raise error(f"redis-server exited with {exit_code}:\n{self.log()}")
                 try:

@@ -164,6 +164,12 @@ def jpeg(
     return _encode(image, "JPEG", **options)
 
 
+def photo(shade: int) -> bytes:
+    """A small JPEG of its own for each shade (0 to 255 all differ, and none is conftest's MEAL),
+    so every request misses the cache unless it repeats a shade."""
+    return jpeg(48, 32, color=(shade * 37 % 256, 120, 200))
+
+
 def orientation_probe_jpeg(orientation: int) -> bytes:
     """A 400x200 JPEG, left half red and right half blue, tagged with the given EXIF orientation.
 

@@ -32,7 +32,7 @@ import redis.sentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tests.fakes import LOOPBACK, ClosesOnExit, die_with_parent, free_port
+from tests.fakes import LOOPBACK, ClosesOnExit, PortInUseError, die_with_parent, free_port
 
 SERVICE_NAME = "mymaster"
 CLUSTER_SLOTS = 16384
@@ -79,10 +79,6 @@ def _data_node_lines() -> list[str]:
     return ['save ""', "appendonly no", "repl-diskless-sync-delay 0", "shutdown-timeout 0"]
 
 
-class _PortInUseError(RuntimeError):
-    """redis-server could not bind its port."""
-
-
 class RedisProcess:
     """One `redis-server` (data node or sentinel) in its own temp dir, configured by a file there.
 
@@ -114,7 +110,7 @@ class RedisProcess:
             try:
                 self._start(settings(self.port))
                 return
-            except _PortInUseError:
+            except PortInUseError:
                 if attempt == 2:
                     raise
 
@@ -196,7 +192,7 @@ class RedisProcess:
                 if exit_code is not None:
                     self.stop()
                     in_use = "Address already in use" in self.log()
-                    error = _PortInUseError if in_use else RuntimeError
+                    error = PortInUseError if in_use else RuntimeError
                     raise error(f"{self.name} exited with {exit_code}:\n{self.log()}")
                 try:
                     # Another server may hold the port: only our process's answer counts.

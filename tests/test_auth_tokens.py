@@ -124,14 +124,6 @@ def environment(model: ChatCompletionsServer, user_service: UserServiceServer) -
 
 
 @pytest.fixture
-def secrets_dir(tmp_path: Path) -> Path:
-    """An empty secrets folder."""
-    folder = tmp_path / "secrets"
-    folder.mkdir()
-    return folder
-
-
-@pytest.fixture
 def public_key_client(
     environment: dict[str, str], secrets_dir: Path, keys: dict[str, PrivateKey]
 ) -> Callable[[str], FlaskClient]:

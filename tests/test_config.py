@@ -34,14 +34,6 @@ SECRETS = [
 ]
 
 
-@pytest.fixture
-def secrets_dir(tmp_path: Path) -> Path:
-    """An empty folder of secret files."""
-    folder = tmp_path / "secrets"
-    folder.mkdir()
-    return folder
-
-
 def subprocess_environment(secrets_dir: Path, **variables: str) -> dict[str, str]:
     """A clean environment for `python -c "import app"`: no inherited service settings."""
     return {"PATH": os.environ.get("PATH", ""), "SECRETS_DIR": str(secrets_dir), **variables}

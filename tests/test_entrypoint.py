@@ -25,6 +25,7 @@ from flask.testing import FlaskClient
 
 from tests import images
 from tests.conftest import post_photo
+from tests.fakes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINT = ROOT / "docker-entrypoint.sh"
@@ -44,13 +45,6 @@ REPORT_COMMAND = (
     "import json, os; json.dump({'env': dict(os.environ), 'pid': os.getpid(),"
     " 'ppid': os.getppid()}, open(os.environ['REPORT'], 'w'))",
 )
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on (at the moment of asking)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def secret_value(label: str) -> str:
@@ -73,14 +67,6 @@ class EntrypointRun:
         """The environment the command was started with."""
         assert self.report is not None, f"the command did not run; stderr: {self.stderr}"
         return dict(self.report["env"])
-
-
-@pytest.fixture
-def secrets_dir(tmp_path: Path) -> Path:
-    """An empty folder standing in for /run/secrets."""
-    folder = tmp_path / "secrets"
-    folder.mkdir()
-    return folder
 
 
 def write_secrets(folder: Path, **contents: str) -> None:

@@ -124,7 +124,7 @@ def api(
         yield client
 
 
-def analyze(client: Any, photo: bytes | None = None, **params: str) -> Any:
+def analyze_with_client(client: Any, photo: bytes | None = None, **params: str) -> Any:
     """POST a photo (a small JPEG by default) through the generated analyze_food operation."""
     models = importlib.import_module(f"{PACKAGE}.models")
     types = importlib.import_module(f"{PACKAGE}.types")
@@ -156,7 +156,7 @@ def test_the_generated_client_reads_health(api: Any) -> None:
 
 
 def test_the_generated_client_saves_an_analysis(api: Any, user_service: UserServiceServer) -> None:
-    response = analyze(api, save="true", idempotency_key="meal-1")
+    response = analyze_with_client(api, save="true", idempotency_key="meal-1")
 
     assert response.status_code == 200
     assert isinstance(response.parsed, generated("AnalyzeResponse"))
@@ -169,7 +169,7 @@ def test_a_failed_save_keeps_the_analysis_in_the_generated_model(
 ) -> None:
     user_service.enqueue(json_error(500, "database down"))
 
-    response = analyze(api, save="true")
+    response = analyze_with_client(api, save="true")
 
     assert response.status_code == 502
     assert isinstance(response.parsed, generated("UserServiceError"))
@@ -183,7 +183,7 @@ def test_a_model_failure_is_a_502_of_its_own_in_the_generated_client(
 ) -> None:
     model.enqueue(ChatCompletionsServer.completion(None, refusal="I cannot help with that."))
 
-    response = analyze(api)
+    response = analyze_with_client(api)
 
     assert response.status_code == 502
     assert not isinstance(response.parsed, generated("UserServiceError"))
@@ -191,7 +191,7 @@ def test_a_model_failure_is_a_502_of_its_own_in_the_generated_client(
 
 
 def test_the_generated_client_reads_a_too_large_upload(api: Any) -> None:
-    response = analyze(api, images.jpeg(640, 480, pattern="photo"))
+    response = analyze_with_client(api, images.jpeg(640, 480, pattern="photo"))
 
     assert response.status_code == 413
     assert response.parsed.code.value == "payload_too_large"
@@ -200,7 +200,7 @@ def test_the_generated_client_reads_a_too_large_upload(api: Any) -> None:
 def test_the_generated_client_reads_a_model_timeout(api: Any, model: ChatCompletionsServer) -> None:
     model.enqueue(Reply(delay=MODEL_TIMEOUT_SECONDS + 1.0))
 
-    response = analyze(api)
+    response = analyze_with_client(api)
 
     assert response.status_code == 504
     assert response.parsed.code.value == "upstream_timeout"
@@ -212,10 +212,10 @@ def test_the_generated_client_reads_an_idempotency_key_in_use(
     slow = replace(model.completion(json.dumps(DEFAULT_ANALYSIS)), delay=1.0)
     model.enqueue(slow)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        first = pool.submit(analyze, api, None, save="true", idempotency_key="meal-2")
+        first = pool.submit(analyze_with_client, api, None, save="true", idempotency_key="meal-2")
         model.wait_for_requests(1)
 
-        response = analyze(api, save="true", idempotency_key="meal-2")
+        response = analyze_with_client(api, save="true", idempotency_key="meal-2")
 
         assert first.result().status_code == 200
     assert response.status_code == 409

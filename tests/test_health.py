@@ -3,7 +3,7 @@ hung Redis costs the probe."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from flask.testing import FlaskClient
@@ -18,13 +18,6 @@ def client_for(config: Config) -> FlaskClient:
     flask_app = create_app(config)
     flask_app.testing = True
     return flask_app.test_client()
-
-
-@pytest.fixture
-def stalled() -> Iterator[StalledServer]:
-    """A port that accepts connections and never answers: a hung Redis."""
-    with StalledServer() as server:
-        yield server
 
 
 def test_healthy_service_answers_200_with_the_contract_shape(client: FlaskClient) -> None:

@@ -23,7 +23,6 @@ import requests
 from flask.testing import FlaskClient
 from PIL import Image
 
-from tests import images
 from tests.conftest import (
     JWT_SECRET,
     AnalyzeActions,
@@ -33,16 +32,12 @@ from tests.conftest import (
     running_gunicorn,
 )
 from tests.fakes import ChatCompletionsServer, RedisServer, Reply, UserServiceServer
+from tests.images import photo
 from tests.servers import Gunicorn
 
 completion = ChatCompletionsServer.completion
 MEGAPIXELS_60 = (10_000, 6_000)
 GIB = 1024**3
-
-
-def photo(shade: int) -> bytes:
-    """A small distinct photo."""
-    return images.jpeg(40, 30, color=(shade * 37 % 256, 60, 255 - shade * 19 % 256))
 
 
 # ------------------------------------------------------------------ tiny files, huge pictures

@@ -12,8 +12,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from app import Config, create_app
+from app import Config
 from tests import images
+from tests.conftest import app_for
 from tests.fakes import ChatCompletionsServer, RedisServer, Reply, UserServiceServer, json_error
 
 MEAL = images.jpeg(64, 48, color=(200, 120, 60))
@@ -44,13 +45,6 @@ def idempotency_keys(redis: RedisServer) -> list[bytes]:
     """Every idempotency record in the tests' Redis."""
     with redis.client() as connection:
         return list(connection.keys(IDEMPOTENCY_PATTERN))
-
-
-def app_for(config: Config) -> Flask:
-    """An app built from this Config, in testing mode."""
-    flask_app = create_app(config)
-    flask_app.testing = True
-    return flask_app
 
 
 @pytest.fixture

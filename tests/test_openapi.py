@@ -162,7 +162,7 @@ def test_every_operation_keeps_the_contract(
 # ----------------------------------------------------------------------------- every outcome
 
 
-def analyze(
+def analyze_validated(
     app: Flask,
     headers: dict[str, str],
     *,
@@ -184,8 +184,8 @@ def test_a_saved_analysis_of_a_real_photo_matches_the_document(
 ) -> None:
     headers = {**auth_headers, "Idempotency-Key": "meal-photo-1"}
 
-    first = analyze(app, headers, query={"save": "true"})
-    retry = analyze(app, headers, query={"save": "true"})
+    first = analyze_validated(app, headers, query={"save": "true"})
+    retry = analyze_validated(app, headers, query={"save": "true"})
 
     assert first.status_code == 200
     assert first.json()["analysis"]["entryId"]
@@ -194,9 +194,9 @@ def test_a_saved_analysis_of_a_real_photo_matches_the_document(
 
 
 def test_a_cached_analysis_matches_the_document(app: Flask, auth_headers: dict[str, str]) -> None:
-    analyze(app, auth_headers, photo=images.png(64, 48))
+    analyze_validated(app, auth_headers, photo=images.png(64, 48))
 
-    response = analyze(app, auth_headers, photo=images.png(64, 48))
+    response = analyze_validated(app, auth_headers, photo=images.png(64, 48))
 
     assert response.json()["source"] == "cache"
 
@@ -231,7 +231,7 @@ def test_a_failed_analysis_matches_the_document(
 ) -> None:
     arrange(model, user_service)
 
-    response = analyze(app, auth_headers, query={"save": "yes"})
+    response = analyze_validated(app, auth_headers, query={"save": "yes"})
 
     assert response.status_code == status
 
@@ -240,16 +240,16 @@ def test_an_idempotency_key_reused_for_another_photo_matches_the_document(
     app: Flask, auth_headers: dict[str, str]
 ) -> None:
     headers = {**auth_headers, "Idempotency-Key": "meal-photo-2"}
-    analyze(app, headers, query={"save": "true"})
+    analyze_validated(app, headers, query={"save": "true"})
 
-    response = analyze(app, headers, photo=images.png(64, 48), query={"save": "true"})
+    response = analyze_validated(app, headers, photo=images.png(64, 48), query={"save": "true"})
 
     assert response.status_code == 422
     assert response.json()["code"] == "idempotency_key_reused"
 
 
 def test_an_invalid_token_matches_the_document(app: Flask) -> None:
-    response = analyze(app, {"Authorization": "Bearer not-a-token"})
+    response = analyze_validated(app, {"Authorization": "Bearer not-a-token"})
 
     assert response.status_code == 401
 
@@ -259,7 +259,7 @@ def test_a_photo_over_the_limit_matches_the_document(
 ) -> None:
     app = create_app(make_config(max_upload_mb=0.01))
 
-    response = analyze(app, auth_headers, photo=images.jpeg(640, 480, pattern="photo"))
+    response = analyze_validated(app, auth_headers, photo=images.jpeg(640, 480, pattern="photo"))
 
     assert response.status_code == 413
 
@@ -269,7 +269,7 @@ def test_an_unconfigured_model_matches_the_document(
 ) -> None:
     app = create_app(make_config(openai_api_key=None))
 
-    response = analyze(app, auth_headers)
+    response = analyze_validated(app, auth_headers)
 
     assert response.status_code == 503
 
@@ -280,7 +280,7 @@ def test_a_model_timeout_matches_the_document(
     model.enqueue(Reply(delay=1.0))
     app = create_app(make_config(openai_api_timeout=0.2, openai_max_attempts=1))
 
-    response = analyze(app, auth_headers)
+    response = analyze_validated(app, auth_headers)
 
     assert response.status_code == 504
 
@@ -291,10 +291,10 @@ def test_an_overloaded_service_matches_the_document(
     model.enqueue(replace(model.completion(json.dumps(DEFAULT_ANALYSIS)), delay=1.0))
     app = create_app(make_config(model_max_concurrency=1, model_queue_timeout=0.05))
     with ThreadPoolExecutor(max_workers=1) as pool:
-        slow = pool.submit(analyze, app, auth_headers)  # holds the only model slot
+        slow = pool.submit(analyze_validated, app, auth_headers)  # holds the only model slot
         model.wait_for_requests(1)
 
-        response = analyze(app, auth_headers, photo=images.png(64, 48))
+        response = analyze_validated(app, auth_headers, photo=images.png(64, 48))
 
         assert slow.result().status_code == 200
     assert response.status_code == 503

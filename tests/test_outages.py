@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -14,7 +14,6 @@ import pytest
 from flask.testing import FlaskClient
 
 from app import Config
-from tests import images
 from tests.conftest import AnalyzeActions, app_for, cached_keys, post_photo
 from tests.fakes import (
     DEFAULT_ANALYSIS,
@@ -23,8 +22,10 @@ from tests.fakes import (
     Reply,
     StalledServer,
     UserServiceServer,
+    answer_with,
     free_port,
 )
+from tests.images import photo
 
 # The issue's own bound: a hung Redis adds "well under a second", that is one REDIS_TIMEOUT
 # (0.5 s by default) a request, never one per Redis call.
@@ -32,11 +33,6 @@ UNDER_A_SECOND = 1.0
 SKIPPED_METRIC = re.compile(r'^image_service_cache_events_total\{event="skipped"\} (\S+)$', re.M)
 completion = ChatCompletionsServer.completion
 model_error = ChatCompletionsServer.error
-
-
-def photo(shade: int) -> bytes:
-    """A small JPEG of its own, so every request is a cache miss unless it repeats a shade."""
-    return images.jpeg(64, 48, color=(shade, 120, 60))
 
 
 def skipped_count(client: FlaskClient) -> float:
@@ -54,18 +50,6 @@ def open_the_breaker(client: FlaskClient, headers: dict[str, str], failures: int
 def contract_fields(analysis: dict[str, Any]) -> dict[str, Any]:
     """The fields the contract names (more may be added), as the model's default answer has them."""
     return {name: analysis.get(name) for name in DEFAULT_ANALYSIS}
-
-
-def answer_with(**changes: Any) -> Reply:
-    """A completion carrying the default analysis with some fields changed."""
-    return completion(json.dumps({**DEFAULT_ANALYSIS, **changes}))
-
-
-@pytest.fixture
-def stalled() -> Iterator[StalledServer]:
-    """A port that accepts connections and never answers: a hung Redis."""
-    with StalledServer() as server:
-        yield server
 
 
 @pytest.fixture

@@ -2,40 +2,19 @@
 
 from __future__ import annotations
 
-import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-import pytest
 from flask.testing import FlaskClient
 
 from app import Config, create_app
 from tests import images
-from tests.conftest import RecordHandler
+from tests.conftest import RecordHandler, json_answer
 from tests.fakes import ChatCompletionsServer, RedisServer, StalledServer
-
-
-def analyze(client: FlaskClient, headers: dict[str, str], photo: bytes) -> dict[str, object]:
-    """POST one photo to /analyze-food; the JSON answer, which must be a 200."""
-    response = client.post(
-        "/analyze-food",
-        data={"image": (io.BytesIO(photo), "meal.jpg", "image/jpeg")},
-        headers=headers,
-    )
-    assert response.status_code == 200, response.get_data(as_text=True)
-    body: dict[str, object] = response.get_json()
-    return body
 
 
 def connect(client: FlaskClient) -> None:
     """Have the app open its pooled Redis connection, so a later outage finds it in use."""
     assert client.get("/health").get_json()["checks"]["redis"] == "connected"
-
-
-@pytest.fixture
-def stalled() -> Iterator[StalledServer]:
-    """A port that accepts connections and never answers: a hung Redis."""
-    with StalledServer() as server:
-        yield server
 
 
 def test_analysis_comes_from_the_model_while_redis_is_down(
@@ -47,7 +26,7 @@ def test_analysis_comes_from_the_model_while_redis_is_down(
     connect(client)
     redis.stop()
 
-    body = analyze(client, auth_headers, images.jpeg())
+    body = json_answer(client, auth_headers, images.jpeg())
 
     assert body["source"] == "api"
     assert len(model.calls) == 1
@@ -62,7 +41,7 @@ def test_redis_outage_is_logged_as_a_connection_error(
     connect(client)
     redis.stop()
 
-    analyze(client, auth_headers, images.jpeg())
+    json_answer(client, auth_headers, images.jpeg())
 
     assert "Redis connection error" in logs.text()
 
@@ -85,15 +64,15 @@ def test_cache_is_used_again_once_health_sees_redis_back(
     redis: RedisServer,
     model: ChatCompletionsServer,
 ) -> None:
-    analyze(client, auth_headers, images.jpeg(color=(10, 20, 30)))
+    json_answer(client, auth_headers, images.jpeg(color=(10, 20, 30)))
     redis.stop()
-    analyze(client, auth_headers, images.jpeg(color=(40, 50, 60)))
+    json_answer(client, auth_headers, images.jpeg(color=(40, 50, 60)))
     redis.start()
     assert client.get("/health").get_json()["checks"]["redis"] == "connected"
     photo = images.jpeg(color=(70, 80, 90))
 
-    first = analyze(client, auth_headers, photo)
-    second = analyze(client, auth_headers, photo)
+    first = json_answer(client, auth_headers, photo)
+    second = json_answer(client, auth_headers, photo)
 
     assert first["source"] == "api"
     assert second["source"] == "cache"
@@ -110,7 +89,7 @@ def test_analysis_succeeds_when_redis_hangs_and_asks_it_once(
     flask_app = create_app(make_config(redis_host=stalled.host, redis_port=stalled.port))
     flask_app.testing = True
 
-    body = analyze(flask_app.test_client(), auth_headers, images.jpeg())
+    body = json_answer(flask_app.test_client(), auth_headers, images.jpeg())
 
     assert body["source"] == "api"
     assert len(model.calls) == 1

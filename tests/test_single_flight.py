@@ -13,14 +13,10 @@ from flask import Flask
 from app import Config, cache_key_for, create_app, image_digest
 from locks import LOCK_PREFIX
 from tests import images
-from tests.fakes import ChatCompletionsServer, RedisServer, Reply
+from tests.conftest import slow_answer
+from tests.fakes import ChatCompletionsServer, RedisServer
 
 PHOTO = images.jpeg(320, 240, color=(200, 90, 40))
-
-
-def slow_answer(model: ChatCompletionsServer, delay: float) -> Reply:
-    """The default analysis, answered after ``delay`` seconds."""
-    return dataclasses.replace(model.completion(json.dumps(model.analysis)), delay=delay)
 
 
 def post_in_parallel(app: Flask, headers: dict[str, str], count: int) -> list[tuple[int, dict]]:

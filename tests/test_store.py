@@ -7,7 +7,6 @@ dead holder's lock taken over.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -42,11 +41,11 @@ from tests.conftest import (
     base_environment,
     bearer,
     running_gunicorn,
+    slow_answer,
 )
 from tests.fakes import (
     ChatCompletionsServer,
     RedisServer,
-    Reply,
     UserServiceServer,
     free_port,
 )
@@ -54,11 +53,6 @@ from tests.redis_topologies import RedisCluster, RedisSentinelSet
 from tests.servers import STARTUP_TIMEOUT, Gunicorn, start_gunicorn
 
 PHOTO = images.jpeg(320, 240, color=(30, 160, 90))
-
-
-def slow_answer(model: ChatCompletionsServer, delay: float) -> Reply:
-    """The default analysis, answered after ``delay`` seconds."""
-    return dataclasses.replace(model.completion(json.dumps(model.analysis)), delay=delay)
 
 
 @pytest.fixture(scope="module")

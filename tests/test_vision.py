@@ -46,6 +46,7 @@ from tests.fakes import (
     RedisServer,
     Reply,
     UserServiceServer,
+    answer_with,
     free_port,
 )
 
@@ -66,13 +67,7 @@ completion = ChatCompletionsServer.completion
 model_error = ChatCompletionsServer.error
 
 
-def answer_with(**changes: Any) -> Reply:
-    """A completion carrying the default analysis with some fields changed (None drops one)."""
-    analysis = {**DEFAULT_ANALYSIS, **changes}
-    return completion(json.dumps({k: v for k, v in analysis.items() if v is not None}))
-
-
-def stalled(reply: Reply, seconds: float = 1.0) -> Reply:
+def delayed(reply: Reply, seconds: float = 1.0) -> Reply:
     """The same reply, sent only after a delay."""
     return dataclasses.replace(reply, delay=seconds)
 
@@ -294,7 +289,7 @@ def test_unreachable_model_answers_502_upstream_error(
 def test_model_stalling_on_every_attempt_answers_504_upstream_timeout(
     api: AnalyzeActions, client_with: Callable[..., FlaskClient], model: ChatCompletionsServer
 ) -> None:
-    model.enqueue(stalled(answer_with()), stalled(answer_with()))
+    model.enqueue(delayed(answer_with()), delayed(answer_with()))
     client = client_with(openai_api_timeout=0.3, openai_max_attempts=2)
     assert_upstream_error(api.analyze(client=client), status=504)
     assert len(model.calls) == 2
@@ -303,7 +298,7 @@ def test_model_stalling_on_every_attempt_answers_504_upstream_timeout(
 def test_model_stall_then_answer_succeeds(
     api: AnalyzeActions, client_with: Callable[..., FlaskClient], model: ChatCompletionsServer
 ) -> None:
-    model.enqueue(stalled(answer_with()))
+    model.enqueue(delayed(answer_with()))
     response = api.analyze(client=client_with(openai_api_timeout=0.3))
     assert response.status_code == 200
     assert len(model.calls) == 2

@@ -13,7 +13,6 @@ import pytest
 from flask.testing import FlaskClient
 
 from app import Config, ConfigError, create_app
-from tests import images
 from tests.conftest import OPENAI_API_KEY, assert_json_error, post_photo
 from tests.fakes import (
     GPT6_EFFORTS,
@@ -23,17 +22,13 @@ from tests.fakes import (
     StalledServer,
     free_port,
 )
+from tests.images import photo
 
 if TYPE_CHECKING:
     from tests.conftest import RecordHandler
 
 completion = ChatCompletionsServer.completion
 model_error = ChatCompletionsServer.error
-
-
-def photo(shade: int) -> bytes:
-    """A distinct small photo, so that each upload misses the cache."""
-    return images.jpeg(48, 32, color=(shade * 41 % 256, 90, 255 - shade * 23 % 256))
 
 
 def analyse(client: FlaskClient, headers: dict[str, str], shade: int = 1) -> dict[str, Any]:

@@ -8,7 +8,6 @@ import json
 import logging
 import re
 import sys
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -179,6 +178,12 @@ def embedded(
     return EmbeddedStore(tmp_path / "store.sqlite3", table, max_bytes)
 
 
+def expiry(store: EmbeddedStore, key: str) -> float:
+    """When the key's row in the records table expires, as the table holds it."""
+    row = store.connection().execute("SELECT expires FROM records WHERE key = ?", (key,))
+    return float(row.fetchone()[0])
+
+
 def test_embedded_cache_returns_what_was_stored(tmp_path: Path) -> None:
     cache = AnalysisCache(embedded(tmp_path), ttl_seconds=60)
     cache.set("a", DEFAULT_ANALYSIS)
@@ -204,8 +209,7 @@ def test_embedded_store_add_stores_only_when_absent(tmp_path: Path) -> None:
 
 def test_embedded_store_add_takes_over_an_expired_key(tmp_path: Path) -> None:
     store = embedded(tmp_path, "records")
-    assert store.add("lock", "dead holder", 0.001)
-    time.sleep(0.01)
+    assert store.add("lock", "dead holder", -1)  # its time ran out a second ago
     assert store.add("lock", "new holder", 60)
     assert store.get("lock") == "new holder"
 
@@ -221,13 +225,15 @@ def test_embedded_store_delete_if_leaves_a_value_it_does_not_hold(tmp_path: Path
 
 def test_embedded_store_extend_if_renews_only_its_own_value(tmp_path: Path) -> None:
     store = embedded(tmp_path, "records")
-    store.set("lock", "theirs", 0.05)
-    store.extend_if("lock", "mine", 60)
-    time.sleep(0.1)
+    store.set("lock", "theirs", 60)
+    store.extend_if("lock", "mine", -1)
+    assert store.get("lock") == "theirs"
+    store.extend_if("lock", "theirs", -1)  # its holder ends it now
     assert store.get("lock") is None
-    store.set("lock", "mine", 0.05)
-    store.extend_if("lock", "mine", 60)
-    time.sleep(0.1)
+    store.set("lock", "mine", 60)
+    first = expiry(store, "lock")
+    store.extend_if("lock", "mine", 3600)
+    assert expiry(store, "lock") > first
     assert store.get("lock") == "mine"
 
 

@@ -469,6 +469,10 @@ def redis_url_password(url: str | None) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
+# A request id, the caller's or an upstream's, that is safe to log and echo.
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
 def request_id_or_dash() -> str:
     """The current request's id, or '-' outside a request."""
     try:
@@ -525,15 +529,27 @@ class Caller:
     authorization: str
 
 
+@dataclass(frozen=True)
+class AccessTokens:
+    """What verifying a token needs, kept in ``app.extensions`` beside the app's collaborators."""
+
+    config: Config
+    key: Any
+
+
+# The ``app.extensions`` key create_app keeps the app's ``AccessTokens`` under.
+ACCESS_TOKENS = "image-service.access-tokens"
+
+
 def token_required(view: ViewFunc) -> ViewFunc:
     """Let the view run only for a valid access token; put the ``Caller`` on ``g.caller``."""
 
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        services = current_services()
+        tokens = cast(AccessTokens, current_app.extensions[ACCESS_TOKENS])
         header = request.headers.get("Authorization")
         token = bearer_token(header)
-        user_id = verify_access_token(token, services.config, services.jwt_key)
+        user_id = verify_access_token(token, tokens.config, tokens.key)
         g.caller = Caller(user_id=user_id, authorization=cast(str, header))
         return view(*args, **kwargs)
 
@@ -674,6 +690,11 @@ class AnalysisForm:
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+def image_digest(data: bytes) -> str:
+    """The hex digest that identifies an upload."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def read_analysis_form() -> AnalysisForm:
     """The query, headers and form of an analysis request, each checked (400 when wrong)."""
     save = query_flag(request.args.get("save"), "save")
@@ -766,11 +787,8 @@ def read_note() -> str | None:
 
 
 CACHE_PREFIX = "food_analysis:"
-
-
-def image_digest(data: bytes) -> str:
-    """The hex digest that identifies an upload."""
-    return hashlib.sha256(data).hexdigest()
+# Part of every cache key: a new prompt asks the model anew.
+PROMPT_VERSION = "2026-12-01"
 
 
 def cache_key_for(digest: str, config: Config, *inputs: str) -> str:
@@ -1153,11 +1171,68 @@ def public_url(url: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# The model's answer, parsed (meal.py's normalise_analysis makes it the typed meal)
+# ---------------------------------------------------------------------------------------------
+
+
+CODE_FENCE_PATTERN = re.compile(r"^\s*```[A-Za-z0-9_-]*\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)
+MAX_MODEL_NAME = 200
+
+
+@dataclass(frozen=True)
+class ModelAnswer:
+    """A normalised analysis and the token usage the model reported."""
+
+    analysis: Analysis
+    usage: dict[str, int]
+
+
+def parse_model_payload(payload: Mapping[str, Any], requested_model: str) -> ModelAnswer:
+    """Pull the analysis out of a chat completion and normalise it, noting who answered."""
+    try:
+        message = payload["choices"][0]["message"]
+    except (KeyError, IndexError, TypeError):
+        raise UpstreamError("the vision model's answer holds no message") from None
+    if not isinstance(message, dict):
+        raise UpstreamError("the vision model's answer holds no message")
+    if message.get("refusal"):
+        log_model_failure("the model refused")
+        raise UpstreamError("the vision model refused to analyze this image")
+    content = message.get("content")
+    if not isinstance(content, str) or not content.strip():
+        raise UpstreamError("the vision model's answer is empty")
+    raw = parse_model_content(content)
+    answered_by = payload.get("model")
+    analysis = normalise_analysis(raw)
+    analysis["model"] = (
+        clean_text(answered_by, MAX_MODEL_NAME)
+        if isinstance(answered_by, str) and answered_by.strip()
+        else requested_model
+    )
+    analysis["promptVersion"] = PROMPT_VERSION
+    return ModelAnswer(analysis=analysis, usage=token_usage(payload))
+
+
+def parse_model_content(content: str) -> dict[str, Any]:
+    """The JSON object in a model's message, accepting a Markdown code fence around it."""
+    text = content.strip()
+    fenced = CODE_FENCE_PATTERN.match(text)
+    if fenced:
+        text = fenced.group(1).strip()
+    try:
+        value = parse_json(text)
+    except ValueError:
+        raise UpstreamError("the vision model did not answer with JSON") from None
+    if not isinstance(value, dict):
+        raise UpstreamError("the vision model did not answer with a JSON object")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
 # Vision model (OpenAI Chat Completions)
 # ---------------------------------------------------------------------------------------------
 
 
-PROMPT_VERSION = "2026-12-01"
 SYSTEM_PROMPT = """\
 You are a nutrition analyst. You look at one photo of a meal and estimate what it contains.
 List every food on the plate as an item: a short name for people, a description in English as \
@@ -1247,17 +1322,8 @@ ANALYSIS_SCHEMA: dict[str, Any] = {
 }
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
 MAX_UPSTREAM_WORDS = 300
-MAX_MODEL_NAME = 200
 REASONING_CAP_GROWTH = 2
 PROBE_TIMEOUT_SECONDS = 5.0
-
-
-@dataclass(frozen=True)
-class ModelAnswer:
-    """A normalised analysis and the token usage the model reported."""
-
-    analysis: Analysis
-    usage: dict[str, int]
 
 
 def build_model_request(jpeg: bytes, config: Config, wanted: AnalysisRequest) -> dict[str, Any]:
@@ -1793,55 +1859,6 @@ class VisionModel:
 
 
 # ---------------------------------------------------------------------------------------------
-# The model's answer, parsed (meal.py's normalise_analysis makes it the typed meal)
-# ---------------------------------------------------------------------------------------------
-
-
-CODE_FENCE_PATTERN = re.compile(r"^\s*```[A-Za-z0-9_-]*\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)
-
-
-def parse_model_payload(payload: Mapping[str, Any], requested_model: str) -> ModelAnswer:
-    """Pull the analysis out of a chat completion and normalise it, noting who answered."""
-    try:
-        message = payload["choices"][0]["message"]
-    except (KeyError, IndexError, TypeError):
-        raise UpstreamError("the vision model's answer holds no message") from None
-    if not isinstance(message, dict):
-        raise UpstreamError("the vision model's answer holds no message")
-    if message.get("refusal"):
-        log_model_failure("the model refused")
-        raise UpstreamError("the vision model refused to analyze this image")
-    content = message.get("content")
-    if not isinstance(content, str) or not content.strip():
-        raise UpstreamError("the vision model's answer is empty")
-    raw = parse_model_content(content)
-    answered_by = payload.get("model")
-    analysis = normalise_analysis(raw)
-    analysis["model"] = (
-        clean_text(answered_by, MAX_MODEL_NAME)
-        if isinstance(answered_by, str) and answered_by.strip()
-        else requested_model
-    )
-    analysis["promptVersion"] = PROMPT_VERSION
-    return ModelAnswer(analysis=analysis, usage=token_usage(payload))
-
-
-def parse_model_content(content: str) -> dict[str, Any]:
-    """The JSON object in a model's message, accepting a Markdown code fence around it."""
-    text = content.strip()
-    fenced = CODE_FENCE_PATTERN.match(text)
-    if fenced:
-        text = fenced.group(1).strip()
-    try:
-        value = parse_json(text)
-    except ValueError:
-        raise UpstreamError("the vision model did not answer with JSON") from None
-    if not isinstance(value, dict):
-        raise UpstreamError("the vision model did not answer with a JSON object")
-    return value
-
-
-# ---------------------------------------------------------------------------------------------
 # Nutrition from USDA SR28 (the table in nutrition.py counts what the model names)
 # ---------------------------------------------------------------------------------------------
 
@@ -1982,7 +1999,6 @@ class Services:
     model_slots: ModelSlots
     model: VisionModel
     user_service: UserService
-    jwt_key: Any
     started_at: float
     table: NutritionTable | None = None
     openapi: dict[str, Any] = field(default_factory=dict)
@@ -2228,9 +2244,6 @@ def openapi() -> Response:
 # ---------------------------------------------------------------------------------------------
 
 
-REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
-
-
 def start_request() -> None:
     """Take or make the request id and start the clock."""
     supplied = request.headers.get("X-Request-ID", "")
@@ -2450,10 +2463,10 @@ def create_app(
             config, build_session(config.model_max_concurrency), records, today, probe_clock
         ),
         user_service=UserService(config, build_session(config.model_max_concurrency)),
-        jwt_key=jwt_verification_key(config),
         started_at=time.monotonic(),
         table=nutrition_table(config),
     )
+    app.extensions[ACCESS_TOKENS] = AccessTokens(config, jwt_verification_key(config))
     CORS(
         app,
         origins=list(config.cors_origins),

@@ -2093,9 +2093,15 @@ def create_app(
     config: Config | None = None,
     *,
     today: Callable[[], date] | None = None,
-    probe_clock: Callable[[], float] = time.monotonic,
+    clock: Callable[[], float] = time.monotonic,
+    probe_clock: Callable[[], float] | None = None,
 ) -> Flask:
-    """Build the service (``today``, ``probe_clock``: the probe's clocks); it connects lazily."""
+    """Build the service; it connects lazily.
+
+    ``clock`` is the monotonic time the Redis breaker and the model probe read, and ``today`` the
+    date the model's shutdown is counted from: tests move them rather than sleep.
+    ``probe_clock``, the older name, sets the probe's clock alone.
+    """
     config = config or Config.from_env(os.environ)
     configure_logging(config)
     app = Flask(__name__, static_folder=None)
@@ -2113,6 +2119,7 @@ def create_app(
         int(config.store_max_mb * MIB),
         scope=request_scope,
         count=count_cache_event,
+        clock=clock,
     )
     app.extensions[SERVICE_NAME] = Services(
         config=config,
@@ -2130,7 +2137,11 @@ def create_app(
         decode_budget=DecodeBudget(config.decode_budget_mb, config.model_queue_timeout),
         model_slots=ModelSlots(config.model_max_concurrency, config.model_queue_timeout),
         model=VisionModel(
-            config, build_session(config.model_max_concurrency), records, today, probe_clock
+            config,
+            build_session(config.model_max_concurrency),
+            records,
+            today,
+            probe_clock or clock,
         ),
         user_service=UserService(config, build_session(config.model_max_concurrency)),
         started_at=time.monotonic(),

@@ -5,26 +5,27 @@ API (unless the cache has the answer), and, when asked, saves the analysis as a 
 User Service. ``GET /health`` and ``GET /health/live`` serve the probes.
 
 The sections follow a request, as the README's "How it works" does; ``analyze_food`` reads as
-those steps:
+those steps, each done here unless a module beside app.py is named:
 
 1. auth: ``token_required`` → ``verify_access_token``, the ``Caller`` on ``flask.g``
 2. the form: ``read_analysis_form`` → ``AnalysisForm`` (photo, digest, note, lang, save, key)
-3. idempotency guard: ``IdempotencyRecords.guard`` (a replay, or the key held until the answer)
-4. cache: ``cached_or_fresh`` → ``cache_key_for``, ``AnalysisCache``
-5. single flight: ``SingleFlight.run`` (one model call among concurrent misses)
-6. image: ``fresh_analysis`` → ``prepare_image`` (within ``DecodeBudget``)
+3. idempotency guard: locks.py's ``IdempotencyRecords.guard`` (a replay, or the key held)
+4. cache: ``cached_or_fresh`` → ``cache_key_for``, ``AnalysisCache`` over store.py's ``Store``
+5. single flight: locks.py's ``SingleFlight.run`` (one model call among concurrent misses)
+6. image: ``fresh_analysis`` → ``prepare_image`` (within decode_budget.py's ``DecodeBudget``)
 7. model slot: ``ModelSlots.hold``
-8. model: ``VisionModel.analyze`` → ``VisionModel.attempt`` → ``http_json``; the answer through
-   ``parse_model_payload`` → ``normalise_analysis``; the verdict cached
-9. save: ``UserService.save``
-10. answer: ``IdempotencyGuard.answer``
+8. model: ``VisionModel.analyze`` → ``VisionModel.attempt`` → outbound_http.py's ``http_json``;
+   the answer through prompt.py's ``parse_model_payload`` → meal.py's ``normalise_analysis``
+   (model_servers.py reads other servers' errors and waits); the verdict cached
+9. save: ``UserService.save`` with meal.py's ``food_entry``
+10. answer: locks.py's ``IdempotencyGuard.answer``
 
-Errors are ``ServiceError`` values carrying an HTTP status and a stable ``ErrorCode``:
+Errors are errors.py's ``ServiceError`` values carrying an HTTP status and a stable ``ErrorCode``:
 ``BadRequest``, ``Unauthorized``, ``IdempotencyKeyInProgress``, ``IdempotencyKeyReused``,
-``NotFood``, ``UpstreamError``, ``UpstreamTimeout``, ``UpstreamRateLimited``,
-``UserServiceError``, ``AINotConfigured``, ``Overloaded`` (``RetryLater``, as
-``UpstreamRateLimited`` and ``RecordsUnavailable`` are) and ``InternalError``; one handler turns
-them into JSON, and another turns Werkzeug's HTTP errors (404, 405, 413) into the same shape.
+``NotFood``, ``UpstreamError``, ``UpstreamTimeout``, ``UpstreamRateLimited``, ``UserServiceError``,
+``AINotConfigured``, ``Overloaded`` (``RetryLater``, as ``UpstreamRateLimited`` and
+``RecordsUnavailable`` are) and ``InternalError``; one handler turns them into JSON, and another
+turns Werkzeug's HTTP errors (404, 405, 413) into the same shape.
 Importing the module builds nothing: ``create_app`` builds an app, and ``app.app`` (what
 ``gunicorn app:app`` serves) is built from the environment on first use.
 """

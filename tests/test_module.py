@@ -210,6 +210,12 @@ def test_the_modules_beside_app_import_neither_flask_nor_app(module: str) -> Non
     assert not imported & {"flask", "flask_cors", "werkzeug", "app"}, module
 
 
+@pytest.mark.parametrize("module", FLASK_FREE_MODULES)
+def test_how_it_works_lists_every_module_beside_app_with_its_line_count(module: str) -> None:
+    section = README.split("\n## How it works\n", 1)[1].split("\n## ", 1)[0]
+    assert re.search(rf"^- `{re.escape(module)}` \(\d+ lines\): ", section, re.MULTILINE), module
+
+
 def test_nothing_imports_app_but_the_tests_bench_tools_and_gunicorn() -> None:
     importers = []
     for path in ROOT.rglob("*.py"):

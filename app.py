@@ -131,10 +131,10 @@ from model_servers import (
     UpstreamProblem,
     finish_reason,
     log_model_failure,
+    model_error,
     probe_verdict,
     reasoning_family,
-    rejected_field,
-    retry_after_seconds,
+    server_words,
     shutdown_in,
     token_usage,
     upstream_problem,
@@ -1036,8 +1036,6 @@ class ModelSlots:
 # ---------------------------------------------------------------------------------------------
 
 
-RETRYABLE_STATUSES = frozenset({408, 409, 429})
-MAX_UPSTREAM_WORDS = 300
 REASONING_CAP_GROWTH = 2
 PROBE_TIMEOUT_SECONDS = 5.0
 
@@ -1445,7 +1443,7 @@ class VisionModel:
         reply: UpstreamReply,
         body: Mapping[str, Any],
     ) -> ServiceError:
-        """Class an error answer: retried, refused for good, or a wait the caller should make."""
+        """Log an error answer and class it (model_servers.py's ``model_error``)."""
         words = self.redacted(problem.message)
         log_model_failure(
             "HTTP %s %s %s%s",
@@ -1454,60 +1452,21 @@ class VisionModel:
             words,
             upstream_request_note(reply),
         )
-        detail = f"HTTP {status}: {words}" if words else f"HTTP {status}"
-        if status == 429 and problem.code == "insufficient_quota":
-            return UpstreamError(f"the vision model's account has no quota left ({detail})")
-        retryable = status in RETRYABLE_STATUSES or status >= 500
-        advice = reply.headers.get("x-should-retry", "").strip().lower()
-        retryable = {"true": True, "false": False}.get(advice, retryable)
-        wait = retry_after_seconds(reply.headers)
-        too_long = wait is not None and wait > self.config.openai_retry_after_cap
-        if wait is not None and (status == 429 or retryable) and (too_long or not retryable):
-            return UpstreamRateLimited(
-                f"the vision model's server asks to wait {math.ceil(wait)}s before the next "
-                f"request ({detail})",
-                retry_after=wait,
-            )
-        if retryable:
-            return TransientUpstreamError(f"the vision model failed ({detail})", retry_after=wait)
-        if status == 401:
-            return UpstreamError(
-                f"the vision model's server rejected the API key ({detail}); check OPENAI_API_KEY"
-            )
-        if status == 403:
-            return UpstreamError(
-                f"the vision model's server refused this API key access ({detail}); check that "
-                f"the key may use {self.config.openai_model}"
-            )
-        if status == 404:
-            return UpstreamError(self.not_found_message(detail))
-        if status == 429 or status >= 500:
-            return UpstreamError(
-                f"the vision model failed ({detail}); its server asked not to retry"
-            )
-        rejected = UpstreamError(f"the vision model rejected the request ({detail})")
-        if status in (400, 422):
-            rejected.rejected_parameter = rejected_field(problem, body)
-        return rejected
-
-    def not_found_message(self, detail: str) -> str:
-        """What a 404 usually means: the model's name, or a base URL without ``/v1``."""
-        base = public_url(self.config.openai_base_url)
-        message = (
-            f"the vision model's server has no such model or path ({detail}); check "
-            f"OPENAI_MODEL ({self.config.openai_model}) and OPENAI_BASE_URL ({base})"
+        return model_error(
+            status,
+            problem,
+            reply.headers,
+            body,
+            words=words,
+            model=self.config.openai_model,
+            base_url=public_url(self.config.openai_base_url),
+            versioned=bool(self.config.openai_api_version),
+            retry_after_cap=self.config.openai_retry_after_cap,
         )
-        if not self.config.openai_api_version and not re.search(r"/v\d+(?:beta)?(?:/|$)", base):
-            message += ": OpenAI-compatible servers serve under /v1, so the base URL likely "
-            message += "needs to end in /v1"
-        return message
 
     def redacted(self, text: str) -> str:
         """The server's words on one short line, with no part of the API key."""
-        line = " ".join(text.split())
-        if len(line) > MAX_UPSTREAM_WORDS:
-            line = line[:MAX_UPSTREAM_WORDS] + "…"
-        return redact(line, (self.config.openai_api_key or "",))
+        return redact(server_words(text), (self.config.openai_api_key or "",))
 
     # -- the /health probe
 

@@ -2,7 +2,8 @@
 
 ``VisionModel`` in ``app.py`` makes the call; this module reads what the server says back (its
 error in any of five vendors' shapes, the wait it asks for, the tokens it spent, the model's
-shutdown date) and keeps what it refused (``LearntProfile``, shared through a store). No Flask.
+shutdown date), classes an error answer (``model_error``: retried, refused for good, or a wait)
+and keeps what the server refused (``LearntProfile``, shared through a store). No Flask.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
+
+from errors import ServiceError, TransientUpstreamError, UpstreamError, UpstreamRateLimited
 
 logger = logging.getLogger("image_service")
 
@@ -316,6 +319,82 @@ def duration_seconds(text: str) -> float | None:
             for amount, unit in DURATION_PART_PATTERN.findall(text)
         )
     return value if math.isfinite(value) and value >= 0 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# What an error answer means for the call: retried, refused for good, or a wait
+# ---------------------------------------------------------------------------------------------
+
+RETRYABLE_STATUSES = frozenset({408, 409, 429})
+MAX_UPSTREAM_WORDS = 300
+
+
+def server_words(text: str) -> str:
+    """A server's words on one short line."""
+    line = " ".join(text.split())
+    if len(line) > MAX_UPSTREAM_WORDS:
+        line = line[:MAX_UPSTREAM_WORDS] + "…"
+    return line
+
+
+def model_error(
+    status: int,
+    problem: UpstreamProblem,
+    headers: Mapping[str, str],
+    body: Mapping[str, Any],
+    *,
+    words: str,
+    model: str,
+    base_url: str,
+    versioned: bool,
+    retry_after_cap: float,
+) -> ServiceError:
+    """Class an error answer: retried, refused for good, or a wait the caller should make."""
+    detail = f"HTTP {status}: {words}" if words else f"HTTP {status}"
+    if status == 429 and problem.code == "insufficient_quota":
+        return UpstreamError(f"the vision model's account has no quota left ({detail})")
+    retryable = status in RETRYABLE_STATUSES or status >= 500
+    advice = headers.get("x-should-retry", "").strip().lower()
+    retryable = {"true": True, "false": False}.get(advice, retryable)
+    wait = retry_after_seconds(headers)
+    too_long = wait is not None and wait > retry_after_cap
+    if wait is not None and (status == 429 or retryable) and (too_long or not retryable):
+        return UpstreamRateLimited(
+            f"the vision model's server asks to wait {math.ceil(wait)}s before the next "
+            f"request ({detail})",
+            retry_after=wait,
+        )
+    if retryable:
+        return TransientUpstreamError(f"the vision model failed ({detail})", retry_after=wait)
+    if status == 401:
+        return UpstreamError(
+            f"the vision model's server rejected the API key ({detail}); check OPENAI_API_KEY"
+        )
+    if status == 403:
+        return UpstreamError(
+            f"the vision model's server refused this API key access ({detail}); check that "
+            f"the key may use {model}"
+        )
+    if status == 404:
+        return UpstreamError(not_found_message(detail, model, base_url, versioned))
+    if status == 429 or status >= 500:
+        return UpstreamError(f"the vision model failed ({detail}); its server asked not to retry")
+    rejected = UpstreamError(f"the vision model rejected the request ({detail})")
+    if status in (400, 422):
+        rejected.rejected_parameter = rejected_field(problem, body)
+    return rejected
+
+
+def not_found_message(detail: str, model: str, base_url: str, versioned: bool) -> str:
+    """What a 404 usually means: the model's name, or a base URL without ``/v1``."""
+    message = (
+        f"the vision model's server has no such model or path ({detail}); check "
+        f"OPENAI_MODEL ({model}) and OPENAI_BASE_URL ({base_url})"
+    )
+    if not versioned and not re.search(r"/v\d+(?:beta)?(?:/|$)", base_url):
+        message += ": OpenAI-compatible servers serve under /v1, so the base URL likely "
+        message += "needs to end in /v1"
+    return message
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,9 +17,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast, overload
+from urllib.parse import urlsplit
 
 from json_values import parse_json
-from token_keys import HS_ALGORITHMS, PUBLIC_KEY_ALGORITHMS
+from store import SENTINEL_SCHEME, parse_sentinel_url
+from token_keys import HS_ALGORITHMS, PUBLIC_KEY_ALGORITHMS, load_public_key
 
 T = TypeVar("T")
 
@@ -288,6 +290,60 @@ class EnvReader:
         """A string, or None when unset or blank."""
         value = self.env.get(name, "").strip()
         return value or None
+
+
+def jwt_problems(algorithms: tuple[str, ...], public_key: str | None) -> list[str]:
+    """What is wrong with the token-verification settings, taken together."""
+    known = (*HS_ALGORITHMS, *PUBLIC_KEY_ALGORITHMS)
+    unknown = [name for name in algorithms if name not in known]
+    if unknown or not algorithms:
+        return [
+            f"JWT_ALGORITHMS may list only {', '.join(sorted(known))}, "
+            f"got {', '.join(unknown) or 'nothing'}"
+        ]
+    asymmetric = [name for name in algorithms if name in PUBLIC_KEY_ALGORITHMS]
+    if asymmetric and len(asymmetric) != len(algorithms):
+        return ["JWT_ALGORITHMS must not mix HS algorithms with public-key ones"]
+    if public_key and not asymmetric:
+        return ["JWT_PUBLIC_KEY is set, so JWT_ALGORITHMS must name public-key algorithms (RS256…)"]
+    if not asymmetric or not public_key:
+        return []
+    try:
+        key = load_public_key(public_key)
+    except ValueError:
+        return ["JWT_PUBLIC_KEY is not a PEM public key"]
+    wrong = [name for name in asymmetric if not isinstance(key, PUBLIC_KEY_ALGORITHMS[name])]
+    if wrong:
+        return [f"JWT_PUBLIC_KEY is a {type(key).__name__}, which cannot verify {', '.join(wrong)}"]
+    return []
+
+
+def redis_problems(url: str | None, cluster: bool, db: int) -> list[str]:
+    """What is wrong with the Redis settings beyond their form (ports, database, service)."""
+    if url is None:
+        cluster_db = cluster and db != 0
+        return ["REDIS_CLUSTER takes database 0 only (REDIS_DB)"] if cluster_db else []
+    parts = urlsplit(url)
+    if url.startswith(SENTINEL_SCHEME):
+        try:
+            parse_sentinel_url(url)
+        except ValueError as error:
+            return [str(error)]
+        return []
+    try:
+        _ = parts.port
+    except ValueError:
+        return ["REDIS_URL has a port that is not one"]
+    if url.startswith(("redis://", "rediss://")) and not re.fullmatch(r"/?[0-9]*", parts.path):
+        return ["REDIS_URL's database (its path) must be a number, e.g. redis://cache:6379/0"]
+    if cluster and (url.startswith("unix://") or parts.path.strip("/") not in ("", "0")):
+        return ["REDIS_CLUSTER takes a redis:// or rediss:// node URL with database 0"]
+    return []
+
+
+def redis_url_password(url: str | None) -> str | None:
+    """The password inside a Redis URL, if any, so that logs can blank it out."""
+    return urlsplit(url).password if url else None
 
 
 def read_secret_file(path: Path, problems: list[str]) -> str | None:

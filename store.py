@@ -842,15 +842,18 @@ def build_stores(
     *,
     scope: Callable[[], RequestScope | None] = no_request,
     count: Callable[[str], None] = not_counted,
+    clock: Callable[[], float] = time.monotonic,
 ) -> tuple[Store, Store]:
     """The store for analyses and the one for locks and idempotency records.
 
     Both are one Redis when configured. Embedded, they are two tables of one SQLite file, so
     that a stream of new photos evicting old analyses never evicts a lock or an idempotency
-    record before its time.
+    record before its time. ``clock`` is the Redis breaker's monotonic time.
     """
     if redis_settings is not None:
-        breaker = CircuitBreaker(redis_settings.breaker_failures, redis_settings.breaker_cooldown)
+        breaker = CircuitBreaker(
+            redis_settings.breaker_failures, redis_settings.breaker_cooldown, clock
+        )
         client = build_redis_client(redis_settings)
         store = RedisStore(client, breaker, redis_settings.kind, scope=scope, count=count)
         return store, store

@@ -185,7 +185,12 @@ def test_every_function_how_it_works_names_exists() -> None:
 
 # ------------------------------------------------------------------ Flask in app.py alone
 
-FLASK_FREE_MODULES = ("store.py", "locks.py", "sqlite_connections.py", "nutrition.py")
+# Every top-level module but app.py and gunicorn's configuration, found anew each run.
+FLASK_FREE_MODULES = sorted(
+    path.name for path in ROOT.glob("*.py") if path.name not in {"app.py", "gunicorn.conf.py"}
+)
+# Where importing app is expected: the tests, the bench, the tools and gunicorn's configuration.
+APP_IMPORTERS = ("tests", "bench", "tools", "gunicorn.conf.py")
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -203,3 +208,81 @@ def imported_modules(path: Path) -> set[str]:
 def test_the_modules_beside_app_import_neither_flask_nor_app(module: str) -> None:
     imported = imported_modules(ROOT / module)
     assert not imported & {"flask", "flask_cors", "werkzeug", "app"}, module
+
+
+@pytest.mark.parametrize("module", FLASK_FREE_MODULES)
+def test_how_it_works_lists_every_module_beside_app_with_its_line_count(module: str) -> None:
+    section = README.split("\n## How it works\n", 1)[1].split("\n## ", 1)[0]
+    assert re.search(rf"^- `{re.escape(module)}` \(\d+ lines\): ", section, re.MULTILINE), module
+
+
+def test_nothing_imports_app_but_the_tests_bench_tools_and_gunicorn() -> None:
+    importers = []
+    for path in ROOT.rglob("*.py"):
+        relative = path.relative_to(ROOT)
+        if relative.parts[0] in {".venv", ".git"} or relative.parts[0] in APP_IMPORTERS:
+            continue
+        if path.name != "app.py" and "app" in imported_modules(path):
+            importers.append(str(relative))
+    assert not importers
+
+
+# ------------------------------------------------------------------ app.py in reading order
+
+BANNER = re.compile(r"^# -{20,}\n# (?P<title>[^\n]+)\n# -{20,}\n", re.MULTILINE)
+# The sections that come last and use everything.
+LAST_SECTIONS = ("Routes", "Request lifecycle", "Application factory")
+
+
+def defined_names(node: ast.stmt) -> set[str]:
+    """The module-level names one top-level statement binds."""
+    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+        return {node.name}
+    targets: list[ast.expr] = []
+    if isinstance(node, ast.Assign):
+        targets = node.targets
+    elif isinstance(node, ast.AnnAssign | ast.AugAssign):
+        targets = [node.target]
+    return {
+        name.id for target in targets for name in ast.walk(target) if isinstance(name, ast.Name)
+    }
+
+
+def used_names(node: ast.stmt) -> set[str]:
+    """Every name a top-level statement reads, in its body, annotations or value."""
+    return {name.id for name in ast.walk(node) if isinstance(name, ast.Name)}
+
+
+def app_sections() -> list[tuple[str, list[ast.stmt]]]:
+    """app.py's top-level statements grouped under the banner comment above them."""
+    source = (ROOT / "app.py").read_text(encoding="utf-8")
+    banners = [
+        (source.count("\n", 0, match.start()) + 1, match["title"])
+        for match in BANNER.finditer(source)
+    ]
+    sections: list[tuple[str, list[ast.stmt]]] = [("Imports", [])]
+    sections += [(title, []) for _, title in banners]
+    for node in ast.parse(source).body:
+        index = sum(1 for line, _ in banners if line < node.lineno)
+        sections[index][1].append(node)
+    return sections
+
+
+def test_app_reads_in_order_no_section_uses_a_name_a_later_section_defines() -> None:
+    sections = app_sections()
+    defined_in = {}
+    for index, (_, nodes) in enumerate(sections):
+        for node in nodes:
+            for name in defined_names(node):
+                defined_in.setdefault(name, index)
+    forward = []
+    for index, (title, nodes) in enumerate(sections):
+        if title.startswith(LAST_SECTIONS):
+            continue
+        for node in nodes:
+            for name in sorted(used_names(node) - defined_names(node)):
+                later = defined_in.get(name, -1)
+                if later > index:
+                    forward.append(f"{title} uses {name} from {sections[later][0]}")
+    assert [title for title, _ in sections][-3:][0].startswith("Routes")
+    assert not forward

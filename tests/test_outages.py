@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from app import Config
+from app import Config, create_app
 from tests.conftest import AnalyzeActions, app_for, cached_keys, post_photo
 from tests.fakes import (
     DEFAULT_ANALYSIS,
@@ -136,14 +135,24 @@ def test_hung_redis_costs_the_first_request_one_attempt_with_default_settings(
 
 def test_breaker_tries_redis_again_after_the_cool_off(
     api: AnalyzeActions,
-    hung_redis_client: Callable[..., FlaskClient],
+    make_config: Callable[..., Config],
     auth_headers: dict[str, str],
     stalled: StalledServer,
 ) -> None:
-    client = hung_redis_client(redis_breaker_cooldown=0.1)
+    now = [0.0]
+    config = make_config(
+        redis_host=stalled.host,
+        redis_port=stalled.port,
+        redis_timeout=0.05,
+        redis_breaker_failures=2,
+        redis_breaker_cooldown=60.0,
+    )
+    flask_app = create_app(config, clock=lambda: now[0])
+    flask_app.testing = True
+    client = flask_app.test_client()
     open_the_breaker(client, auth_headers)
     opened_at = stalled.accepted
-    time.sleep(0.15)
+    now[0] += 61.0
 
     response = api.analyze(photo(2), client=client)
 
@@ -154,18 +163,25 @@ def test_breaker_tries_redis_again_after_the_cool_off(
 
 def test_only_one_request_tries_redis_when_the_cool_off_ends(
     api: AnalyzeActions,
-    hung_redis_client: Callable[..., FlaskClient],
+    make_config: Callable[..., Config],
     auth_headers: dict[str, str],
     stalled: StalledServer,
 ) -> None:
-    # A 0.2 s trial leaves the other requests time to arrive while it is still under way.
-    client = hung_redis_client(
-        redis_timeout=0.2, redis_breaker_failures=1, redis_breaker_cooldown=0.1
+    now = [0.0]
+    config = make_config(
+        redis_host=stalled.host,
+        redis_port=stalled.port,
+        redis_timeout=0.05,
+        redis_breaker_failures=1,
+        redis_breaker_cooldown=60.0,
     )
-    open_the_breaker(client, auth_headers, failures=1)
+    flask_app = create_app(config, clock=lambda: now[0])
+    flask_app.testing = True
+    open_the_breaker(flask_app.test_client(), auth_headers, failures=1)
     opened_at = stalled.accepted
-    time.sleep(0.15)
-    flask_app = client.application
+    # The clock stands still past the cool-off while the requests arrive, so the trial's own
+    # length does not matter: only the first to ask the breaker may try Redis.
+    now[0] += 61.0
 
     def analyse(shade: int) -> int:
         return api.analyze(photo(shade), client=flask_app.test_client()).status_code
@@ -183,12 +199,15 @@ def test_redis_that_comes_back_closes_the_breaker_and_the_cache_works_again(
     auth_headers: dict[str, str],
     redis: RedisServer,
 ) -> None:
-    config = make_config(redis_breaker_failures=2, redis_breaker_cooldown=0.2)
-    client = app_for(config).test_client()
+    now = [0.0]
+    config = make_config(redis_breaker_failures=2, redis_breaker_cooldown=60.0)
+    flask_app = create_app(config, clock=lambda: now[0])
+    flask_app.testing = True
+    client = flask_app.test_client()
     redis.stop()
     open_the_breaker(client, auth_headers)
     redis.start()
-    time.sleep(0.25)
+    now[0] += 61.0
     meal = photo(2)
 
     first = api.analyze(meal, client=client).get_json()

@@ -23,7 +23,6 @@ from app import (
     NotFood,
     UpstreamError,
     build_model_request,
-    parse_model_content,
 )
 from meal import (
     MAX_CALORIES,
@@ -38,6 +37,7 @@ from meal import (
     parse_number,
 )
 from model_servers import retry_after_seconds
+from prompt import parse_model_content
 from tests import images
 from tests.conftest import MEAL, AnalyzeActions, cached_keys
 from tests.fakes import (

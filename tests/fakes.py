@@ -113,7 +113,8 @@ class Reply:
     """What a fake server answers: a status and body, or a delay, or a dropped connection.
 
     `cut_after` sends the headers (with the whole body's Content-Length) and that many bytes of
-    the body, then hangs up: a connection that fails mid-answer.
+    the body, then hangs up: a connection that fails mid-answer. `hold` keeps the answer back
+    until the test sets it (or the server closes), for a call that must outlast a step.
     """
 
     status: int = 200
@@ -122,6 +123,7 @@ class Reply:
     delay: float = 0.0
     drop: bool = False
     cut_after: int | None = None
+    hold: threading.Event | None = None
 
     def encode(self) -> tuple[bytes, dict[str, str]]:
         """The body's bytes and the headers to send, with Content-Type and Content-Length."""
@@ -191,6 +193,9 @@ class _RecordingHandler(BaseHTTPRequestHandler):
         reply = self.server.reply_to(request)
         if reply.delay > 0 and self.server.closing.wait(reply.delay):
             reply = Reply(drop=True)  # the server is closing: release the client at once
+        while reply.hold is not None and not reply.hold.wait(0.05):
+            if self.server.closing.is_set():
+                reply = Reply(drop=True)
         self.server.note("answered", request)  # before sending, so it precedes what it causes
         if reply.drop:
             self.close_connection = True

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ from tests.fakes import (
 
 SLOW_MEAL = images.jpeg(64, 48, color=(200, 120, 60))
 MEAL = images.jpeg(64, 48, color=(30, 140, 90))
-MODEL_DELAY = 0.2  # how long the first model call holds the only slot
+MODEL_DELAY = 0.2  # how long the first model call holds the only slot, for requests that wait
 GUNICORN_THREADS_DEFAULT = re.compile(r'Setting\("GUNICORN_THREADS".*\), (\d+)\),')
 
 
@@ -39,15 +40,21 @@ def one_slot_app(make_config: Callable[..., Config], queue_timeout: float) -> Fl
 
 @contextmanager
 def only_slot_busy(
-    flask_app: Flask, headers: dict[str, str], model: ChatCompletionsServer
+    flask_app: Flask, headers: dict[str, str], model: ChatCompletionsServer, *, freed: bool = False
 ) -> Iterator[Future[TestResponse]]:
-    """Within the block, one request holds the only slot, its model call answering slowly."""
-    slow = ChatCompletionsServer.completion(json.dumps(DEFAULT_ANALYSIS))
-    model.enqueue(dataclasses.replace(slow, delay=MODEL_DELAY))
+    """Within the block, one request holds the only slot: until the block ends, or, when
+    ``freed``, for MODEL_DELAY, so that a request waiting in the queue gets the slot."""
+    answer = ChatCompletionsServer.completion(json.dumps(DEFAULT_ANALYSIS))
+    released = threading.Event()
+    held = dataclasses.replace(answer, delay=MODEL_DELAY) if freed else answer
+    model.enqueue(dataclasses.replace(held, hold=None if freed else released))
     with ThreadPoolExecutor(max_workers=1) as pool:
         holder = pool.submit(post_photo, flask_app.test_client(), headers, SLOW_MEAL)
         model.wait_for_requests(1)  # the holder's model call is under way
-        yield holder
+        try:
+            yield holder
+        finally:
+            released.set()
         assert holder.result().status_code == 200
 
 
@@ -140,7 +147,7 @@ def test_request_waits_for_a_slot_within_the_queue_timeout_and_succeeds(
 ) -> None:
     flask_app = one_slot_app(make_config, queue_timeout=3.0)
 
-    with only_slot_busy(flask_app, auth_headers, model):
+    with only_slot_busy(flask_app, auth_headers, model, freed=True):
         response = api.analyze(MEAL, client=flask_app.test_client())
 
     assert response.status_code == 200
@@ -156,7 +163,7 @@ def test_waiting_request_calls_the_model_only_after_the_slot_is_free(
 ) -> None:
     flask_app = one_slot_app(make_config, queue_timeout=3.0)
 
-    with only_slot_busy(flask_app, auth_headers, model):
+    with only_slot_busy(flask_app, auth_headers, model, freed=True):
         api.analyze(MEAL, client=flask_app.test_client())
 
     first, second = model.calls

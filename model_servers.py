@@ -179,6 +179,105 @@ class LearntProfile:
 
 
 # ---------------------------------------------------------------------------------------------
+# What to send a server: the fields its profile takes, the output cap, a larger cap once
+# ---------------------------------------------------------------------------------------------
+
+
+REASONING_CAP_GROWTH = 2
+
+
+class RequestFields:
+    """The fields to send one model at one effort, given the ``ServerProfile`` learnt for it.
+
+    The output cap (its field and its size), a temperature, the effort; what to try once a field
+    is refused; and when an answer cut short while reasoning is worth one more, larger cap.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        effort: str,
+        max_output_tokens: int,
+        reasoning_max_output_tokens: int,
+        largest_cap: int,
+        extra_body: Mapping[str, Any],
+    ) -> None:
+        self.family = reasoning_family(model)
+        self.effort = effort
+        self.max_output_tokens = max_output_tokens
+        self.reasoning_max_output_tokens = reasoning_max_output_tokens
+        self.largest_cap = largest_cap
+        self.extra_body = extra_body
+
+    def without_refused(
+        self, profile: ServerProfile, field_name: str, refused: set[str]
+    ) -> ServerProfile | None:
+        """The profile without a refused field; None when that leaves nothing new to try."""
+        if field_name in refused:
+            return None
+        revised = profile.without(field_name, self.effort)
+        if revised is None or revised.cap_field in refused:
+            return None
+        return revised
+
+    def body(self, base: Mapping[str, Any], profile: ServerProfile, cap: int) -> dict[str, Any]:
+        """The request for this server: the output cap under the field it takes, and so on."""
+        body: dict[str, Any] = {**base, profile.cap_field: cap}
+        if profile.temperature:
+            body["temperature"] = 0
+        effort = self.effort_for(profile)
+        if effort:
+            body["reasoning_effort"] = effort
+        body.update(self.extra_body)
+        return body
+
+    def effort_for(self, profile: ServerProfile) -> str | None:
+        """The effort to send; ``none`` only to a model known or shown to reason."""
+        # A model that does not reason needs no telling, and a plain server may refuse the field.
+        effort = self.effort
+        if not profile.reasoning_effort or (effort == "none" and not profile.reasoning):
+            return None
+        return effort
+
+    def reasons(self, profile: ServerProfile) -> bool:
+        """Whether the model spends output tokens reasoning: not a family model told ``none``."""
+        return profile.reasoning and not (self.family and self.effort_for(profile) == "none")
+
+    def output_cap(self, profile: ServerProfile) -> int:
+        """The output-token cap: reasoning models need room to reason before they answer."""
+        if self.reasons(profile):
+            return self.reasoning_max_output_tokens
+        return self.max_output_tokens
+
+    def larger_cap(self, profile: ServerProfile, cap: int, usage: Mapping[str, int]) -> int | None:
+        """A cap worth one more try: only when reasoning spent what the answer needed."""
+        if not (profile.reasoning and usage.get("reasoning_tokens")):
+            return None
+        bigger = max(self.output_cap(profile), min(cap * REASONING_CAP_GROWTH, self.largest_cap))
+        return bigger if bigger > cap else None
+
+    def out_of_tokens(
+        self, profile: ServerProfile, cap: int, usage: Mapping[str, int]
+    ) -> UpstreamError:
+        """The error for an answer cut short, naming the setting to raise."""
+        reasoning = usage.get("reasoning_tokens", 0)
+        spent = f"{cap} output tokens" + (f", {reasoning} of them reasoning" if reasoning else "")
+        log_model_failure("the answer ran out of output tokens (%s)", spent)
+        if self.reasons(profile):
+            setting = (
+                "raise OPENAI_REASONING_MAX_OUTPUT_TOKENS (the cap for reasoning models; "
+                "OPENAI_MAX_OUTPUT_TOKENS is the cap for the others) or lower "
+                "OPENAI_REASONING_EFFORT"
+            )
+        else:
+            setting = "raise OPENAI_MAX_OUTPUT_TOKENS"
+        return UpstreamError(
+            f"the vision model's answer ran out of output tokens before its JSON was complete "
+            f"({spent}); {setting}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
 # What a server says went wrong (OpenAI, vLLM, Mistral, Gemini, LM Studio, plain text)
 # ---------------------------------------------------------------------------------------------
 

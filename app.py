@@ -16,8 +16,8 @@ those steps, each done here unless a module beside app.py is named:
 7. model slot: ``ModelSlots.hold``
 8. model: ``VisionModel.analyze`` → ``VisionModel.attempt`` → outbound_http.py's ``http_json``,
    sending the fields model_servers.py's ``RequestFields`` picks; the answer through prompt.py's
-   ``parse_model_payload`` → meal.py's ``normalise_analysis`` (model_servers.py reads other
-   servers' errors and waits); the verdict cached
+   ``parse_model_payload`` → meal.py's ``normalise_analysis`` (model_servers.py's
+   ``ModelEndpoint.read_reply`` reads other servers' errors and waits); the verdict cached
 9. save: ``UserService.save`` with meal.py's ``food_entry``
 10. answer: locks.py's ``IdempotencyGuard.answer``
 
@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import IO, Any, TypeVar, cast
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 import jwt
 import pillow_heif
@@ -98,7 +98,7 @@ from errors import (
 )
 from json_values import parse_json
 from locks import IdempotencyRecords, SingleFlight
-from logs import RequestContextFilter, redact
+from logs import RequestContextFilter
 from meal import (
     MAX_ITEMS,
     MAX_NAME_LENGTH,
@@ -127,22 +127,19 @@ from metrics import (
 )
 from model_servers import (
     LearntProfile,
+    ModelEndpoint,
     RequestFields,
     ServerProfile,
     ShutdownWatch,
-    UpstreamProblem,
+    connection_failure,
     finish_reason,
     log_model_failure,
-    model_error,
     probe_verdict,
-    server_words,
     shutdown_in,
     token_usage,
-    upstream_problem,
 )
 from nutrition import NutritionDataError, NutritionTable
 from outbound_http import (
-    AnswerTooLarge,
     UpstreamReply,
     build_session,
     http_json,
@@ -1108,20 +1105,6 @@ def log_model_retry(retry_state: tenacity.RetryCallState) -> None:
     )
 
 
-def connection_failure(error: Exception, timeout: float) -> ServiceError:
-    """The service's error for a failed attempt; a ServiceError stays as it is."""
-    if isinstance(error, ServiceError):
-        return error
-    if isinstance(error, requests.Timeout):
-        log_model_failure("no answer within %gs", timeout)
-        return UpstreamTimeout("the vision model did not answer in time")
-    if isinstance(error, AnswerTooLarge):
-        log_model_failure("the answer is too large")
-        return UpstreamError("the vision model's answer is too large")
-    log_model_failure("%s", type(error).__name__)
-    return TransientUpstreamError("the vision model could not be reached")
-
-
 def attempt_outcome(error: ServiceError) -> str:
     """The outcome label of a failed attempt."""
     if isinstance(error, UpstreamTimeout):
@@ -1131,12 +1114,6 @@ def attempt_outcome(error: ServiceError) -> str:
     if isinstance(error, UpstreamRateLimited):
         return "rate_limited"
     return "error"
-
-
-def upstream_request_note(reply: UpstreamReply) -> str:
-    """`` (upstream request id …)`` for the log line, when the server sent a usable one."""
-    value = reply.headers.get("x-request-id") or reply.headers.get("request-id") or ""
-    return f" (upstream request id {value})" if REQUEST_ID_PATTERN.fullmatch(value) else ""
 
 
 TOKEN_KINDS = {
@@ -1159,8 +1136,9 @@ class VisionModel:
     It owns its session, retries each request with tenacity (bounded by attempts and by the
     call's deadline), adapts the request to what the server has shown it takes
     (``model_servers.LearntProfile``: per model, base URL and effort, shared with the other
-    workers through the store; ``model_servers.RequestFields`` picks the fields and the cap) and
-    probes the server for ``/health`` on its own clock, watching the model's shutdown date
+    workers through the store; ``model_servers.RequestFields`` picks the fields and the cap),
+    reads each reply through ``model_servers.ModelEndpoint`` and probes the server for
+    ``/health`` on its own clock, watching the model's shutdown date
     (``model_servers.ShutdownWatch``).
     """
 
@@ -1188,6 +1166,15 @@ class VisionModel:
             config.openai_reasoning_max_output_tokens,
             MAX_REASONING_OUTPUT_TOKENS,
             config.openai_extra_body,
+        )
+        self.endpoint = ModelEndpoint(
+            config.openai_base_url,
+            config.openai_model,
+            config.openai_api_key or "",
+            config.openai_api_key_header,
+            config.openai_api_version,
+            config.openai_retry_after_cap,
+            REQUEST_ID_PATTERN,
         )
         self.wait = RetryAfterWait(config)
         self.clock = clock
@@ -1313,12 +1300,12 @@ class VisionModel:
             reply = http_json(
                 self.session,
                 "POST",
-                self.url("chat/completions"),
+                self.endpoint.url("chat/completions"),
                 body=body,
-                headers=self.headers(request_id),
+                headers=self.endpoint.headers(request_id),
                 timeout=timeout,
             )
-            payload = self.read_reply(reply, body, time.perf_counter() - started)
+            payload = self.endpoint.read_reply(reply, body, time.perf_counter() - started)
         except (requests.RequestException, ServiceError) as error:
             failure = connection_failure(error, timeout)
             MODEL_REQUESTS.labels(attempt_outcome(failure)).inc()
@@ -1328,82 +1315,6 @@ class VisionModel:
             return payload
         finally:
             MODEL_SECONDS.observe(time.perf_counter() - started)
-
-    def url(self, path: str) -> str:
-        """A URL on the model's server, with Azure's ``api-version`` when configured."""
-        url = f"{self.config.openai_base_url}/{path}"
-        if self.config.openai_api_version:
-            url += "?" + urlencode({"api-version": self.config.openai_api_version})
-        return url
-
-    def headers(self, request_id: str | None = None) -> dict[str, str]:
-        """The API key (as a bearer token, or in Azure's ``api-key`` header) and the request id."""
-        key = self.config.openai_api_key or ""
-        name = self.config.openai_api_key_header
-        headers = {name: f"Bearer {key}" if name.lower() == "authorization" else key}
-        if request_id:
-            headers["X-Client-Request-Id"] = request_id
-        return headers
-
-    def read_reply(
-        self, reply: UpstreamReply, body: Mapping[str, Any], seconds: float
-    ) -> dict[str, Any]:
-        """The completion in a reply, or the error it holds, in the server's own words."""
-        where = upstream_request_note(reply)
-        payload = reply.json_or_none()
-        if reply.status == 200 and isinstance(payload, dict) and "choices" in payload:
-            logger.info("The vision model answered HTTP 200 in %.2fs%s", seconds, where)
-            return payload
-        problem = upstream_problem(payload, reply.body)
-        if reply.status == 200:
-            if problem is None:
-                log_model_failure("the answer is not a completion%s", where)
-                if payload is None:
-                    raise UpstreamError("the vision model answered something that is not JSON")
-                raise UpstreamError("the vision model answered an unexpected shape")
-            if problem.status is None:
-                words = self.redacted(problem.message)
-                log_model_failure("HTTP 200 error %s%s", words, where)
-                raise UpstreamError(
-                    f"the vision model answered an error instead of a completion: {words}"
-                )
-            status = problem.status
-        else:
-            status = reply.status
-            problem = problem or UpstreamProblem("")
-        raise self.http_error(status, problem, reply, body)
-
-    def http_error(
-        self,
-        status: int,
-        problem: UpstreamProblem,
-        reply: UpstreamReply,
-        body: Mapping[str, Any],
-    ) -> ServiceError:
-        """Log an error answer and class it (model_servers.py's ``model_error``)."""
-        words = self.redacted(problem.message)
-        log_model_failure(
-            "HTTP %s %s %s%s",
-            status,
-            problem.code or "",
-            words,
-            upstream_request_note(reply),
-        )
-        return model_error(
-            status,
-            problem,
-            reply.headers,
-            body,
-            words=words,
-            model=self.config.openai_model,
-            base_url=public_url(self.config.openai_base_url),
-            versioned=bool(self.config.openai_api_version),
-            retry_after_cap=self.config.openai_retry_after_cap,
-        )
-
-    def redacted(self, text: str) -> str:
-        """The server's words on one short line, with no part of the API key."""
-        return redact(server_words(text), (self.config.openai_api_key or "",))
 
     # -- the /health probe
 
@@ -1426,8 +1337,8 @@ class VisionModel:
             reply = http_json(
                 self.session,
                 "GET",
-                self.url(f"models/{quote(self.config.openai_model, safe='')}"),
-                headers=self.headers(),
+                self.endpoint.url(f"models/{quote(self.config.openai_model, safe='')}"),
+                headers=self.endpoint.headers(),
                 timeout=min(self.attempt_seconds, PROBE_TIMEOUT_SECONDS),
             )
             verdict = probe_verdict(reply.status)

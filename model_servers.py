@@ -604,7 +604,7 @@ class ModelEndpoint:
         reply: UpstreamReply,
         body: Mapping[str, Any],
     ) -> ServiceError:
-        """Log an error answer and class it (model_servers.py's ``model_error``)."""
+        """Log an error answer and class it (``model_error``)."""
         words = self.redacted(problem.message)
         log_model_failure(
             "HTTP %s %s %s%s",

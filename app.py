@@ -14,9 +14,10 @@ those steps, each done here unless a module beside app.py is named:
 5. single flight: locks.py's ``SingleFlight.run`` (one model call among concurrent misses)
 6. image: ``fresh_analysis`` → ``prepare_image`` (within decode_budget.py's ``DecodeBudget``)
 7. model slot: ``ModelSlots.hold``
-8. model: ``VisionModel.analyze`` → ``VisionModel.attempt`` → outbound_http.py's ``http_json``;
-   the answer through prompt.py's ``parse_model_payload`` → meal.py's ``normalise_analysis``
-   (model_servers.py reads other servers' errors and waits); the verdict cached
+8. model: ``VisionModel.analyze`` → ``VisionModel.attempt`` → outbound_http.py's ``http_json``,
+   sending the fields model_servers.py's ``RequestFields`` picks; the answer through prompt.py's
+   ``parse_model_payload`` → meal.py's ``normalise_analysis`` (model_servers.py's
+   ``ModelEndpoint.read_reply`` reads other servers' errors and waits); the verdict cached
 9. save: ``UserService.save`` with meal.py's ``food_entry``
 10. answer: locks.py's ``IdempotencyGuard.answer``
 
@@ -52,7 +53,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import IO, Any, TypeVar, cast
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 import jwt
 import pillow_heif
@@ -97,7 +98,7 @@ from errors import (
 )
 from json_values import parse_json
 from locks import IdempotencyRecords, SingleFlight
-from logs import RequestContextFilter, redact
+from logs import RequestContextFilter
 from meal import (
     MAX_ITEMS,
     MAX_NAME_LENGTH,
@@ -126,22 +127,19 @@ from metrics import (
 )
 from model_servers import (
     LearntProfile,
+    ModelEndpoint,
+    RequestFields,
     ServerProfile,
     ShutdownWatch,
-    UpstreamProblem,
+    connection_failure,
     finish_reason,
     log_model_failure,
-    model_error,
     probe_verdict,
-    reasoning_family,
-    server_words,
     shutdown_in,
     token_usage,
-    upstream_problem,
 )
 from nutrition import NutritionDataError, NutritionTable
 from outbound_http import (
-    AnswerTooLarge,
     UpstreamReply,
     build_session,
     http_json,
@@ -1036,7 +1034,6 @@ class ModelSlots:
 # ---------------------------------------------------------------------------------------------
 
 
-REASONING_CAP_GROWTH = 2
 PROBE_TIMEOUT_SECONDS = 5.0
 
 
@@ -1108,20 +1105,6 @@ def log_model_retry(retry_state: tenacity.RetryCallState) -> None:
     )
 
 
-def connection_failure(error: Exception, timeout: float) -> ServiceError:
-    """The service's error for a failed attempt; a ServiceError stays as it is."""
-    if isinstance(error, ServiceError):
-        return error
-    if isinstance(error, requests.Timeout):
-        log_model_failure("no answer within %gs", timeout)
-        return UpstreamTimeout("the vision model did not answer in time")
-    if isinstance(error, AnswerTooLarge):
-        log_model_failure("the answer is too large")
-        return UpstreamError("the vision model's answer is too large")
-    log_model_failure("%s", type(error).__name__)
-    return TransientUpstreamError("the vision model could not be reached")
-
-
 def attempt_outcome(error: ServiceError) -> str:
     """The outcome label of a failed attempt."""
     if isinstance(error, UpstreamTimeout):
@@ -1131,12 +1114,6 @@ def attempt_outcome(error: ServiceError) -> str:
     if isinstance(error, UpstreamRateLimited):
         return "rate_limited"
     return "error"
-
-
-def upstream_request_note(reply: UpstreamReply) -> str:
-    """`` (upstream request id …)`` for the log line, when the server sent a usable one."""
-    value = reply.headers.get("x-request-id") or reply.headers.get("request-id") or ""
-    return f" (upstream request id {value})" if REQUEST_ID_PATTERN.fullmatch(value) else ""
 
 
 TOKEN_KINDS = {
@@ -1159,8 +1136,10 @@ class VisionModel:
     It owns its session, retries each request with tenacity (bounded by attempts and by the
     call's deadline), adapts the request to what the server has shown it takes
     (``model_servers.LearntProfile``: per model, base URL and effort, shared with the other
-    workers through the store) and probes the server for ``/health`` on its own clock, watching
-    the model's shutdown date (``model_servers.ShutdownWatch``).
+    workers through the store; ``model_servers.RequestFields`` picks the fields and the cap),
+    reads each reply through ``model_servers.ModelEndpoint`` and probes the server for
+    ``/health`` on its own clock, watching the model's shutdown date
+    (``model_servers.ShutdownWatch``).
     """
 
     def __init__(
@@ -1173,13 +1152,29 @@ class VisionModel:
     ) -> None:
         self.config = config
         self.session = session
-        self.family = reasoning_family(config.openai_model)
         self.server = LearntProfile(
             store,
             config.openai_base_url,
             config.openai_model,
             config.openai_reasoning_effort,
             unavailable=StoreUnavailable,
+        )
+        self.fields = RequestFields(
+            config.openai_model,
+            config.openai_reasoning_effort,
+            config.openai_max_output_tokens,
+            config.openai_reasoning_max_output_tokens,
+            MAX_REASONING_OUTPUT_TOKENS,
+            config.openai_extra_body,
+        )
+        self.endpoint = ModelEndpoint(
+            config.openai_base_url,
+            config.openai_model,
+            config.openai_api_key or "",
+            config.openai_api_key_header,
+            config.openai_api_version,
+            config.openai_retry_after_cap,
+            REQUEST_ID_PATTERN,
         )
         self.wait = RetryAfterWait(config)
         self.clock = clock
@@ -1212,7 +1207,7 @@ class VisionModel:
         deadline = time.monotonic() + self.config.model_budget_seconds
         base = build_model_request(jpeg, self.config, wanted)
         profile = self.server.current()
-        cap = self.output_cap(profile)
+        cap = self.fields.output_cap(profile)
         # At most two completions, the second with a larger cap for an answer cut short while
         # reasoning; the fields the server refused stay refused for it.
         refused: set[str] = set()
@@ -1237,9 +1232,9 @@ class VisionModel:
             except UpstreamError:
                 if finish != "length":
                     raise
-            bigger = self.larger_cap(profile, cap, usage)
+            bigger = self.fields.larger_cap(profile, cap, usage)
             if grown or bigger is None or deadline - time.monotonic() < self.attempt_seconds:
-                raise self.out_of_tokens(profile, cap, usage)
+                raise self.fields.out_of_tokens(profile, cap, usage)
             logger.info(
                 "The vision model reasoned through its %d output tokens; asking once more with %d",
                 cap,
@@ -1262,7 +1257,7 @@ class VisionModel:
         the server refused, and a field refused again, or none left to try, is the error.
         """
         while True:
-            body = self.request_body(base, profile, cap)
+            body = self.fields.body(base, profile, cap)
             try:
                 payload: dict[str, Any] = self.retrying(deadline)(
                     self.attempt, body, request_id, deadline=deadline
@@ -1270,12 +1265,12 @@ class VisionModel:
                 return profile, cap, payload
             except UpstreamError as error:
                 field_name = error.rejected_parameter or ""
-                revised = self.without_refused(profile, field_name, refused)
+                revised = self.fields.without_refused(profile, field_name, refused)
                 if revised is None or time.monotonic() >= deadline:
                     raise
                 refused.add(field_name)
                 profile = self.server.learn(revised, f"refused {field_name}")
-                cap = max(cap, self.output_cap(profile))
+                cap = max(cap, self.fields.output_cap(profile))
 
     def retrying(self, deadline: float) -> tenacity.Retrying:
         """Tenacity for one request: transient failures, within the attempts and the deadline."""
@@ -1286,77 +1281,6 @@ class VisionModel:
             retry=tenacity.retry_if_exception_type(TransientUpstreamError),
             before_sleep=log_model_retry,
             reraise=True,
-        )
-
-    def without_refused(
-        self, profile: ServerProfile, field_name: str, refused: set[str]
-    ) -> ServerProfile | None:
-        """The profile without a refused field; None when that leaves nothing new to try."""
-        if field_name in refused:
-            return None
-        revised = profile.without(field_name, self.config.openai_reasoning_effort)
-        if revised is None or revised.cap_field in refused:
-            return None
-        return revised
-
-    def request_body(
-        self, base: Mapping[str, Any], profile: ServerProfile, cap: int
-    ) -> dict[str, Any]:
-        """The request for this server: the output cap under the field it takes, and so on."""
-        body: dict[str, Any] = {**base, profile.cap_field: cap}
-        if profile.temperature:
-            body["temperature"] = 0
-        effort = self.effort_for(profile)
-        if effort:
-            body["reasoning_effort"] = effort
-        body.update(self.config.openai_extra_body)
-        return body
-
-    def effort_for(self, profile: ServerProfile) -> str | None:
-        """The effort to send; ``none`` only to a model known or shown to reason."""
-        # A model that does not reason needs no telling, and a plain server may refuse the field.
-        effort = self.config.openai_reasoning_effort
-        if not profile.reasoning_effort or (effort == "none" and not profile.reasoning):
-            return None
-        return effort
-
-    def reasons(self, profile: ServerProfile) -> bool:
-        """Whether the model spends output tokens reasoning: not a family model told ``none``."""
-        return profile.reasoning and not (self.family and self.effort_for(profile) == "none")
-
-    def output_cap(self, profile: ServerProfile) -> int:
-        """The output-token cap: reasoning models need room to reason before they answer."""
-        if self.reasons(profile):
-            return self.config.openai_reasoning_max_output_tokens
-        return self.config.openai_max_output_tokens
-
-    def larger_cap(self, profile: ServerProfile, cap: int, usage: Mapping[str, int]) -> int | None:
-        """A cap worth one more try: only when reasoning spent what the answer needed."""
-        if not (profile.reasoning and usage.get("reasoning_tokens")):
-            return None
-        bigger = max(
-            self.output_cap(profile), min(cap * REASONING_CAP_GROWTH, MAX_REASONING_OUTPUT_TOKENS)
-        )
-        return bigger if bigger > cap else None
-
-    def out_of_tokens(
-        self, profile: ServerProfile, cap: int, usage: Mapping[str, int]
-    ) -> UpstreamError:
-        """The error for an answer cut short, naming the setting to raise."""
-        reasoning = usage.get("reasoning_tokens", 0)
-        spent = f"{cap} output tokens" + (f", {reasoning} of them reasoning" if reasoning else "")
-        log_model_failure("the answer ran out of output tokens (%s)", spent)
-        if self.reasons(profile):
-            setting = (
-                "raise OPENAI_REASONING_MAX_OUTPUT_TOKENS (the cap for reasoning models; "
-                "OPENAI_MAX_OUTPUT_TOKENS is the cap for the others) or lower "
-                "OPENAI_REASONING_EFFORT"
-            )
-        else:
-            setting = "raise OPENAI_MAX_OUTPUT_TOKENS"
-        return UpstreamError(
-            f"the vision model's answer ran out of output tokens before its JSON was complete "
-            f"({spent}); {setting}"
         )
 
     # -- one attempt
@@ -1376,12 +1300,12 @@ class VisionModel:
             reply = http_json(
                 self.session,
                 "POST",
-                self.url("chat/completions"),
+                self.endpoint.url("chat/completions"),
                 body=body,
-                headers=self.headers(request_id),
+                headers=self.endpoint.headers(request_id),
                 timeout=timeout,
             )
-            payload = self.read_reply(reply, body, time.perf_counter() - started)
+            payload = self.endpoint.read_reply(reply, body, time.perf_counter() - started)
         except (requests.RequestException, ServiceError) as error:
             failure = connection_failure(error, timeout)
             MODEL_REQUESTS.labels(attempt_outcome(failure)).inc()
@@ -1391,82 +1315,6 @@ class VisionModel:
             return payload
         finally:
             MODEL_SECONDS.observe(time.perf_counter() - started)
-
-    def url(self, path: str) -> str:
-        """A URL on the model's server, with Azure's ``api-version`` when configured."""
-        url = f"{self.config.openai_base_url}/{path}"
-        if self.config.openai_api_version:
-            url += "?" + urlencode({"api-version": self.config.openai_api_version})
-        return url
-
-    def headers(self, request_id: str | None = None) -> dict[str, str]:
-        """The API key (as a bearer token, or in Azure's ``api-key`` header) and the request id."""
-        key = self.config.openai_api_key or ""
-        name = self.config.openai_api_key_header
-        headers = {name: f"Bearer {key}" if name.lower() == "authorization" else key}
-        if request_id:
-            headers["X-Client-Request-Id"] = request_id
-        return headers
-
-    def read_reply(
-        self, reply: UpstreamReply, body: Mapping[str, Any], seconds: float
-    ) -> dict[str, Any]:
-        """The completion in a reply, or the error it holds, in the server's own words."""
-        where = upstream_request_note(reply)
-        payload = reply.json_or_none()
-        if reply.status == 200 and isinstance(payload, dict) and "choices" in payload:
-            logger.info("The vision model answered HTTP 200 in %.2fs%s", seconds, where)
-            return payload
-        problem = upstream_problem(payload, reply.body)
-        if reply.status == 200:
-            if problem is None:
-                log_model_failure("the answer is not a completion%s", where)
-                if payload is None:
-                    raise UpstreamError("the vision model answered something that is not JSON")
-                raise UpstreamError("the vision model answered an unexpected shape")
-            if problem.status is None:
-                words = self.redacted(problem.message)
-                log_model_failure("HTTP 200 error %s%s", words, where)
-                raise UpstreamError(
-                    f"the vision model answered an error instead of a completion: {words}"
-                )
-            status = problem.status
-        else:
-            status = reply.status
-            problem = problem or UpstreamProblem("")
-        raise self.http_error(status, problem, reply, body)
-
-    def http_error(
-        self,
-        status: int,
-        problem: UpstreamProblem,
-        reply: UpstreamReply,
-        body: Mapping[str, Any],
-    ) -> ServiceError:
-        """Log an error answer and class it (model_servers.py's ``model_error``)."""
-        words = self.redacted(problem.message)
-        log_model_failure(
-            "HTTP %s %s %s%s",
-            status,
-            problem.code or "",
-            words,
-            upstream_request_note(reply),
-        )
-        return model_error(
-            status,
-            problem,
-            reply.headers,
-            body,
-            words=words,
-            model=self.config.openai_model,
-            base_url=public_url(self.config.openai_base_url),
-            versioned=bool(self.config.openai_api_version),
-            retry_after_cap=self.config.openai_retry_after_cap,
-        )
-
-    def redacted(self, text: str) -> str:
-        """The server's words on one short line, with no part of the API key."""
-        return redact(server_words(text), (self.config.openai_api_key or "",))
 
     # -- the /health probe
 
@@ -1489,8 +1337,8 @@ class VisionModel:
             reply = http_json(
                 self.session,
                 "GET",
-                self.url(f"models/{quote(self.config.openai_model, safe='')}"),
-                headers=self.headers(),
+                self.endpoint.url(f"models/{quote(self.config.openai_model, safe='')}"),
+                headers=self.endpoint.headers(),
                 timeout=min(self.attempt_seconds, PROBE_TIMEOUT_SECONDS),
             )
             verdict = probe_verdict(reply.status)

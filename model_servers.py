@@ -1,9 +1,11 @@
 """What other OpenAI-compatible servers need: learnt request fields, error shapes, waits, dates.
 
-``VisionModel`` in ``app.py`` makes the call; this module reads what the server says back (its
-error in any of five vendors' shapes, the wait it asks for, the tokens it spent, the model's
-shutdown date), classes an error answer (``model_error``: retried, refused for good, or a wait)
-and keeps what the server refused (``LearntProfile``, shared through a store). No Flask.
+``VisionModel`` in ``app.py`` makes the call (its loop and tenacity); this module decides what to
+send (``RequestFields``: the fields and the output cap, given what the server refused, kept by
+``LearntProfile``) and where, with which key (``ModelEndpoint``), reads what the server says back
+(its error in any of five vendors' shapes, the wait it asks for, the tokens it spent, the model's
+shutdown date) and classes a failure (``model_error``, ``connection_failure``: retried, refused
+for good, or a wait). No Flask.
 """
 
 from __future__ import annotations
@@ -22,8 +24,19 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
+from urllib.parse import urlencode
 
-from errors import ServiceError, TransientUpstreamError, UpstreamError, UpstreamRateLimited
+import requests
+
+from errors import (
+    ServiceError,
+    TransientUpstreamError,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+)
+from logs import redact
+from outbound_http import AnswerTooLarge, UpstreamReply, public_url
 
 logger = logging.getLogger("image_service")
 
@@ -179,6 +192,105 @@ class LearntProfile:
 
 
 # ---------------------------------------------------------------------------------------------
+# What to send a server: the fields its profile takes, the output cap, a larger cap once
+# ---------------------------------------------------------------------------------------------
+
+
+REASONING_CAP_GROWTH = 2
+
+
+class RequestFields:
+    """The fields to send one model at one effort, given the ``ServerProfile`` learnt for it.
+
+    The output cap (its field and its size), a temperature, the effort; what to try once a field
+    is refused; and when an answer cut short while reasoning is worth one more, larger cap.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        effort: str,
+        max_output_tokens: int,
+        reasoning_max_output_tokens: int,
+        largest_cap: int,
+        extra_body: Mapping[str, Any],
+    ) -> None:
+        self.family = reasoning_family(model)
+        self.effort = effort
+        self.max_output_tokens = max_output_tokens
+        self.reasoning_max_output_tokens = reasoning_max_output_tokens
+        self.largest_cap = largest_cap
+        self.extra_body = extra_body
+
+    def without_refused(
+        self, profile: ServerProfile, field_name: str, refused: set[str]
+    ) -> ServerProfile | None:
+        """The profile without a refused field; None when that leaves nothing new to try."""
+        if field_name in refused:
+            return None
+        revised = profile.without(field_name, self.effort)
+        if revised is None or revised.cap_field in refused:
+            return None
+        return revised
+
+    def body(self, base: Mapping[str, Any], profile: ServerProfile, cap: int) -> dict[str, Any]:
+        """The request for this server: the output cap under the field it takes, and so on."""
+        body: dict[str, Any] = {**base, profile.cap_field: cap}
+        if profile.temperature:
+            body["temperature"] = 0
+        effort = self.effort_for(profile)
+        if effort:
+            body["reasoning_effort"] = effort
+        body.update(self.extra_body)
+        return body
+
+    def effort_for(self, profile: ServerProfile) -> str | None:
+        """The effort to send; ``none`` only to a model known or shown to reason."""
+        # A model that does not reason needs no telling, and a plain server may refuse the field.
+        effort = self.effort
+        if not profile.reasoning_effort or (effort == "none" and not profile.reasoning):
+            return None
+        return effort
+
+    def reasons(self, profile: ServerProfile) -> bool:
+        """Whether the model spends output tokens reasoning: not a family model told ``none``."""
+        return profile.reasoning and not (self.family and self.effort_for(profile) == "none")
+
+    def output_cap(self, profile: ServerProfile) -> int:
+        """The output-token cap: reasoning models need room to reason before they answer."""
+        if self.reasons(profile):
+            return self.reasoning_max_output_tokens
+        return self.max_output_tokens
+
+    def larger_cap(self, profile: ServerProfile, cap: int, usage: Mapping[str, int]) -> int | None:
+        """A cap worth one more try: only when reasoning spent what the answer needed."""
+        if not (profile.reasoning and usage.get("reasoning_tokens")):
+            return None
+        bigger = max(self.output_cap(profile), min(cap * REASONING_CAP_GROWTH, self.largest_cap))
+        return bigger if bigger > cap else None
+
+    def out_of_tokens(
+        self, profile: ServerProfile, cap: int, usage: Mapping[str, int]
+    ) -> UpstreamError:
+        """The error for an answer cut short, naming the setting to raise."""
+        reasoning = usage.get("reasoning_tokens", 0)
+        spent = f"{cap} output tokens" + (f", {reasoning} of them reasoning" if reasoning else "")
+        log_model_failure("the answer ran out of output tokens (%s)", spent)
+        if self.reasons(profile):
+            setting = (
+                "raise OPENAI_REASONING_MAX_OUTPUT_TOKENS (the cap for reasoning models; "
+                "OPENAI_MAX_OUTPUT_TOKENS is the cap for the others) or lower "
+                "OPENAI_REASONING_EFFORT"
+            )
+        else:
+            setting = "raise OPENAI_MAX_OUTPUT_TOKENS"
+        return UpstreamError(
+            f"the vision model's answer ran out of output tokens before its JSON was complete "
+            f"({spent}); {setting}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
 # What a server says went wrong (OpenAI, vLLM, Mistral, Gemini, LM Studio, plain text)
 # ---------------------------------------------------------------------------------------------
 
@@ -322,7 +434,7 @@ def duration_seconds(text: str) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# What an error answer means for the call: retried, refused for good, or a wait
+# What an error answer, or none, means for the call: retried, refused for good, or a wait
 # ---------------------------------------------------------------------------------------------
 
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
@@ -395,6 +507,132 @@ def not_found_message(detail: str, model: str, base_url: str, versioned: bool) -
         message += ": OpenAI-compatible servers serve under /v1, so the base URL likely "
         message += "needs to end in /v1"
     return message
+
+
+def connection_failure(error: Exception, timeout: float) -> ServiceError:
+    """The service's error for a failed attempt; a ServiceError stays as it is."""
+    if isinstance(error, ServiceError):
+        return error
+    if isinstance(error, requests.Timeout):
+        log_model_failure("no answer within %gs", timeout)
+        return UpstreamTimeout("the vision model did not answer in time")
+    if isinstance(error, AnswerTooLarge):
+        log_model_failure("the answer is too large")
+        return UpstreamError("the vision model's answer is too large")
+    log_model_failure("%s", type(error).__name__)
+    return TransientUpstreamError("the vision model could not be reached")
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the server is, how it takes the key, and what its reply holds
+# ---------------------------------------------------------------------------------------------
+
+
+class ModelEndpoint:
+    """The model's server as one call meets it: its URLs, its headers and its replies read.
+
+    Azure's ``api-version`` and ``api-key`` header when configured; a reply is the completion, or
+    the error it holds in the server's own words (never the key's), classed by ``model_error``.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str,
+        key_header: str,
+        api_version: str | None,
+        retry_after_cap: float,
+        request_id_pattern: re.Pattern[str],
+    ) -> None:
+        self.base_url = base_url
+        self.model = model
+        self.api_key = api_key
+        self.key_header = key_header
+        self.api_version = api_version
+        self.retry_after_cap = retry_after_cap
+        self.request_id_pattern = request_id_pattern
+
+    def url(self, path: str) -> str:
+        """A URL on the model's server, with Azure's ``api-version`` when configured."""
+        url = f"{self.base_url}/{path}"
+        if self.api_version:
+            url += "?" + urlencode({"api-version": self.api_version})
+        return url
+
+    def headers(self, request_id: str | None = None) -> dict[str, str]:
+        """The API key (as a bearer token, or in Azure's ``api-key`` header) and the request id."""
+        key = self.api_key
+        name = self.key_header
+        headers = {name: f"Bearer {key}" if name.lower() == "authorization" else key}
+        if request_id:
+            headers["X-Client-Request-Id"] = request_id
+        return headers
+
+    def read_reply(
+        self, reply: UpstreamReply, body: Mapping[str, Any], seconds: float
+    ) -> dict[str, Any]:
+        """The completion in a reply, or the error it holds, in the server's own words."""
+        where = self.request_note(reply)
+        payload = reply.json_or_none()
+        if reply.status == 200 and isinstance(payload, dict) and "choices" in payload:
+            logger.info("The vision model answered HTTP 200 in %.2fs%s", seconds, where)
+            return payload
+        problem = upstream_problem(payload, reply.body)
+        if reply.status == 200:
+            if problem is None:
+                log_model_failure("the answer is not a completion%s", where)
+                if payload is None:
+                    raise UpstreamError("the vision model answered something that is not JSON")
+                raise UpstreamError("the vision model answered an unexpected shape")
+            if problem.status is None:
+                words = self.redacted(problem.message)
+                log_model_failure("HTTP 200 error %s%s", words, where)
+                raise UpstreamError(
+                    f"the vision model answered an error instead of a completion: {words}"
+                )
+            status = problem.status
+        else:
+            status = reply.status
+            problem = problem or UpstreamProblem("")
+        raise self.http_error(status, problem, reply, body)
+
+    def http_error(
+        self,
+        status: int,
+        problem: UpstreamProblem,
+        reply: UpstreamReply,
+        body: Mapping[str, Any],
+    ) -> ServiceError:
+        """Log an error answer and class it (``model_error``)."""
+        words = self.redacted(problem.message)
+        log_model_failure(
+            "HTTP %s %s %s%s",
+            status,
+            problem.code or "",
+            words,
+            self.request_note(reply),
+        )
+        return model_error(
+            status,
+            problem,
+            reply.headers,
+            body,
+            words=words,
+            model=self.model,
+            base_url=public_url(self.base_url),
+            versioned=bool(self.api_version),
+            retry_after_cap=self.retry_after_cap,
+        )
+
+    def redacted(self, text: str) -> str:
+        """The server's words on one short line, with no part of the API key."""
+        return redact(server_words(text), (self.api_key,))
+
+    def request_note(self, reply: UpstreamReply) -> str:
+        """`` (upstream request id …)`` for the log line, when the server sent a usable one."""
+        value = reply.headers.get("x-request-id") or reply.headers.get("request-id") or ""
+        return f" (upstream request id {value})" if self.request_id_pattern.fullmatch(value) else ""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,18 +1,24 @@
-"""model_servers.py by itself: error shapes, waits, learnt fields, the shutdown watch."""
+"""model_servers.py by itself: error shapes, waits, the fields sent, the endpoint, the shutdown."""
 
 from __future__ import annotations
 
+import re
 from datetime import date, timedelta
 
 import pytest
+import requests
 
+from errors import TransientUpstreamError, UpstreamError, UpstreamTimeout
 from model_servers import (
     NO_SHUTDOWN_ANNOUNCED,
     SHUTDOWN_UNKNOWN,
     LearntProfile,
+    ModelEndpoint,
+    RequestFields,
     ServerProfile,
     ShutdownWatch,
     UpstreamProblem,
+    connection_failure,
     duration_seconds,
     finish_reason,
     probe_verdict,
@@ -23,6 +29,7 @@ from model_servers import (
     token_usage,
     upstream_problem,
 )
+from outbound_http import AnswerTooLarge, UpstreamReply
 
 # ------------------------------------------------------------------ error shapes
 
@@ -211,6 +218,87 @@ def test_a_failing_store_leaves_the_process_with_what_it_learnt() -> None:
     store.down = True
     kept = learnt.learn(ServerProfile(temperature=False), "refused temperature")
     assert learnt.current() == kept
+
+
+# ------------------------------------------------------------------ what is sent
+
+
+def test_the_effort_none_goes_only_to_a_model_that_reasons() -> None:
+    fields = RequestFields("llava", "none", 1000, 16000, 128_000, {"seed": 7})
+    plain = ServerProfile()
+    assert fields.body({"model": "llava"}, plain, 1000) == {
+        "model": "llava",
+        "max_tokens": 1000,
+        "temperature": 0,
+        "seed": 7,
+    }
+    reasoning = ServerProfile("max_completion_tokens", temperature=False, reasoning=True)
+    assert fields.body({}, reasoning, 1000)["reasoning_effort"] == "none"
+
+
+def test_a_reasoning_model_gets_the_reasoning_cap_and_once_a_larger_one() -> None:
+    fields = RequestFields("gpt-6-luna", "high", 1000, 16000, 128_000, {})
+    profile = ServerProfile.assumed("gpt-6-luna", "high")
+    assert fields.output_cap(profile) == 16000
+    assert fields.larger_cap(profile, 16000, {"reasoning_tokens": 16000}) == 32000
+    assert fields.larger_cap(profile, 16000, {}) is None
+    assert fields.larger_cap(profile, 128_000, {"reasoning_tokens": 1}) is None
+    told_none = RequestFields("gpt-6-luna", "none", 1000, 16000, 128_000, {})
+    assert told_none.output_cap(ServerProfile.assumed("gpt-6-luna", "none")) == 1000
+
+
+def test_a_field_refused_again_leaves_nothing_to_try() -> None:
+    fields = RequestFields("llava", "none", 1000, 16000, 128_000, {})
+    renamed = ServerProfile("max_completion_tokens", reasoning=True)
+    assert fields.without_refused(ServerProfile(), "max_tokens", set()) == renamed
+    assert fields.without_refused(ServerProfile(), "max_tokens", {"max_tokens"}) is None
+    assert fields.without_refused(ServerProfile(), "max_tokens", {"max_completion_tokens"}) is None
+
+
+def test_an_answer_out_of_tokens_names_the_cap_to_raise() -> None:
+    fields = RequestFields("gpt-6-luna", "high", 1000, 16000, 128_000, {})
+    profile = ServerProfile.assumed("gpt-6-luna", "high")
+    error = fields.out_of_tokens(profile, 16000, {"reasoning_tokens": 15000})
+    assert "16000 output tokens, 15000 of them reasoning" in error.message
+    assert "OPENAI_REASONING_MAX_OUTPUT_TOKENS" in error.message
+
+
+# ------------------------------------------------------------------ the endpoint
+
+
+def endpoint(key_header: str = "Authorization", api_version: str | None = None) -> ModelEndpoint:
+    """An endpoint with the key ``sk-secret``."""
+    pattern = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+    return ModelEndpoint(
+        "http://server/v1", "llava", "sk-secret", key_header, api_version, 20.0, pattern
+    )
+
+
+def test_azure_takes_its_api_version_in_the_url_and_the_key_in_its_header() -> None:
+    azure = endpoint("api-key", "2024-10-21")
+    assert (
+        azure.url("chat/completions") == "http://server/v1/chat/completions?api-version=2024-10-21"
+    )
+    assert azure.headers("r1") == {"api-key": "sk-secret", "X-Client-Request-Id": "r1"}
+    assert endpoint().headers() == {"Authorization": "Bearer sk-secret"}
+
+
+def test_a_reply_is_the_completion_or_the_error_it_holds_without_the_key() -> None:
+    completion = {"choices": [{"message": {"content": "{}"}}]}
+    reply = UpstreamReply(200, {}, b'{"choices": [{"message": {"content": "{}"}}]}')
+    assert endpoint().read_reply(reply, {}, 0.1) == completion
+    refusal = UpstreamReply(200, {}, b'{"error": {"message": "bad key sk-secret"}}')
+    with pytest.raises(UpstreamError) as refused:
+        endpoint().read_reply(refusal, {}, 0.1)
+    assert "sk-secret" not in refused.value.message
+    with pytest.raises(TransientUpstreamError):
+        endpoint().read_reply(UpstreamReply(503, {}, b"busy"), {}, 0.1)
+
+
+def test_an_attempt_without_an_answer_is_classed_by_what_stopped_it() -> None:
+    assert isinstance(connection_failure(requests.Timeout(), 5.0), UpstreamTimeout)
+    assert type(connection_failure(AnswerTooLarge(), 5.0)) is UpstreamError
+    assert isinstance(connection_failure(requests.ConnectionError(), 5.0), TransientUpstreamError)
 
 
 # ------------------------------------------------------------------ the probe and the shutdown

@@ -8,6 +8,7 @@ FTS5 index, and answers `match`, `nutrients`, `portion`, `food` and `search`. Ra
 from __future__ import annotations
 
 import hashlib
+import lzma
 import math
 import re
 import sqlite3
@@ -81,6 +82,28 @@ _WHOLE = Decimal(1)
 
 class NutritionDataError(Exception):
     """The SR28 folder is missing a file, unreadable or malformed; the message says which."""
+
+
+# The SR28 files this repository carries, xz-compressed, with the SHA-256 of each as USDA
+# publishes it (SHA256SUMS).
+BUNDLED_SR28: Final = Path(__file__).resolve().with_name("usda-sr28")
+
+
+def unpack_sr28(bundle: Path, folder: Path) -> Path:
+    """The bundled files written into ``folder`` as USDA publishes them, each checksum checked."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for line in (bundle / "SHA256SUMS").read_text().splitlines():
+        digest, name = line.split()
+        packed = bundle / f"{name}.xz"
+        data = (
+            lzma.decompress(packed.read_bytes())
+            if packed.exists()
+            else (bundle / name).read_bytes()
+        )
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise NutritionDataError(f"{bundle / name}: its SHA-256 is not the one in SHA256SUMS")
+        (folder / name).write_bytes(data)
+    return folder
 
 
 # --- records ---------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Benchmark the USDA SR28 table: start-up cost (load and index build) and matching per item.
 
-    python bench/nutrition.py [--loads 7] [--rounds 5] [--sr28 ../shared/usda-sr28]
+    python bench/nutrition.py [--loads 7] [--rounds 5] [--sr28 FOLDER]
 
 Loads the real table several times, each in a fresh Python process as a server start does
 (files read, parsed and indexed; imports not counted), and reports the median and the spread,
@@ -26,10 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from nutrition import NutritionTable  # noqa: E402
+from nutrition import BUNDLED_SR28, NutritionTable, unpack_sr28  # noqa: E402
 from tests.nutrition_labels import HELD_OUT_FOODS, LABELLED_FOODS, Label  # noqa: E402
 
-DEFAULT_SR28 = ROOT.parent / "shared" / "usda-sr28"
+# Without --sr28, the repository's own copy, unpacked here (checksums checked) for each run.
+UNPACKED_SR28 = ROOT / ".local" / "usda-sr28"
 LABELS = LABELLED_FOODS + HELD_OUT_FOODS
 
 
@@ -121,10 +122,11 @@ class Figures:
     matched: int
 
 
-def measure(folder: Path = DEFAULT_SR28, loads: int = 7, rounds: int = 5) -> Figures:
+def measure(folder: Path | None = None, loads: int = 7, rounds: int = 5) -> Figures:
     """Load times in fresh processes, then cold and warm matching of every labelled item."""
     if loads < 1 or rounds < 1:
         raise ValueError("loads and rounds must be at least 1")
+    folder = folder or unpack_sr28(BUNDLED_SR28, UNPACKED_SR28)
     load_times, import_times = time_loads(folder, loads)
     table = NutritionTable.load(folder)
     cold = time_matches(table, LABELS)
@@ -146,7 +148,7 @@ def measure(folder: Path = DEFAULT_SR28, loads: int = 7, rounds: int = 5) -> Fig
 def main(argv: list[str] | None = None) -> int:
     """Measure and print one line per figure."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sr28", type=Path, default=DEFAULT_SR28)
+    parser.add_argument("--sr28", type=Path, default=None)
     parser.add_argument("--loads", type=int, default=7)
     parser.add_argument("--rounds", type=int, default=5)
     arguments = parser.parse_args(argv)

@@ -26,7 +26,7 @@ from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
 from app import CACHE_PREFIX, Config, create_app
-from nutrition import NutritionTable
+from nutrition import BUNDLED_SR28, NutritionTable, unpack_sr28
 from tests import images
 from tests.fakes import (
     ChatCompletionsServer,
@@ -38,8 +38,6 @@ from tests.fakes import (
 from tests.servers import STARTUP_TIMEOUT, Gunicorn, start_gunicorn
 
 REDIS_PASSWORD = "redis-test-pw-Kq8zT3"
-# USDA's SR28 tables, which the tests read from beside the repository and never copy into it.
-SR28 = Path(__file__).resolve().parents[2] / "shared" / "usda-sr28"
 # Each configured environment gets an embedded store of its own here, never a shared default.
 STORE_DIR = Path(tempfile.mkdtemp(prefix="image-service-test-stores-"))
 atexit.register(shutil.rmtree, STORE_DIR, ignore_errors=True)
@@ -48,14 +46,15 @@ JWT_SECRET = "jwt-test-secret-4f9c2a7e1b3d5f60718293a4b5c6d7e8"
 # Long enough for HS512 (64 bytes), so PyJWT does not warn about a short key.
 LONG_SECRET = "jwt-long-test-secret-" + "0123456789abcdef" * 4
 MEAL = images.jpeg(64, 48)
+# USDA's SR28 files as USDA publishes them, unpacked (checksums checked) from the repository's copy.
+SR28 = unpack_sr28(BUNDLED_SR28, STORE_DIR.parent / f"{STORE_DIR.name}-usda-sr28")
+atexit.register(shutil.rmtree, SR28, ignore_errors=True)
 REQUEST_TIMEOUT = 10.0  # seconds, one request over gunicorn's socket
 
 
 @pytest.fixture(scope="session")
 def sr28_dir() -> Path:
-    """USDA's SR28 files beside the repository; their absence is a failure, never a skip."""
-    if not SR28.is_dir():
-        pytest.fail(f"USDA SR28 is missing at {SR28}: the nutrition tests need the real table")
+    """USDA's SR28 files, unpacked from the repository's own copy."""
     return SR28
 
 

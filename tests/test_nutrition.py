@@ -1,8 +1,9 @@
-"""nutrition.py against USDA's real SR28 table in ../shared/usda-sr28: loading, matching,
+"""nutrition.py against USDA's real SR28 table (the repository's usda-sr28/): loading, matching,
 nutrients, portions, search, bad folders, and use from threads and forked workers."""
 
 from __future__ import annotations
 
+import lzma
 import multiprocessing
 import shutil
 import threading
@@ -12,11 +13,13 @@ from pathlib import Path
 import pytest
 
 from nutrition import (
+    BUNDLED_SR28,
     MATCH_THRESHOLD,
     NUTRIENT_UNITS,
     FoodMatch,
     NutritionDataError,
     NutritionTable,
+    unpack_sr28,
 )
 from tests.conftest import SR28
 from tests.nutrition_labels import COMMON_FOODS, HELD_OUT_FOODS, LABELLED_FOODS, Label
@@ -441,3 +444,16 @@ def test_forked_worker_matches_with_a_table_used_before_the_fork(
     finally:
         child.join(timeout=30)
     assert child.exitcode == 0
+
+
+def test_the_bundled_table_unpacks_to_usdas_files_and_refuses_a_changed_one(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    for packed in BUNDLED_SR28.iterdir():
+        (bundle / packed.name).write_bytes(packed.read_bytes())
+    unpacked = unpack_sr28(bundle, tmp_path / "ok")
+    assert NutritionTable.load(unpacked).identity == NutritionTable.load(SR28).identity
+
+    (bundle / "FD_GROUP.txt.xz").write_bytes(lzma.compress(b"0100^~Dairy~\r\n"))
+    with pytest.raises(NutritionDataError, match=r"FD_GROUP\.txt: its SHA-256"):
+        unpack_sr28(bundle, tmp_path / "changed")

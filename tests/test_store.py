@@ -712,7 +712,7 @@ def test_a_redis_lock_planted_without_expiry_is_dropped_when_read_as_a_lock(
 def test_a_folder_shared_with_other_files_keeps_its_mode(tmp_path: Path) -> None:
     from store import EmbeddedStore
 
-    folder = tmp_path / "shared"
+    folder = tmp_path / "home"
     folder.mkdir()
     folder.chmod(0o755)
     (folder / "notes.txt").write_text("someone else's")

@@ -21,6 +21,7 @@ from nutrition import (
     NutritionTable,
     unpack_sr28,
 )
+from tests import held_out_wording
 from tests.conftest import SR28
 from tests.nutrition_labels import COMMON_FOODS, HELD_OUT_FOODS, LABELLED_FOODS, Label
 
@@ -183,6 +184,21 @@ def test_labelled_set_is_large_and_names_real_foods(table: NutritionTable) -> No
     for label in LABELLED_FOODS + HELD_OUT_FOODS:
         unknown = [ndb_no for ndb_no in label.acceptable if table.food(ndb_no) is None]
         assert not unknown, f"{label.description}: {unknown} are not SR28 foods"
+
+
+def test_held_out_wording_set_is_large_new_and_names_real_foods(table: NutritionTable) -> None:
+    foods, dishes = held_out_wording.HELD_OUT_FOODS, held_out_wording.HELD_OUT_DISHES
+    assert len(foods) >= 55
+    assert len(dishes) >= 12
+    for label in foods:
+        unknown = [ndb_no for ndb_no in label.acceptable if table.food(ndb_no) is None]
+        assert label.acceptable, label.description
+        assert not unknown, f"{label.description}: {unknown} are not SR28 foods"
+    earlier = {label.description for label in LABELLED_FOODS + HELD_OUT_FOODS}
+    earlier.update(COMMON_FOODS)
+    described = [label.description for label in foods] + list(dishes)
+    assert len(set(described)) == len(described)
+    assert not earlier & set(described)
 
 
 def test_labelled_descriptions_match_an_acceptable_food(table: NutritionTable) -> None:

@@ -23,7 +23,7 @@ HELD_OUT_FOODS: tuple[Label, ...] = (
     _label("90% lean beef burger patty", "23563 23564", "grilled"),
     _label("93% lean ground turkey", "05666 05667"),
     _label("2% milk", "01079 01080 01081 01152 01174"),
-    _label("1% low-fat milk", "01082 01083 01084"),
+    _label("1% low-fat milk", "01082 01083 01084 01175"),
     _label("70% cacao dark chocolate", "19904"),
     _label("0% fat greek yogurt", "01256"),
     _label("2% cottage cheese", "01015"),

@@ -89,21 +89,39 @@ class NutritionDataError(Exception):
 BUNDLED_SR28: Final = Path(__file__).resolve().with_name("usda-sr28")
 
 
+_CHECKSUMS = "SHA256SUMS"
+
+
 def unpack_sr28(bundle: Path, folder: Path) -> Path:
     """The bundled files written into ``folder`` as USDA publishes them, each checksum checked."""
     folder.mkdir(parents=True, exist_ok=True)
-    for line in (bundle / "SHA256SUMS").read_text().splitlines():
-        digest, name = line.split()
-        packed = bundle / f"{name}.xz"
-        data = (
-            lzma.decompress(packed.read_bytes())
-            if packed.exists()
-            else (bundle / name).read_bytes()
-        )
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise NutritionDataError(f"{bundle / name}: its SHA-256 is not the one in SHA256SUMS")
-        (folder / name).write_bytes(data)
+    checksums = _checksums(bundle)
+    for name in checksums:
+        (folder / name).write_bytes(_read_bytes(bundle, name, checksums))
     return folder
+
+
+def _checksums(folder: Path) -> dict[str, str]:
+    """File name -> SHA-256 from the folder's SHA256SUMS, or {} when it has none."""
+    try:
+        text = (folder / _CHECKSUMS).read_text(encoding="ascii")
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as error:
+        raise NutritionDataError(
+            f"USDA SR28 folder {folder}: {_CHECKSUMS} is unreadable ({error})"
+        ) from None
+    checksums: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2 or not re.fullmatch(r"[0-9a-f]{64}", fields[0]):
+            raise NutritionDataError(
+                f"USDA SR28 folder {folder}: {_CHECKSUMS}:{number}: expected a SHA-256 and a name"
+            )
+        checksums[fields[1].lstrip("*")] = fields[0]
+    return checksums
 
 
 # --- records ---------------------------------------------------------------------------------
@@ -151,16 +169,30 @@ class _Measure:
 # --- reading USDA's ASCII layout -------------------------------------------------------------
 
 
-def _read_bytes(folder: Path, name: str) -> bytes:
+def _read_bytes(folder: Path, name: str, checksums: Mapping[str, str]) -> bytes:
+    """A file as USDA publishes it: ``name``, else ``name.xz`` unpacked; its checksum checked."""
     path = folder / name
     try:
-        raw = path.read_bytes()
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            packed = folder / f"{name}.xz"
+            raw = lzma.decompress(packed.read_bytes())
     except FileNotFoundError:
         raise NutritionDataError(f"USDA SR28 folder {folder}: {name} is missing") from None
     except OSError as error:
         raise NutritionDataError(
             f"USDA SR28 folder {folder}: {name} is unreadable ({error.strerror})"
         ) from None
+    except lzma.LZMAError:
+        raise NutritionDataError(
+            f"USDA SR28 folder {folder}: {name}.xz is not xz-compressed data"
+        ) from None
+    expected = checksums.get(name)
+    if expected is not None and hashlib.sha256(raw).hexdigest() != expected:
+        raise NutritionDataError(
+            f"USDA SR28 folder {folder}: {name}'s SHA-256 is not the one in {_CHECKSUMS}"
+        )
     return raw
 
 
@@ -756,8 +788,9 @@ class NutritionTable:
         folder = Path(directory)
         if not folder.is_dir():
             raise NutritionDataError(f"USDA SR28 folder {folder}: not a readable folder")
+        checksums = _checksums(folder)
         raw = {
-            name: _read_bytes(folder, name)
+            name: _read_bytes(folder, name, checksums)
             for name in (_FOOD_DES, _FD_GROUP, _ABBREV, _ABBREV_COLUMNS, _NUTR_DEF, _WEIGHT)
         }
         texts = {name: _decode(folder, name, content) for name, content in raw.items()}

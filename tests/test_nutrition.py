@@ -471,5 +471,33 @@ def test_the_bundled_table_unpacks_to_usdas_files_and_refuses_a_changed_one(tmp_
     assert NutritionTable.load(unpacked).identity == NutritionTable.load(SR28).identity
 
     (bundle / "FD_GROUP.txt.xz").write_bytes(lzma.compress(b"0100^~Dairy~\r\n"))
-    with pytest.raises(NutritionDataError, match=r"FD_GROUP\.txt: its SHA-256"):
+    with pytest.raises(NutritionDataError, match=r"FD_GROUP\.txt's SHA-256 is not"):
         unpack_sr28(bundle, tmp_path / "changed")
+
+
+def test_the_bundle_loads_as_it_is_with_the_identity_of_usdas_files(
+    table: NutritionTable,
+) -> None:
+    bundled = NutritionTable.load(BUNDLED_SR28)
+    assert bundled.identity == table.identity
+    assert bundled.food_count == table.food_count == 8790
+    assert bundled.match("grilled salmon fillet", method="grilled") == table.match(
+        "grilled salmon fillet", method="grilled"
+    )
+
+
+def test_a_bundle_with_a_changed_file_is_refused_by_its_checksum(tmp_path: Path) -> None:
+    bundle = shutil.copytree(BUNDLED_SR28, tmp_path / "bundle")
+    packed = bundle / "FD_GROUP.txt.xz"
+    packed.write_bytes(
+        lzma.compress(lzma.decompress(packed.read_bytes()).replace(b"Baked", b"Fried"))
+    )
+    with pytest.raises(NutritionDataError, match=r"FD_GROUP\.txt's SHA-256 is not the one"):
+        NutritionTable.load(bundle)
+
+
+def test_a_bundle_file_that_is_not_xz_is_named(tmp_path: Path) -> None:
+    bundle = shutil.copytree(BUNDLED_SR28, tmp_path / "bundle")
+    (bundle / "WEIGHT.txt.xz").write_bytes(b"not compressed")
+    with pytest.raises(NutritionDataError, match=r"WEIGHT\.txt\.xz is not xz-compressed"):
+        NutritionTable.load(bundle)

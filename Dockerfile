@@ -55,6 +55,9 @@ ENV STORE_PATH=/var/lib/image-service/store.sqlite3
 
 # The code stays owned by root: the service can read it, not change it.
 WORKDIR /app
+# USDA SR28 (public domain), xz-compressed with its checksums: items are counted from it unless
+# NUTRITION_SOURCE=model; USDA_SR28_DIR names another copy (deploy/compose.nutrition.yml).
+COPY usda-sr28/ ./usda-sr28/
 # The service's modules: gunicorn.conf.py imports app, and app the Flask-free modules beside it.
 COPY *.py openapi.yaml ./
 COPY --chmod=0755 docker-entrypoint.sh ./

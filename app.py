@@ -138,7 +138,7 @@ from model_servers import (
     shutdown_in,
     token_usage,
 )
-from nutrition import NutritionDataError, NutritionTable
+from nutrition import BUNDLED_SR28, NutritionDataError, NutritionTable
 from outbound_http import (
     UpstreamReply,
     build_session,
@@ -287,7 +287,10 @@ class Config:
     single_flight_lock_seconds: float = setting(
         "SINGLE_FLIGHT_LOCK_SECONDS", 10.0, decimal(low=0.1, high=600)
     )
-    usda_sr28_dir: str | None = setting("USDA_SR28_DIR", None, plain_text)
+    nutrition_source: str = setting("NUTRITION_SOURCE", "usda-sr28", one_of(("usda-sr28", "model")))
+    usda_sr28_dir: str | None = setting(
+        "USDA_SR28_DIR", None, plain_text, shown="the bundled copy, `usda-sr28/`"
+    )
     cache_ttl_seconds: int = setting(
         "CACHE_TTL_SECONDS", 3600, whole_number(low=1, high=365 * 86400)
     )
@@ -324,6 +327,11 @@ class Config:
         ]
         problems.extend(jwt_problems(self.jwt_algorithms, self.jwt_public_key))
         problems.extend(redis_problems(self.redis_url, self.redis_cluster, self.redis_db))
+        if self.nutrition_source == "model" and self.usda_sr28_dir is not None:
+            problems.append(
+                "USDA_SR28_DIR names a table, but NUTRITION_SOURCE=model turns counting off: "
+                "unset one of them"
+            )
         if problems:
             raise ConfigError(problems)
 
@@ -1372,18 +1380,33 @@ MAX_FOODS = 50
 
 @functools.cache
 def load_nutrition_table(directory: str) -> NutritionTable:
-    """USDA SR28 from ``USDA_SR28_DIR``, loaded once per process (in gunicorn's master)."""
+    """USDA SR28 from a folder, loaded once per process (in gunicorn's master)."""
     return NutritionTable.load(directory)
 
 
 def nutrition_table(config: Config) -> NutritionTable | None:
-    """The configured table, or None; a folder that cannot be read stops the start."""
-    if config.usda_sr28_dir is None:
+    """The table items are counted from, or None when counting is off; a bad copy stops the start.
+
+    The copy bundled with the service unless ``USDA_SR28_DIR`` names another.
+    """
+    if config.nutrition_source == "model":
         return None
     try:
-        return load_nutrition_table(config.usda_sr28_dir)
+        return load_nutrition_table(config.usda_sr28_dir or str(BUNDLED_SR28))
     except NutritionDataError as error:
-        raise ConfigError([f"USDA_SR28_DIR: {error}"]) from None
+        raise ConfigError([f"{table_copy(config)}: {error}"]) from None
+
+
+def table_copy(config: Config) -> str:
+    """Which copy of SR28 the service counts from, in words /health can show."""
+    return "USDA_SR28_DIR" if config.usda_sr28_dir else "bundled"
+
+
+def nutrition_check(config: Config, table: NutritionTable | None) -> str:
+    """``checks.nutrition``: the table, its copy and identity; or why nothing is counted."""
+    if table is None:
+        return "off (NUTRITION_SOURCE=model)"
+    return f"{table.label[:-1]}, {table_copy(config)}, {table.identity})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1494,8 +1517,8 @@ class Services:
         """The nutrition table, or 503 ``nutrition_not_configured``."""
         if self.table is None:
             raise NutritionNotConfigured(
-                "no nutrition table is loaded: set USDA_SR28_DIR to a folder of USDA SR28 files "
-                "(make nutrition-data fetches them)"
+                "counting from USDA SR28 is turned off (NUTRITION_SOURCE=model): unset "
+                "NUTRITION_SOURCE to count from the bundled table"
             )
         return self.table
 
@@ -1692,7 +1715,7 @@ def health() -> tuple[Response, int]:
         "openai_probe": services.model.reachability(),
         "openai_model_shutdown": services.model.announced_shutdown(),
         "store": services.store.describe(),
-        "nutrition": services.table.label if services.table else "not configured",
+        "nutrition": nutrition_check(config, services.table),
     }
     healthy = checks["redis"] in ("connected", "not configured") and config.openai_configured
     startup_mode = time.monotonic() - services.started_at < config.startup_grace_seconds
@@ -1857,6 +1880,7 @@ def unexpected_error_response(error: Exception) -> tuple[Response, int]:
 
 def startup_summary(config: Config) -> list[str]:
     """What the service was configured with, in a few lines without a secret; warnings last."""
+    table = nutrition_table(config)  # loaded already: the start checked it
     if config.redis_url:
         store = f"Redis at {public_url(config.redis_url)}"
     elif config.redis_host:
@@ -1872,9 +1896,10 @@ def startup_summary(config: Config) -> list[str]:
         f"cache and locks {store}; User Service at {public_url(config.user_service_url)}; "
         f"tokens {', '.join(config.jwt_algorithms)} with {keys}; nutrition "
         + (
-            f"from USDA SR28 at {config.usda_sr28_dir}"
-            if config.usda_sr28_dir
-            else "from the model"
+            f"counted from {table.label[:-1]}, {table.identity}) at "
+            f"{config.usda_sr28_dir or BUNDLED_SR28}"
+            if table is not None
+            else "from the model (NUTRITION_SOURCE=model)"
         )
     ]
     if not config.openai_configured:

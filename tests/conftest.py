@@ -127,6 +127,8 @@ def base_environment(
         "STARTUP_GRACE_SECONDS": "0",
         "LOG_LEVEL": "DEBUG",
         "STORE_PATH": str(STORE_DIR / f"{uuid.uuid4().hex}.sqlite3"),
+        # The model's own numbers: the tests of counting from SR28 turn it on themselves.
+        "NUTRITION_SOURCE": "model",
     }
     if redis is not None:
         env.update(

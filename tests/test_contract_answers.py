@@ -284,7 +284,7 @@ def test_answers_are_the_recorded_ones(
 ) -> None:
     contract = Contract(
         client=client,
-        grounded=lambda: client_with(usda_sr28_dir=str(sr28_dir)),
+        grounded=lambda: client_with(nutrition_source="usda-sr28"),
         model=model,
         user_service=user_service,
         headers={**auth_headers, "X-Request-ID": REQUEST_ID},

@@ -18,6 +18,7 @@ import yaml
 from flask.testing import FlaskClient
 
 from app import REQUEST_ID_PATTERN, Config
+from nutrition import BUNDLED_SR28
 from tests import images
 from tests.conftest import analyze_over_socket as analyze
 from tests.conftest import bearer, running_gunicorn
@@ -403,6 +404,18 @@ def test_the_image_carries_every_module_gunicorn_imports() -> None:
     assert needed <= copied, needed - copied
     assert not needed & ignored
     assert "data" in ignored  # the downloaded SR28 files are mounted, never copied
+
+
+def test_the_image_carries_the_bundled_sr28_table_where_the_service_looks_for_it() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    workdir = re.findall(r"^WORKDIR (\S+)$", dockerfile, flags=re.MULTILINE)[-1]
+    copies = re.findall(r"^COPY (?!--from)(\S+) (\S+)$", dockerfile, flags=re.MULTILINE)
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+
+    assert BUNDLED_SR28 == ROOT / "usda-sr28"
+    assert ("usda-sr28/", "./usda-sr28/") in copies
+    assert workdir == "/app"  # beside nutrition.py, as BUNDLED_SR28 expects
+    assert not any(line.strip().rstrip("/") == "usda-sr28" for line in ignored)
 
 
 def test_the_sr28_override_mounts_the_folder_read_only_where_the_service_reads_it() -> None:

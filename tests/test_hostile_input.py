@@ -452,7 +452,7 @@ NUTRITION_ITEMS = {"items": [{"ndbNo": "15237", "grams": 150}]}
 @pytest.fixture
 def counting(client_with: Callable[..., FlaskClient], sr28_dir: Path) -> FlaskClient:
     """A client for an app that counts POST /nutrition from the SR28 table."""
-    return client_with(usda_sr28_dir=str(sr28_dir))
+    return client_with(nutrition_source="usda-sr28")
 
 
 def nested_json(depth: int) -> str:
@@ -616,7 +616,7 @@ def served(
     """This module's real gunicorn counts from SR28, so POST /nutrition reads its body too."""
     workdir = tmp_path_factory.mktemp("gunicorn-hostile")
     with running_gunicorn(
-        redis_server, model_server, user_service_server, workdir, USDA_SR28_DIR=str(sr28_dir)
+        redis_server, model_server, user_service_server, workdir, NUTRITION_SOURCE=None
     ) as server:
         yield server
 

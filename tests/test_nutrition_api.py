@@ -17,7 +17,14 @@ from app import ConfigError, create_app
 from meal import MAX_TEXT_READ
 from nutrition import NUTRIENT_UNITS, NutritionTable
 from tests import images
-from tests.conftest import SR28, assert_json_error, cached_keys, post_photo
+from tests.conftest import (
+    SR28,
+    analyze_over_socket,
+    assert_json_error,
+    cached_keys,
+    post_photo,
+    running_gunicorn,
+)
 from tests.fakes import ChatCompletionsServer, RedisServer, UserServiceServer
 from tests.nutrition_labels import COMMON_FOODS, LABELLED_FOODS
 
@@ -28,7 +35,7 @@ SR28_FILES = ("FOOD_DES.txt", "FD_GROUP.txt", "ABBREV.txt", "ABBREV.columns", "N
 @pytest.fixture
 def grounded(client_with: Callable[..., FlaskClient], table: NutritionTable) -> FlaskClient:
     """A client for an app that counts from the SR28 table."""
-    return client_with(usda_sr28_dir=str(SR28))
+    return client_with(nutrition_source="usda-sr28")
 
 
 def item(description: str, grams: float = 100, calories: float = 1, **extra: Any) -> dict[str, Any]:
@@ -154,6 +161,44 @@ def test_the_totals_carry_the_sums_of_the_nutrients(
         assert analysis["nutrients"][name] == pytest.approx(sum(values), abs=0.051)
 
 
+def test_a_service_started_with_no_nutrition_settings_counts_from_the_bundled_table(
+    redis_server: RedisServer,
+    model_server: ChatCompletionsServer,
+    user_service_server: UserServiceServer,
+    table: NutritionTable,
+    tmp_path: Path,
+) -> None:
+    model_server.reset()
+    model_server.analysis = answer(
+        item("grilled salmon fillet", grams=150, cookingMethod="grilled"),
+        item("steamed asparagus", grams=90, cookingMethod="steamed"),
+    )
+    with running_gunicorn(
+        redis_server, model_server, user_service_server, tmp_path, NUTRITION_SOURCE=None
+    ) as server:
+        response = analyze_over_socket(server, images.jpeg(40, 30, color=(9, 99, 9)))
+        health = server.session.get(f"{server.url}/health", timeout=5).json()
+        output = server.output()
+    assert response.status_code == 200, response.text
+    salmon, asparagus = response.json()["analysis"]["items"]
+    for counted in (salmon, asparagus):
+        assert counted["nutritionSource"] == "usda-sr28"
+        food = table.food(counted["ndbNo"])
+        assert food is not None
+        assert counted["calories"] == table.nutrients(food.ndb_no, counted["grams"])["calories"]
+    assert "salmon" in salmon["usdaDescription"].lower()
+    assert "asparagus" in asparagus["usdaDescription"].lower()
+    assert health["checks"]["nutrition"] == f"usda-sr28 (8790 foods, bundled, {table.identity})"
+    assert f"nutrition counted from usda-sr28 (8790 foods, {table.identity})" in output
+
+
+def test_counting_off_and_another_copy_at_once_is_refused(
+    make_config: Callable[..., Any],
+) -> None:
+    with pytest.raises(ConfigError, match="NUTRITION_SOURCE=model turns counting off"):
+        make_config(usda_sr28_dir=str(SR28))
+
+
 def test_without_the_table_answers_are_the_models(
     client: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
 ) -> None:
@@ -173,7 +218,7 @@ def test_turning_the_table_on_does_not_serve_an_old_ungrounded_answer(
     model.analysis = answer(item("banana", grams=100, calories=1))
     config = make_config()
     analysis_of(create_app(config).test_client(), auth_headers, 3)
-    with_table = create_app(dataclasses.replace(config, usda_sr28_dir=str(SR28)))
+    with_table = create_app(dataclasses.replace(config, nutrition_source="usda-sr28"))
     again = analysis_of(with_table.test_client(), auth_headers, 3)
     assert len(model.calls) == 2
     assert again["items"][0]["nutritionSource"] == "usda-sr28"
@@ -265,7 +310,7 @@ def test_nutrition_without_the_table_answers_503(
 ) -> None:
     response = post_nutrition(client, auth_headers, {"items": [{"ndbNo": "15237", "grams": 150}]})
     assert_json_error(response, 503, "nutrition_not_configured")
-    assert "USDA_SR28_DIR" in response.get_json()["error"]
+    assert "NUTRITION_SOURCE=model" in response.get_json()["error"]
 
 
 def test_nutrition_needs_a_token(grounded: FlaskClient) -> None:
@@ -305,12 +350,27 @@ def test_foods_without_the_table_answers_503(
 # ------------------------------------------------------------------ health and start-up
 
 
-def test_health_names_the_table(grounded: FlaskClient) -> None:
-    assert grounded.get("/health").get_json()["checks"]["nutrition"] == "usda-sr28 (8790 foods)"
+def test_health_names_the_bundled_table_and_its_identity(
+    grounded: FlaskClient, table: NutritionTable
+) -> None:
+    assert grounded.get("/health").get_json()["checks"]["nutrition"] == (
+        f"usda-sr28 (8790 foods, bundled, {table.identity})"
+    )
 
 
-def test_health_says_when_there_is_no_table(client: FlaskClient) -> None:
-    assert client.get("/health").get_json()["checks"]["nutrition"] == "not configured"
+def test_health_names_another_copy_by_its_setting(
+    client_with: Callable[..., FlaskClient], table: NutritionTable
+) -> None:
+    client = client_with(nutrition_source="usda-sr28", usda_sr28_dir=str(SR28))
+    assert client.get("/health").get_json()["checks"]["nutrition"] == (
+        f"usda-sr28 (8790 foods, USDA_SR28_DIR, {table.identity})"
+    )
+
+
+def test_health_says_when_counting_is_off(client: FlaskClient) -> None:
+    assert client.get("/health").get_json()["checks"]["nutrition"] == (
+        "off (NUTRITION_SOURCE=model)"
+    )
 
 
 def broken_copy(tmp_path: Path) -> Path:
@@ -327,7 +387,9 @@ def broken_copy(tmp_path: Path) -> Path:
 
 def test_a_malformed_table_stops_the_app(make_config: Callable[..., Any], tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"FOOD_DES\.txt"):
-        create_app(make_config(usda_sr28_dir=str(broken_copy(tmp_path))))
+        create_app(
+            make_config(nutrition_source="usda-sr28", usda_sr28_dir=str(broken_copy(tmp_path)))
+        )
 
 
 def test_a_malformed_table_stops_gunicorn_with_one_line(tmp_path: Path) -> None:

@@ -100,7 +100,7 @@ def routed_operations(app: Flask) -> set[tuple[str, str]]:
 @pytest.fixture
 def app(make_config: Callable[..., Config], sr28_dir: Path) -> Flask:
     """The app the document is checked against, with the USDA SR28 table loaded too."""
-    flask_app = create_app(make_config(usda_sr28_dir=str(sr28_dir)))
+    flask_app = create_app(make_config(nutrition_source="usda-sr28"))
     flask_app.testing = True
     return flask_app
 

@@ -9,10 +9,11 @@
 3. `docker compose up --wait` with the stub model, on a project name, port and secrets of its
    own: analyses, a cache hit and a save through the gateway, the gateway's own JSON errors, the
    Image Service unpublished, and /health and a cache hit timed while 200 slow-header
-   connections are held open against the gateway.
-4. With a USDA SR28 folder (USDA_SR28_DIR, else data/usda-sr28 when present): the stack again
-   with deploy/compose.nutrition.yml, the folder mounted read-only, the table loaded, GET /foods
-   and POST /nutrition answered from it. Without one, this step is skipped and says so.
+   connections are held open against the gateway; the SR28 table the image carries is loaded
+   with no setting, and GET /foods and POST /nutrition answer from it.
+4. Another copy of SR28 (USDA_SR28_DIR on the host, else the repository's copy unpacked as USDA
+   publishes it): the stack again with deploy/compose.nutrition.yml, the folder mounted
+   read-only, /health naming it with the same identity, an analysis counted from it.
 5. No tini warning in any container's log; everything is removed at the end, pass or fail.
 
 Every wait is bounded and all traffic goes to 127.0.0.1.
@@ -43,6 +44,10 @@ import yaml
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from nutrition import BUNDLED_SR28, NutritionTable, unpack_sr28  # noqa: E402
+
 IMAGE = "image-service:image-test"
 CONTAINER = "image-service-image-test"
 # Where the image keeps the embedded store (its ENV STORE_PATH).
@@ -514,16 +519,7 @@ def check_stack(stack: Stack, token: str) -> None:
     )
     metrics = requests.get(f"{stack.url}/metrics", timeout=5)
     check(gateway_error(metrics, 404, "not_found"), "/metrics stays off the gateway: 404")
-    foods = requests.get(
-        f"{stack.url}/foods",
-        params={"q": "salmon"},
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=5,
-    )
-    check(
-        foods.status_code == 503 and foods.json()["code"] == "nutrition_not_configured",
-        "without a nutrition table, GET /foods gets the service's 503 nutrition_not_configured",
-    )
+    check_bundled_table(stack, token)
 
     timings, _ = under_slow_headers(
         int(stack.url.rsplit(":", 1)[1]),
@@ -567,29 +563,54 @@ def check_stack(stack: Stack, token: str) -> None:
     )
 
 
-def sr28_folder() -> Path | None:
-    """The host's SR28 folder: USDA_SR28_DIR (which must exist), else data/usda-sr28 if present."""
+def sr28_folder(work: Path) -> Path:
+    """Another copy of SR28: USDA_SR28_DIR on the host (which must exist), else the repository's
+    copy unpacked into ``work`` as USDA publishes it."""
     named = os.environ.get("USDA_SR28_DIR", "").strip()
     if named:
         if not Path(named).is_dir():
             raise ImageTestFailure(f"USDA_SR28_DIR={named} is not a folder")
         return Path(named).resolve()
-    default = ROOT / "data" / "usda-sr28"
-    return default.resolve() if default.is_dir() else None
+    folder = unpack_sr28(BUNDLED_SR28, work / "usda-sr28")
+    for path in (folder, *folder.iterdir()):
+        path.chmod(0o755 if path.is_dir() else 0o644)  # readable by the container's user
+    return folder
 
 
-def check_nutrition_stack(stack: Stack, token: str) -> None:
-    """The SR28 folder mounted read-only and loaded; /foods and /nutrition answered from it."""
+def check_bundled_table(stack: Stack, token: str) -> None:
+    """With no setting, the table the image carries is loaded and answers /foods and /nutrition."""
     health = requests.get(f"{stack.url}/health", timeout=5).json()["checks"]
     check(
-        health["nutrition"].startswith("usda-sr28 ("),
-        f"the table is loaded: nutrition {health['nutrition']!r}",
+        health["nutrition"] == f"usda-sr28 (8790 foods, bundled, {bundled_identity()})",
+        f"the image's own SR28 table is loaded: nutrition {health['nutrition']!r}",
+    )
+    check_table_answers(stack, token)
+
+
+def bundled_identity() -> str:
+    """The identity of the repository's SR28 copy, as the service names it."""
+    return NutritionTable.load(BUNDLED_SR28).identity
+
+
+def check_nutrition_stack(stack: Stack, token: str, folder: Path) -> None:
+    """Another SR28 folder mounted read-only and loaded; /foods and /nutrition answered from it."""
+    table = NutritionTable.load(folder)
+    health = requests.get(f"{stack.url}/health", timeout=5).json()["checks"]
+    check(
+        health["nutrition"]
+        == f"usda-sr28 ({table.food_count} foods, USDA_SR28_DIR, {table.identity})",
+        f"the mounted copy is loaded: nutrition {health['nutrition']!r}",
     )
     container = stack.compose("ps", "-q", "image-service").strip()
     mounts = docker(
         "inspect", "-f", "{{range .Mounts}}{{.Destination}}:{{.RW}} {{end}}", container
     ).split()
     check("/srv/usda-sr28:false" in mounts, f"the SR28 folder is mounted read-only ({mounts})")
+    check_table_answers(stack, token)
+
+
+def check_table_answers(stack: Stack, token: str) -> None:
+    """GET /foods and POST /nutrition answered from the loaded table, through the gateway."""
     auth = {"Authorization": f"Bearer {token}"}
     foods = requests.get(f"{stack.url}/foods", params={"q": "salmon"}, headers=auth, timeout=5)
     found = foods.json().get("foods", []) if foods.ok else []
@@ -610,7 +631,7 @@ def check_nutrition_stack(stack: Stack, token: str) -> None:
     )
     first = analyze(stack, token, photo())
     check(
-        first.status_code == 200 and first.json()["source"] == "api",
+        first.status_code == 200 and first.json()["source"] in ("api", "cache"),
         f"an analysis with the table: {first.status_code}",
     )
 
@@ -658,14 +679,11 @@ def main() -> int:
         token = token_for(secrets_dir)
         with running_stack(secrets_dir, work / "compose.log") as stack:
             check_stack(stack, token)
-        folder = sr28_folder()
-        if folder is None:
-            say("no USDA SR28 folder (USDA_SR28_DIR, data/usda-sr28): the table's stack skipped")
-        else:
-            files = (SR28_OVERRIDE,)
-            log_file = work / "compose-sr28.log"
-            with running_stack(secrets_dir, log_file, files, USDA_SR28_DIR=str(folder)) as stack:
-                check_nutrition_stack(stack, token)
+        folder = sr28_folder(work)
+        files = (SR28_OVERRIDE,)
+        log_file = work / "compose-sr28.log"
+        with running_stack(secrets_dir, log_file, files, USDA_SR28_DIR=str(folder)) as stack:
+            check_nutrition_stack(stack, token, folder)
         check_logs(work / "compose.log", work / "compose-sr28.log")
     except (ImageTestFailure, subprocess.SubprocessError, requests.RequestException) as error:
         print(f"image-test: FAILED: {error}", file=sys.stderr)

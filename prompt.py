@@ -19,7 +19,7 @@ from meal import Analysis, clean_text, normalise_analysis
 from model_servers import log_model_failure, token_usage
 
 # Part of every cache key: a new prompt asks the model anew.
-PROMPT_VERSION = "2026-12-01"
+PROMPT_VERSION = "2026-12-03"
 SYSTEM_PROMPT = """\
 You are a nutrition analyst. You look at one photo of a meal and estimate what it contains.
 List every food on the plate as an item: a short name for people, a description in English as \
@@ -27,6 +27,11 @@ USDA's SR28 nutrient database words its foods (food, then kind, then preparation
 Atlantic, farmed, cooked, dry heat" or "Rice, white, long-grain, regular, cooked"), how it was \
 cooked (or null), its estimated weight in grams as eaten, its energy (kcal) and its grams of \
 protein, carbohydrates and fat, and your confidence in that item from 0 to 1.
+A mixed dish that SR28 does not describe as one food (pad thai, pho, a curry, a sushi roll, a \
+grain bowl, guacamole) is listed by its components instead, each an item with its own \
+description and grams (for pad thai: rice noodles, shrimp, egg, peanuts, bean sprouts, cooking \
+oil), so that each can be counted; the dish's name is the answer's name. A dish SR28 describes \
+as one food (pizza, lasagna, a hamburger, fried rice) stays one item.
 Name the dish, describe the portion shown, list the main ingredients you can see or reasonably \
 infer, give a plausible range (low, high) for the meal's total energy, state briefly what your \
 estimate assumes (cooking fat, portion, hidden ingredients), suggest two or three short meal \
@@ -80,7 +85,13 @@ ANALYSIS_SCHEMA: dict[str, Any] = {
     "properties": {
         "isFood": {"type": "boolean", "description": "false when the photo shows no food"},
         "name": {"type": "string", "description": "the dish, in a few words"},
-        "items": {"type": "array", "items": ITEM_SCHEMA, "description": "one per food"},
+        "items": {
+            "type": "array",
+            "items": ITEM_SCHEMA,
+            "description": "one per food; a mixed dish SR28 does not describe as one food is "
+            "listed as one item per component (noodles, shrimp, peanuts, oil…), each with its "
+            "grams",
+        },
         "caloriesRange": {
             "type": ["object", "null"],
             "properties": {"low": NUMBER, "high": NUMBER},

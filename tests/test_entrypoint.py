@@ -529,15 +529,19 @@ def test_model_stub_answers_the_service_with_an_analysis(
     client_with: Callable[..., FlaskClient],
     auth_headers: dict[str, str],
 ) -> None:
-    client = client_with(openai_base_url=f"{model_stub.base_url}/v1")
+    client = client_with(openai_base_url=f"{model_stub.base_url}/v1", nutrition_source="usda-sr28")
 
     response = post_photo(client, auth_headers, images.jpeg(color=(200, 120, 60)))
 
     assert response.status_code == 200
     analysis = response.get_json()["analysis"]
     assert analysis["name"] == "Grilled Salmon with Asparagus"
-    assert analysis["calories"] == 390
-    assert len(analysis["items"]) == 2
+    salmon, asparagus, oil = analysis["items"]
+    assert [item["nutritionSource"] for item in analysis["items"]] == ["usda-sr28"] * 3
+    assert "salmon" in salmon["usdaDescription"].lower()
+    assert "asparagus" in asparagus["usdaDescription"].lower()
+    assert "olive" in oil["usdaDescription"].lower()
+    assert analysis["calories"] == sum(item["calories"] for item in analysis["items"])
     assert call("GET", f"{model_stub.base_url}/stats") == (200, {"completions": 1})
 
 

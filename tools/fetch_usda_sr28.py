@@ -1,16 +1,20 @@
-"""Download USDA's SR28 ASCII files into data/usda-sr28/ for USDA_SR28_DIR.
+"""Download USDA's SR28 ASCII files into data/usda-sr28/ and check them against usda-sr28/.
 
     python tools/fetch_usda_sr28.py [--dest data/usda-sr28] [--timeout 60]
 
 Fetches sr28asc.zip (FOOD_DES, FD_GROUP, NUTR_DEF, WEIGHT) and sr28abbr.zip (ABBREV) from the
 USDA Nutrient Data Laboratory, unpacks the five files the service reads, writes ABBREV.columns,
-and checks the result loads. Exits 1 with one line when USDA cannot be reached: the service then
-runs without the table, as before.
+checks the result loads, and compares each file's SHA-256 with the copy the repository carries
+(usda-sr28/SHA256SUMS): the way to re-derive the bundled table from USDA's own download. Exits 1
+with one line when USDA cannot be reached (the service keeps counting from its bundled copy), and
+when a downloaded file differs from the bundled one (naming it; the download stays in --dest,
+for USDA_SR28_DIR).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import shutil
 import sys
@@ -23,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nutrition import NutritionDataError, NutritionTable  # noqa: E402
+from nutrition import BUNDLED_SR28, NutritionDataError, NutritionTable  # noqa: E402
 
 # The Nutrient Data Laboratory's SR28 download folder has moved with USDA reorganisations; the
 # same zips are served at each of these, newest first.
@@ -127,6 +131,18 @@ def unpack(archive: bytes, wanted: tuple[str, ...], into: Path) -> None:
         raise DownloadError(f"not a zip archive ({error})") from None
 
 
+def differences(folder: Path, bundle: Path = BUNDLED_SR28) -> list[str]:
+    """The files of ``folder`` whose SHA-256 is not the bundled copy's, each with both digests."""
+    found = []
+    for line in (bundle / "SHA256SUMS").read_text(encoding="ascii").splitlines():
+        expected, name = line.split()
+        path = folder / name
+        actual = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "missing"
+        if actual != expected:
+            found.append(f"{name}: {actual[:16]}, the bundled copy has {expected[:16]}")
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dest", type=Path, default=ROOT / "data" / "usda-sr28")
@@ -142,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                 unpack(fetch(archive, arguments.timeout), members, staged)
         except DownloadError as error:
             print(
-                f"cannot download USDA SR28 ({error}): the service runs without the table, "
-                "answering with the model's own numbers, until USDA_SR28_DIR names the files",
+                f"cannot download USDA SR28 ({error}): the service counts from the copy it "
+                "carries (usda-sr28/)",
                 file=sys.stderr,
             )
             return 1
@@ -158,7 +174,18 @@ def main(argv: list[str] | None = None) -> int:
         if destination.exists():
             shutil.rmtree(destination)
         staged.rename(destination)
-    print(f"{table.label} in {destination}; set USDA_SR28_DIR={destination}")
+    changed = differences(destination)
+    if changed:
+        print(
+            f"{table.label} in {destination} differs from the bundled usda-sr28/: "
+            + "; ".join(changed),
+            file=sys.stderr,
+        )
+        return 1
+    print(
+        f"{table.label} in {destination}, file for file the bundled usda-sr28/ "
+        f"({table.identity}); USDA_SR28_DIR={destination} counts from this copy"
+    )
     return 0
 
 

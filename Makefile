@@ -52,7 +52,7 @@ lint: $(VENV)/.dev ## ruff, ruff format, mypy, hadolint, shellcheck, compose sch
 test: lint ## lint, then run the tests (needs redis-server and nc)
 	$(BIN)/pytest
 
-nutrition-data: $(VENV)/.runtime ## download USDA SR28 into data/usda-sr28 (then USDA_SR28_DIR=data/usda-sr28)
+nutrition-data: $(VENV)/.runtime ## fetch USDA SR28 into data/usda-sr28 and compare it with the bundled usda-sr28/
 	$(BIN)/python tools/fetch_usda_sr28.py --dest data/usda-sr28
 
 secrets: ## write the compose stack's secret files into secrets/

@@ -3,7 +3,8 @@
     python bench/nutrition.py [--loads 7] [--rounds 5] [--sr28 FOLDER]
 
 Loads the real table several times, each in a fresh Python process as a server start does
-(files read, parsed and indexed; imports not counted), and reports the median and the spread,
+(`NutritionTable.load(BUNDLED_SR28)`: the repository's xz files read, checked against SHA256SUMS,
+unpacked in memory, parsed and indexed; imports not counted), and reports the median and the spread,
 beside the import of the service itself (`import app`), timed the same way in fresh processes
 interleaved with the loads. Then matches every labelled description of
 tests/nutrition_labels.py: once on a fresh table (cold: each food's ranking profile is worked out
@@ -26,11 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from nutrition import BUNDLED_SR28, NutritionTable, unpack_sr28  # noqa: E402
+from nutrition import BUNDLED_SR28, NutritionTable  # noqa: E402
 from tests.nutrition_labels import HELD_OUT_FOODS, LABELLED_FOODS, Label  # noqa: E402
 
-# Without --sr28, the repository's own copy, unpacked here (checksums checked) for each run.
-UNPACKED_SR28 = ROOT / ".local" / "usda-sr28"
 LABELS = LABELLED_FOODS + HELD_OUT_FOODS
 
 
@@ -126,7 +125,7 @@ def measure(folder: Path | None = None, loads: int = 7, rounds: int = 5) -> Figu
     """Load times in fresh processes, then cold and warm matching of every labelled item."""
     if loads < 1 or rounds < 1:
         raise ValueError("loads and rounds must be at least 1")
-    folder = folder or unpack_sr28(BUNDLED_SR28, UNPACKED_SR28)
+    folder = folder or BUNDLED_SR28  # what the service loads: the repository's xz-packed copy
     load_times, import_times = time_loads(folder, loads)
     table = NutritionTable.load(folder)
     cold = time_matches(table, LABELS)
@@ -155,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     figures = measure(arguments.sr28, arguments.loads, arguments.rounds)
     loads, imports = figures.loads, figures.imports
     print(
-        f"index build at start (load SR28 + FTS5 index, fresh process), median of {len(loads)}: "
+        f"load at start (SR28 read, unpacked, parsed + FTS5 index, fresh process), "
+        f"median of {len(loads)}: "
         f"{ms(statistics.median(loads))} (min {ms(min(loads))}, max {ms(max(loads))}); "
         f"import app, the same way: {ms(statistics.median(imports))}"
     )

@@ -5,8 +5,9 @@ loopback User Service and the real gunicorn (gunicorn.conf.py), generates phone-
 measures: a. image preparation, b. the cache-hit path, c. concurrent cache misses, d. a burst of
 identical uploads over two instances, e. what is sent upstream, f. worker memory, g. the embedded
 store (a duplicate burst over two workers, cache hits against Redis), h. the USDA SR28 table
-(index build at start, matching per item). Every figure stands beside a baseline measured in the
-same run. Exits 0 whether or not the goals hold; non-zero
+(index build at start, matching per item), i. the table's memory per worker, preloaded in the
+master against loaded in each worker, and the start-up it adds. Every figure stands beside a
+baseline measured in the same run. Exits 0 whether or not the goals hold; non-zero
 only when the harness itself fails.
 
     python bench/run.py [--quick] [--model-delay 1.5] [--only a,b,...] [--out RESULTS.md]
@@ -43,6 +44,7 @@ from PIL import Image, ImageOps  # noqa: E402
 
 from bench import nutrition as sr28  # noqa: E402
 from bench import report, tokens  # noqa: E402
+from bench import table_memory as table  # noqa: E402
 from bench.load import LoadResult, Upload, burst, closed_loop, multipart_upload, percentile  # noqa: E402
 from bench.photos import (  # noqa: E402
     DAYLIGHT,
@@ -56,7 +58,8 @@ from bench.photos import (  # noqa: E402
 from bench.stack import PeakMemory, Stack, cpu_ticks, status_kb  # noqa: E402
 from tests.servers import Gunicorn  # noqa: E402
 
-ROWS = ("a", "b", "c", "d", "e", "f", "g", "h")
+ROWS = ("a", "b", "c", "d", "e", "f", "g", "h", "i")
+MAIN_ROWS = frozenset("bcdef")  # the rows served by the `main` gunicorn
 ANALYZE = "/analyze-food"
 BARE = "/bench/bare-upload"
 MAX_SIDE = 1024  # IMAGE_MAX_SIDE's default
@@ -93,6 +96,9 @@ class Settings:
     time_limit: int
     sr28_loads: int = 7
     sr28_rounds: int = 5
+    table_requests: int = 300
+    table_clients: int = 4
+    table_starts: int = 5
     hit_clients: int = 16
     duplicate_uploads: int = 20
 
@@ -124,6 +130,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
             time_limit=120,
             sr28_loads=2,
             sr28_rounds=1,
+            table_requests=60,
+            table_starts=2,
             **common,
         )
     return Settings(
@@ -874,7 +882,7 @@ def row_h(bench: Bench) -> list[report.Row]:
     share = f", {per_answer / delay:.1%} of one model delay ({delay:g} s)" if delay else ""
     return [
         report.Row(
-            "h. SR28 index build at start (fresh process)",
+            "h. SR28 load and index build at start (fresh process)",
             f"{sr28.ms(load)} (min {sr28.ms(min(figures.loads))}, "
             f"max {sr28.ms(max(figures.loads))})",
             f"{sr28.ms(imports)} `import app`, the same way",
@@ -882,8 +890,9 @@ def row_h(bench: Bench) -> list[report.Row]:
             f"< {SR28_LOAD_GOAL:g} s",
             load < SR28_LOAD_GOAL,
             [
-                f"`NutritionTable.load` of {figures.folder} ({figures.food_count} foods: files "
-                "read, parsed, FTS5 index built), timed inside each of "
+                f"`NutritionTable.load` of {figures.folder} ({figures.food_count} foods: the xz "
+                "files read, checked against SHA256SUMS, unpacked in memory and parsed, FTS5 "
+                "index built), as the service loads it, timed inside each of "
                 f"{len(figures.loads)} fresh interpreters after one untimed one (imports not "
                 "counted); interleaved with as many fresh `import app`, the order alternating.",
                 "A start pays it once per process that loads the table (with preload_app, "
@@ -911,6 +920,146 @@ def row_h(bench: Bench) -> list[report.Row]:
     ]
 
 
+# ------------------------------------------------------------------------- i. SR28 table per worker
+
+
+TABLE_START_GOAL = 1.0  # seconds a process may spend on the table at start
+MASTER_WITHOUT_TABLE_KB = 5 * 1024  # below this RSS difference, a master holds no table
+
+
+def signed_mb(kb: float) -> str:
+    """A difference in kB, as signed megabytes."""
+    return f"{kb * 1024 / 1e6:+.1f} MB"
+
+
+def mb(kb: float) -> str:
+    """A size in kB, as megabytes."""
+    return f"{kb * 1024 / 1e6:.1f} MB"
+
+
+def row_i(bench: Bench) -> list[report.Row]:
+    """The SR28 table's memory per worker, preloaded against per worker, and its start-up."""
+    stack, settings = bench.require(bench.stack), bench.settings
+    with tempfile.TemporaryDirectory(prefix="image-service-bench-table-") as folder:
+        found = table.footprints(
+            stack, bench.token, Path(folder), settings.table_requests, settings.table_clients
+        )
+        starts = table.start_times(stack, Path(folder), settings.table_starts)
+    return [table_memory_row(found, settings), table_start_row(starts)]
+
+
+def table_memory_row(
+    found: dict[tuple[str, str], table.Footprint], settings: Settings
+) -> report.Row:
+    """Per-worker and host PSS and RSS with the table less without it, for each mode."""
+    cost = {
+        mode: {
+            "pss": found[mode, table.TABLE].worker_pss_kb - found[mode, table.MODEL].worker_pss_kb,
+            "rss": found[mode, table.TABLE].worker_rss_kb - found[mode, table.MODEL].worker_rss_kb,
+            "host": found[mode, table.TABLE].host_pss_kb - found[mode, table.MODEL].host_pss_kb,
+        }
+        for mode in table.MODES
+    }
+    preloaded, per_worker = cost[table.PRELOADED], cost[table.PER_WORKER]
+    saved = per_worker["host"] - preloaded["host"]
+    holds = preloaded["host"] <= per_worker["host"]
+    expected = {table.TABLE: 200, table.MODEL: 503}
+    answered = all(
+        set(figures.statuses) == {expected[source]} for (_, source), figures in found.items()
+    )
+    per_process = [
+        f"{mode}, {source}: master PSS {mb(f.master.pss_kb)} (RSS {mb(f.master.rss_kb)}); "
+        f"workers PSS {', '.join(mb(w.pss_kb) for w in f.workers)} "
+        f"(RSS {', '.join(mb(w.rss_kb) for w in f.workers)}; anonymous PSS "
+        f"{', '.join(mb(w.pss_anon_kb) for w in f.workers)}); host PSS {mb(f.host_pss_kb)}; "
+        f"answers {describe(Counter({f'HTTP {k}': v for k, v in f.statuses.items()}))}; "
+        f"workers' CPU while driven {' + '.join(f'{s:.2f}' for s in f.worker_cpu)} s."
+        for (mode, source), f in found.items()
+    ]
+    master_table = (
+        found[table.PER_WORKER, table.TABLE].master.rss_kb
+        - found[table.PER_WORKER, table.MODEL].master.rss_kb
+    )
+    kept = (
+        "Preloading (gunicorn.conf.py as shipped, preload_app = True) costs the host less: it "
+        "stays."
+        if holds
+        else "Loading in each worker costs the host less than preloading."
+    )
+    return report.Row(
+        "i. SR28 table memory per worker, preloaded vs per worker",
+        f"{signed_mb(preloaded['pss'])} PSS ({signed_mb(preloaded['rss'])} RSS) per worker, "
+        "preloaded",
+        f"{signed_mb(per_worker['pss'])} PSS ({signed_mb(per_worker['rss'])} RSS) per worker, "
+        "loaded in each",
+        f"host {signed_mb(preloaded['host'])} vs {signed_mb(per_worker['host'])} PSS: "
+        + (f"preloading saves {mb(saved)}" if holds else f"per worker saves {mb(-saved)}"),
+        "keep the mode with less host PSS",
+        holds and answered,
+        [
+            f"`gunicorn app:app` with {table.WORKERS} workers on the bench's stack, four ways, "
+            "one at a time: preloaded (gunicorn.conf.py as is: the app and the table built in "
+            "the master, forked to the workers) or loaded in each worker (a temporary "
+            "configuration that runs gunicorn.conf.py, then sets preload_app = False; its "
+            "master reads its settings with NUTRITION_SOURCE=model, so only the workers load "
+            "the table), each with NUTRITION_SOURCE=usda-sr28 and =model.",
+            f"After start, {settings.table_requests} POST /nutrition of {table.ITEMS_PER_REQUEST} "
+            "labelled descriptions each (tests/nutrition_labels.py), from "
+            f"{settings.table_clients} client threads, a new connection each, so both workers "
+            "build their lazy state (SQLite copies of the index, ranking profiles); with the "
+            "table off they answer 503. Then, once the workers are idle, RSS and PSS from "
+            "/proc/<pid>/smaps_rollup.",
+            "The table's cost is the same figure with the table less without it: per worker "
+            "the workers' mean, per host the master's PSS plus every worker's.",
+            *per_process,
+            f"Loaded in each worker, the master's RSS with the table less without it is "
+            f"{signed_mb(master_table)}: "
+            + (
+                "the master does not hold the table."
+                if abs(master_table) < MASTER_WITHOUT_TABLE_KB
+                else "the master holds (part of) the table too, counted in the host's figure."
+            ),
+            f"{kept} Preloaded, a worker's pages of the table stay shared with the master until "
+            "written; loaded in each worker, every worker holds a whole copy, and a worker "
+            "replaced by max_requests builds it again.",
+        ],
+    )
+
+
+def table_start_row(starts: dict[tuple[str, str], list[float]]) -> report.Row:
+    """From spawning gunicorn to its first 200, with the table against without it."""
+    median = {kind: statistics.median(times) for kind, times in starts.items()}
+    with_table = median[table.PRELOADED, table.TABLE]
+    without = median[table.PRELOADED, table.MODEL]
+    added = with_table - without
+    per_worker = median[table.PER_WORKER, table.TABLE] - median[table.PER_WORKER, table.MODEL]
+    runs = len(starts[table.PRELOADED, table.TABLE])
+    spread = "; ".join(
+        f"{mode}, {source}: median {ms(median[mode, source])} "
+        f"(min {ms(min(times))}, max {ms(max(times))})"
+        for (mode, source), times in starts.items()
+    )
+    return report.Row(
+        "i. start-up with the table",
+        f"{ms(with_table)} to the first 200, preloaded (as shipped)",
+        f"{ms(without)} with NUTRITION_SOURCE=model",
+        f"{added * 1000:+.0f} ms for the table",
+        f"≤ {TABLE_START_GOAL:g} s per process",
+        added <= TABLE_START_GOAL,
+        [
+            f"From spawning `gunicorn app:app` ({table.WORKERS} workers, the bench's stack) to "
+            f"its first 200 on /health/live, polled every {table.POLL_INTERVAL * 1000:g} ms; "
+            f"{runs} run(s) of each kind after one untimed start, the kinds interleaved and the "
+            "order alternating. The table's part is the difference of the medians.",
+            spread + ".",
+            f"Preloaded, the master alone loads the table, once per start; loaded in each "
+            f"worker the table adds {per_worker * 1000:+.0f} ms (the workers load their copies "
+            "at the same time, on the same cores), and again for every worker max_requests "
+            "replaces. Row h times `NutritionTable.load` alone.",
+        ],
+    )
+
+
 # ------------------------------------------------------------------------- the run
 
 
@@ -920,7 +1069,8 @@ def start_stack(bench: Bench) -> None:
     stack = Stack(bench.settings.model_delay)
     bench.stack = stack
     bench.token = stack.token()
-    bench.main = stack.start_gunicorn("main", MAIN_TARGET)
+    if rows & MAIN_ROWS:
+        bench.main = stack.start_gunicorn("main", MAIN_TARGET)
     if rows & {"d", "g"}:
         bench.second = stack.start_gunicorn("second", SERVICE_TARGET)
     if "g" in rows:
@@ -930,8 +1080,9 @@ def start_stack(bench: Bench) -> None:
         bench.old = stack.start_gunicorn("old", SERVICE_TARGET, **OLD_CONFIG)
     stack.wait_until_ready(*stack.gunicorns.values())
     bench.workers_running = {name: len(g.worker_pids()) for name, g in stack.gunicorns.items()}
-    peaks = [status_kb(pid, "VmHWM") or 0 for pid in bench.main.worker_pids()]
-    bench.idle_kb = max(peaks, default=0)
+    if bench.main is not None:
+        peaks = [status_kb(pid, "VmHWM") or 0 for pid in bench.main.worker_pids()]
+        bench.idle_kb = max(peaks, default=0)
 
 
 def install_signal_handlers(limit: int) -> None:
@@ -987,6 +1138,7 @@ def main(argv: list[str] | None = None) -> int:
                     "e": row_e,
                     "f": row_f,
                     "g": row_g,
+                    "i": row_i,
                 }
                 for name, measure in measured.items():
                     if name in settings.rows:

@@ -34,6 +34,7 @@ Importing the module builds nothing: ``create_app`` builds an app, and ``app.app
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -48,7 +49,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -110,6 +111,7 @@ from meal import (
     final_analysis,
     food_entry,
     from_cached,
+    in_upload_order,
     nutrition_analysis,
     stored_analysis_is_sound,
 )
@@ -151,11 +153,11 @@ from prompt import (
     ANALYSIS_SCHEMA,
     PROMPT_VERSION,
     SYSTEM_PROMPT,
-    USER_PROMPT,
     ModelAnswer,
     language_instruction,
     parse_model_payload,
     user_note_block,
+    user_prompt,
 )
 from settings import (
     EnvReader,
@@ -303,7 +305,8 @@ class Config:
     jwt_algorithms: tuple[str, ...] = setting("JWT_ALGORITHMS", ("HS256",), jwt_algorithm_names)
     jwt_audience: str | None = setting("JWT_AUDIENCE", None, plain_text)
     jwt_issuer: str | None = setting("JWT_ISSUER", None, plain_text)
-    max_upload_mb: float = setting("MAX_UPLOAD_MB", 10.0, decimal(low=0.01, high=1024))
+    max_upload_mb: float = setting("MAX_UPLOAD_MB", 25.0, decimal(low=0.01, high=1024))
+    max_images: int = setting("MAX_IMAGES", 5, whole_number(low=1, high=10))
     model_max_concurrency: int = setting(
         "MODEL_MAX_CONCURRENCY",
         64,
@@ -611,6 +614,7 @@ LANGUAGE_TAG_PATTERN = re.compile(r"[A-Za-z]{2,3}(?:-[A-Za-z0-9]{1,8}){0,4}")
 MAX_FORM_PARTS = 16
 MAX_FORM_FIELD_BYTES = 256 * 1024
 MAX_USER_NOTE = 500
+MAX_FILENAME_SHOWN = 100
 
 
 class UploadRequest(Request):
@@ -639,18 +643,53 @@ class AnalysisRequest:
 
 
 @dataclass(frozen=True)
-class AnalysisForm:
-    """What one ``POST /analyze-food`` carries, read and checked."""
+class Photo:
+    """One distinct photo of a request: its bytes, digest, and where the caller put it."""
 
     data: bytes
     digest: str
+    positions: tuple[int, ...]  # 1-based, in the caller's upload order; a photo sent twice has two
+    filename: str | None = None
+
+    @property
+    def named(self) -> str:
+        """The photo as an error message names it: ``photo 2 (plate.jpg)``."""
+        return photo_name(self.positions[0], self.filename)
+
+
+def photo_name(position: int, filename: str | None) -> str:
+    """``photo 2 (plate.jpg)``: the position in the upload, and the filename when there is one."""
+    where = f"photo {position}"
+    shown = " ".join((filename or "").split())[:MAX_FILENAME_SHOWN]
+    return f"{where} ({shown})" if shown else where
+
+
+@dataclass(frozen=True)
+class AnalysisForm:
+    """What one ``POST /analyze-food`` carries, read and checked.
+
+    ``photos`` are the distinct photos in a fixed order (by digest) that does not depend on the
+    order of the upload: the model sees them, and the cache keeps their answer, in that order.
+    """
+
+    photos: tuple[Photo, ...]
     wanted: AnalysisRequest
     save: bool = False
     idempotency_key: str | None = None
 
     @property
+    def digest(self) -> str:
+        """The set's digest: the photo's own for one, else one over the photos' in fixed order."""
+        return set_digest([photo.digest for photo in self.photos])
+
+    @property
+    def digests(self) -> list[str]:
+        """Each distinct photo's digest, in the caller's upload order."""
+        return [photo.digest for photo in sorted(self.photos, key=lambda one: one.positions[0])]
+
+    @property
     def fingerprint(self) -> str:
-        """What an Idempotency-Key's retries must repeat: the photo and every other input."""
+        """What an Idempotency-Key's retries must repeat: the photos and every other input."""
         parts = (self.digest, *self.wanted.cache_inputs())
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
@@ -660,14 +699,35 @@ def image_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_analysis_form() -> AnalysisForm:
+def set_digest(digests: Sequence[str]) -> str:
+    """The digest of a set of photos, whatever their order; one photo keeps its own."""
+    distinct = sorted(set(digests))
+    if len(distinct) == 1:
+        return distinct[0]
+    return hashlib.sha256(("photos\n" + "\n".join(distinct)).encode()).hexdigest()
+
+
+def distinct_photos(uploads: Sequence[tuple[bytes, str | None]]) -> tuple[Photo, ...]:
+    """The uploads as distinct photos in fixed order: a photo sent twice counts once."""
+    found: dict[str, Photo] = {}
+    for position, (data, filename) in enumerate(uploads, start=1):
+        digest = image_digest(data)
+        seen = found.get(digest)
+        if seen is None:
+            found[digest] = Photo(data, digest, (position,), filename)
+        else:
+            found[digest] = dataclasses.replace(seen, positions=(*seen.positions, position))
+    return tuple(found[digest] for digest in sorted(found))
+
+
+def read_analysis_form(max_images: int) -> AnalysisForm:
     """The query, headers and form of an analysis request, each checked (400 when wrong)."""
     save = query_flag(request.args.get("save"), "save")
     idempotency_key = read_idempotency_key() if save else None
     lang = read_language()
-    data = read_upload()
+    photos = distinct_photos(read_uploads(max_images))
     wanted = AnalysisRequest(note=read_note(), lang=lang)
-    return AnalysisForm(data, image_digest(data), wanted, save, idempotency_key)
+    return AnalysisForm(photos, wanted, save, idempotency_key)
 
 
 def query_flag(value: str | None, name: str) -> bool:
@@ -705,8 +765,8 @@ def read_language() -> str:
     return "en"
 
 
-def read_upload() -> bytes:
-    """The bytes of the ``image`` file part."""
+def read_uploads(max_images: int) -> list[tuple[bytes, str | None]]:
+    """The bytes and filename of each ``image`` file part, 1 to ``max_images`` of them."""
     if request.mimetype != "multipart/form-data":
         raise BadRequest(
             "send the photo as multipart/form-data with a file part named image",
@@ -727,12 +787,18 @@ def read_upload() -> bytes:
         )
     if not uploads:
         raise BadRequest("the form has no file part named image", code=ErrorCode.MISSING_IMAGE)
-    if len(uploads) > 1:
-        raise BadRequest("send exactly one file part named image, not several")
-    data = uploads[0].stream.read()
-    if not data:
-        raise BadRequest("the image part is empty", code=ErrorCode.EMPTY_IMAGE)
-    return data
+    if len(uploads) > max_images:
+        raise BadRequest(
+            f"send at most {max_images} photos (file parts named image) of one meal, "
+            f"not {len(uploads)}",
+            code=ErrorCode.TOO_MANY_IMAGES,
+        )
+    read = [(upload.stream.read(), upload.filename or None) for upload in uploads]
+    for position, (data, filename) in enumerate(read, start=1):
+        if not data:
+            which = "the image part" if len(read) == 1 else photo_name(position, filename)
+            raise BadRequest(f"{which} is empty", code=ErrorCode.EMPTY_IMAGE)
+    return read
 
 
 def read_note() -> str | None:
@@ -1045,17 +1111,26 @@ class ModelSlots:
 PROBE_TIMEOUT_SECONDS = 5.0
 
 
-def build_model_request(jpeg: bytes, config: Config, wanted: AnalysisRequest) -> dict[str, Any]:
-    """The Chat Completions body for one photo; the user's note travels only as quoted data."""
-    data_url = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
+def build_model_request(
+    jpegs: Sequence[bytes], config: Config, wanted: AnalysisRequest
+) -> dict[str, Any]:
+    """The Chat Completions body for a meal's photos, each its own image part, in the order given;
+    the user's note travels only as quoted data."""
     content: list[dict[str, Any]] = [
-        {"type": "text", "text": f"{USER_PROMPT} {language_instruction(wanted.lang)}"},
+        {"type": "text", "text": f"{user_prompt(len(jpegs))} {language_instruction(wanted.lang)}"},
     ]
     if wanted.note:
         content.append({"type": "text", "text": user_note_block(wanted.note)})
-    content.append(
-        {"type": "image_url", "image_url": {"url": data_url, "detail": config.openai_image_detail}}
-    )
+    for number, jpeg in enumerate(jpegs, start=1):
+        if len(jpegs) > 1:
+            content.append({"type": "text", "text": f"Photo {number}:"})
+        data_url = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
+        content.append(
+            {
+                "type": "image_url",
+                "image_url": {"url": data_url, "detail": config.openai_image_detail},
+            }
+        )
     return {
         "model": config.openai_model,
         "messages": [
@@ -1199,8 +1274,10 @@ class VisionModel:
 
     # -- the analysis
 
-    def analyze(self, jpeg: bytes, wanted: AnalysisRequest, request_id: str) -> ModelAnswer:
-        """Ask about one photo and normalise the answer, adapting the request to the server.
+    def analyze(
+        self, jpegs: Sequence[bytes], wanted: AnalysisRequest, request_id: str
+    ) -> ModelAnswer:
+        """Ask about a meal's photos and normalise the answer, adapting the request to the server.
 
         A refused field is renamed or left out and the photo asked about again; a reasoning
         model whose answer was cut short while reasoning gets one more try with a larger cap.
@@ -1213,7 +1290,7 @@ class VisionModel:
                 "pointing at it"
             )
         deadline = time.monotonic() + self.config.model_budget_seconds
-        base = build_model_request(jpeg, self.config, wanted)
+        base = build_model_request(jpegs, self.config, wanted)
         profile = self.server.current()
         cap = self.fields.output_cap(profile)
         # At most two completions, the second with a larger cap for an answer cut short while
@@ -1236,7 +1313,7 @@ class VisionModel:
                     "nothing usable came back for this photo"
                 )
             try:
-                return parse_model_payload(payload, self.config.openai_model)
+                return parse_model_payload(payload, self.config.openai_model, len(jpegs))
             except UpstreamError:
                 if finish != "length":
                     raise
@@ -1452,7 +1529,7 @@ class UserService:
                 self.session,
                 "POST",
                 self.url,
-                body=food_entry(analysis, caller.user_id, form.digest),
+                body=food_entry(analysis, caller.user_id, form.digest, form.digests),
                 headers=headers,
                 timeout=self.timeout,
             )
@@ -1536,19 +1613,28 @@ bp = Blueprint("image_service", __name__)
 def analyze_food() -> Response:
     """Analyze an uploaded meal photo; with ``save=true`` also store it as a food entry."""
     services = current_services()
-    form = read_analysis_form()
+    form = read_analysis_form(services.config.max_images)
+    places = [photo.positions for photo in form.photos]
     with services.idempotency.guard(
         g.caller.user_id, form.idempotency_key, form.fingerprint
     ) as guard:
         if guard.replay is not None:
-            return replayed(guard.replay)
+            return replayed(for_caller(guard.replay, places))
         analysis, source = cached_or_fresh(services, form)
         entry_id = None
         if form.save:
-            entry_id = services.user_service.save(analysis, form, g.caller, g.request_id)
-        return jsonify(
-            guard.answer({"analysis": as_contract(analysis, entry_id), "source": source})
-        )
+            entry_id = services.user_service.save(
+                in_upload_order(analysis, places), form, g.caller, g.request_id
+            )
+        # Kept with the photos numbered in the set's fixed order; each answer renumbers them.
+        kept = guard.answer({"analysis": as_contract(analysis, entry_id), "source": source})
+        return jsonify(for_caller(kept, places))
+
+
+def for_caller(response: Mapping[str, Any], places: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """A response with its items' photos numbered in this caller's upload order."""
+    analysis = cast(Analysis, response["analysis"])
+    return {**response, "analysis": in_upload_order(analysis, places)}
 
 
 def cached_or_fresh(services: Services, form: AnalysisForm) -> tuple[Analysis, str]:
@@ -1560,7 +1646,8 @@ def cached_or_fresh(services: Services, form: AnalysisForm) -> tuple[Analysis, s
     private = private_inputs(form.wanted, g.caller.user_id)
     inputs = (f"table={table}", *form.wanted.cache_inputs(), *private)
     key = cache_key_for(form.digest, services.config, *inputs)
-    cached = sound_cached(services.cache, key)
+    photo_count = len(form.photos)
+    cached = sound_cached(services.cache, key, photo_count)
     if cached is not None:
         logger.info("Cache hit for %s", key)
         CACHE_EVENTS.labels("hit").inc()
@@ -1568,29 +1655,29 @@ def cached_or_fresh(services: Services, form: AnalysisForm) -> tuple[Analysis, s
     logger.info("Cache miss for %s", key)
     CACHE_EVENTS.labels("miss").inc()
     analysis, computed = services.flights.run(
-        key, lambda: fresh_analysis(services, form, key), lambda: sound_cached(services.cache, key)
+        key,
+        lambda: fresh_analysis(services, form, key),
+        lambda: sound_cached(services.cache, key, photo_count),
     )
     return food_only(analysis), "api" if computed else "cache"
 
 
-def sound_cached(cache: AnalysisCache, key: str) -> dict[str, Any] | None:
-    """The cached analysis; a miss (the fresh one replaces it) when it fails an answer's checks."""
+def sound_cached(cache: AnalysisCache, key: str, photo_count: int) -> dict[str, Any] | None:
+    """The cached analysis of a set of ``photo_count`` photos; a miss (the fresh one replaces it)
+    when it fails an answer's checks."""
     cached = cache.get(key)
-    if cached is None or stored_analysis_is_sound(cached):
+    if cached is None or stored_analysis_is_sound(cached, photo_count):
         return cached
     logger.warning("Ignoring a cached analysis that does not validate: %s", key)
     return None
 
 
 def fresh_analysis(services: Services, form: AnalysisForm, key: str) -> dict[str, Any]:
-    """Decode the photo within the decode budget, ask the model within a slot, cache the verdict."""
-    config = services.config
-    prepared = prepare_image(
-        form.data, config.image_max_side, config.image_max_pixels, services.decode_budget
-    )
+    """Decode the photos within the decode budget, ask the model within a slot, cache the answer."""
+    jpegs = prepare_photos(form.photos, services.config, services.decode_budget)
     try:
         with services.model_slots.hold():
-            answer = services.model.analyze(prepared.jpeg, form.wanted, g.request_id)
+            answer = services.model.analyze(jpegs, form.wanted, g.request_id)
         analysis = final_analysis(answer.analysis, services.table)
     except NotFood:
         services.cache.set(key, as_cached(NOT_FOOD))
@@ -1601,6 +1688,33 @@ def fresh_analysis(services: Services, form: AnalysisForm, key: str) -> dict[str
     cached = as_cached(analysis)
     services.cache.set(key, cached)
     return cached
+
+
+def prepare_photos(photos: Sequence[Photo], config: Config, budget: DecodeBudget) -> list[bytes]:
+    """The model's JPEG of each photo, in order; several are prepared at once (Pillow decodes
+    without the GIL), each within the decode budget. A photo that fails is named in the error."""
+
+    def prepare(photo: Photo) -> bytes:
+        try:
+            return prepare_image(
+                photo.data, config.image_max_side, config.image_max_pixels, budget
+            ).jpeg
+        except BadRequest as error:
+            if len(photos) == 1:
+                raise
+            raise BadRequest(f"{photo.named}: {error.message}", code=error.code) from error
+
+    if len(photos) == 1:
+        return [prepare(photos[0])]
+    with concurrent.futures.ThreadPoolExecutor(len(photos), "prepare-photo") as pool:
+        futures = [pool.submit(prepare, photo) for photo in photos]
+        # The first failing photo in the caller's order is the one named.
+        in_order = sorted(zip(photos, futures, strict=True), key=lambda pair: pair[0].positions[0])
+        for _, future in in_order:
+            failure = future.exception()
+            if failure is not None:
+                raise failure
+        return [future.result() for future in futures]
 
 
 def food_only(cached: dict[str, Any]) -> Analysis:

@@ -16,6 +16,7 @@ class ErrorCode(StrEnum):
 
     MISSING_IMAGE = "missing_image"
     EMPTY_IMAGE = "empty_image"
+    TOO_MANY_IMAGES = "too_many_images"
     INVALID_IMAGE = "invalid_image"
     UNSUPPORTED_IMAGE_TYPE = "unsupported_image_type"
     INVALID_PARAMETER = "invalid_parameter"

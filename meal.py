@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NotRequired, TypedDict, cast
 
@@ -54,6 +54,7 @@ class Item(TypedDict):
     confidence: float
     description: NotRequired[str]
     cookingMethod: NotRequired[str]
+    photos: NotRequired[list[int]]
     nutrients: NotRequired[dict[str, float | None]]
     ndbNo: NotRequired[str]
     usdaDescription: NotRequired[str]
@@ -89,6 +90,7 @@ class Analysis(TypedDict):
     assumptions: list[str]
     suggestions: list[str]
     warnings: list[str]
+    photoCount: NotRequired[int]
     model: NotRequired[str]
     promptVersion: NotRequired[str]
 
@@ -208,10 +210,13 @@ MEAL_LIMITS = (
 ITEM_LIMITS = (("grams", MAX_ITEM_GRAMS, MASS_UNIT), *MEAL_LIMITS)
 RANGE_LIMITS = (("low", MAX_CALORIES, ENERGY_UNIT), ("high", MAX_CALORIES, ENERGY_UNIT))
 MAX_PROBLEMS_SHOWN = 3
+# How many photo numbers of an item are looked at; a set holds at most ten photos.
+MAX_PHOTO_NUMBERS = 10
 
 
-def normalise_analysis(raw: Mapping[str, Any]) -> Analysis:
-    """Check and tidy a model's analysis into the contract's shape; refuse what is unusable.
+def normalise_analysis(raw: Mapping[str, Any], photo_count: int = 1) -> Analysis:
+    """Check and tidy a model's analysis of ``photo_count`` photos into the contract's shape;
+    refuse what is unusable.
 
     The totals are the sums of the items (the model's own totals are used only when it gave no
     items); the calorie range is widened to hold the total; a total that disagrees with the
@@ -219,7 +224,7 @@ def normalise_analysis(raw: Mapping[str, Any]) -> Analysis:
     """
     if raw.get("isFood") is False:
         raise NotFood("no food was found in this photo")
-    items = clean_items(raw.get("items"))
+    items = clean_items(raw.get("items"), photo_count)
     missing = [name for name in REQUIRED_ANSWER_FIELDS if name not in raw]
     if not items:
         missing += [name for name in TOTAL_FIELDS if name not in raw]
@@ -263,7 +268,7 @@ def model_totals(raw: Mapping[str, Any]) -> Totals:
     }
 
 
-def clean_items(value: Any) -> list[Item]:
+def clean_items(value: Any, photo_count: int = 1) -> list[Item]:
     """The foods on the plate, each checked like the totals."""
     if value is None:
         return []
@@ -276,14 +281,55 @@ def clean_items(value: Any) -> list[Item]:
         missing = [name for name in ITEM_FIELDS if name not in raw]
         if missing:
             raise UpstreamError(f"an item of the vision model's answer lacks {', '.join(missing)}")
-        fields = {
+        fields: dict[str, Any] = {
             "name": clean_text(raw["name"], MAX_NAME_LENGTH) or "unnamed food",
             **item_numbers(raw),
             "confidence": clean_confidence(raw["confidence"]),
             **described(raw),
         }
+        photos = clean_photos(raw.get("photos"), photo_count)
+        if photos:
+            fields["photos"] = photos
         items.append(cast(Item, fields))
     return items
+
+
+def clean_photos(value: Any, photo_count: int) -> list[int]:
+    """The photos (1 to ``photo_count``) that show an item; every photo shows it when one was sent.
+
+    Numbers outside the set, or not whole, are dropped; what is left is sorted, each once.
+    """
+    if photo_count == 1:
+        return [1]
+    if not isinstance(value, list):
+        return []
+    return sorted(
+        {
+            number
+            for number in value[:MAX_PHOTO_NUMBERS]
+            if type(number) is int and 1 <= number <= photo_count
+        }
+    )
+
+
+def in_upload_order(analysis: Analysis, positions: Sequence[Sequence[int]]) -> Analysis:
+    """The analysis with each item's photos renumbered from the fixed order to the caller's.
+
+    ``positions[i]`` lists where the caller put the photo the model saw as number ``i + 1`` (a
+    photo sent twice is at two places). A number the set does not have is dropped.
+    """
+    items: list[Item] = []
+    for item in analysis["items"]:
+        if "photos" in item:
+            numbers = {
+                place
+                for number in item["photos"]
+                if 1 <= number <= len(positions)
+                for place in positions[number - 1]
+            }
+            item = cast(Item, {**item, "photos": sorted(numbers)})
+        items.append(item)
+    return cast(Analysis, {**analysis, "items": items})
 
 
 def item_numbers(raw: Mapping[str, Any]) -> dict[str, float | int]:
@@ -494,16 +540,22 @@ MAX_STORED_TEXT = 2 * MAX_STATEMENT_LENGTH
 MAX_STORED_DEPTH = 6
 
 
-def stored_analysis_is_sound(stored: Mapping[str, Any]) -> bool:
+def stored_analysis_is_sound(stored: Mapping[str, Any], photo_count: int | None = None) -> bool:
     """Whether an analysis read back from the store is one the service could have written.
 
     It passes the checks a model's answer passes, unchanged by them, and holds nothing else
-    beyond them: no negative or endless number, no text longer than the service writes.
+    beyond them: no negative or endless number, no text longer than the service writes, no
+    photo number outside its set (of ``photo_count`` photos, when the reader knows the set).
     """
     if stored == NOT_FOOD_CACHED:
         return True
+    count = stored.get("photoCount", 1)
+    if type(count) is not int or not 1 <= count <= MAX_PHOTO_NUMBERS:
+        return False
+    if photo_count is not None and count != photo_count:
+        return False
     try:
-        checked = normalise_analysis(stored)
+        checked = normalise_analysis(stored, count)
     except (UpstreamError, NotFood):
         return False
     items = stored.get("items")
@@ -511,9 +563,9 @@ def stored_analysis_is_sound(stored: Mapping[str, Any]) -> bool:
         return False
     checked_items: list[Mapping[str, Any]] = list(checked["items"])
     same_items = all(
-        item.get(name) == clean[name]
+        item.get(name) == clean.get(name)
         for item, clean in zip(items, checked_items, strict=True)
-        for name in ITEM_FIELDS
+        for name in (*ITEM_FIELDS, "photos")
     )
     answer = as_contract(checked)
     same = all(stored.get(name) == answer[name] for name in CHECKED_FIELDS)
@@ -709,18 +761,25 @@ ENTRY_DETAIL_FIELDS = (
     "assumptions",
     "suggestions",
     "warnings",
+    "photoCount",
     "model",
     "promptVersion",
 )
 
 
-def food_entry(analysis: Analysis, user_id: str, digest: str) -> dict[str, Any]:
-    """The entry the User Service stores: the contract's fields, then the richer analysis."""
+def food_entry(
+    analysis: Analysis, user_id: str, digest: str, digests: Sequence[str]
+) -> dict[str, Any]:
+    """The entry the User Service stores: the contract's fields, then the richer analysis.
+
+    ``digest`` is the photos' set digest (a single photo's own), ``digests`` each photo's.
+    """
     answer = as_contract(analysis)
     return {
         "userId": user_id,
         **{name: answer[name] for name in ENTRY_FIELDS},
         "source": "image-analysis",
         "imageHash": digest,
+        "imageHashes": list(digests),
         **{name: answer[name] for name in ENTRY_DETAIL_FIELDS if name in answer},
     }

@@ -51,6 +51,7 @@ EXPECTED_ANALYSIS = {
     "assumptions": [],
     "suggestions": [],
     "warnings": [],
+    "photoCount": 1,
     "model": "gpt-6-luna",
     "promptVersion": PROMPT_VERSION,
 }
@@ -278,9 +279,10 @@ def test_save_posts_the_entry_to_the_user_service(
         "confidence": DEFAULT_ANALYSIS["confidence"],
         "source": "image-analysis",
         "imageHash": MEAL_DIGEST,
+        "imageHashes": [MEAL_DIGEST],
         **{
             name: EXPECTED_ANALYSIS[name]
-            for name in ("items", "assumptions", "suggestions", "warnings", "model")
+            for name in ("items", "assumptions", "suggestions", "warnings", "photoCount", "model")
         },
         "promptVersion": PROMPT_VERSION,
     }

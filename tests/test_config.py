@@ -77,8 +77,9 @@ def test_defaults_match_the_contract(secrets_dir: Path) -> None:
     assert config.jwt_algorithms == ("HS256",)
     assert config.jwt_audience is None
     assert config.jwt_issuer is None
-    assert config.max_upload_mb == 10
-    assert config.max_upload_bytes == 10 * 1024 * 1024
+    assert config.max_upload_mb == 25
+    assert config.max_images == 5
+    assert config.max_upload_bytes == 25 * 1024 * 1024
     assert config.startup_grace_seconds == 30
     assert config.cors_origins == ("*",)
     assert config.log_level == "INFO"

@@ -124,18 +124,21 @@ def api(
         yield client
 
 
-def analyze_with_client(client: Any, photo: bytes | None = None, **params: str) -> Any:
-    """POST a photo (a small JPEG by default) through the generated analyze_food operation."""
+def analyze_with_client(
+    client: Any, photo: bytes | None = None, *more: bytes, **params: str
+) -> Any:
+    """POST a photo (a small JPEG by default), and any more of the same meal, through the
+    generated analyze_food operation."""
     models = importlib.import_module(f"{PACKAGE}.models")
     types = importlib.import_module(f"{PACKAGE}.types")
     analyze_food = importlib.import_module(f"{PACKAGE}.api.analysis.analyze_food")
-    image = types.File(
-        payload=io.BytesIO(photo if photo is not None else images.jpeg(64, 48)),
-        file_name="meal.jpg",
-        mime_type="image/jpeg",
-    )
+    photos = [photo if photo is not None else images.jpeg(64, 48), *more]
+    files = [
+        types.File(payload=io.BytesIO(data), file_name=f"meal-{number}.jpg", mime_type="image/jpeg")
+        for number, data in enumerate(photos, start=1)
+    ]
     return analyze_food.sync_detailed(
-        client=client, body=models.AnalyzeFoodBody(image=image), **params
+        client=client, body=models.AnalyzeFoodBody(image=files), **params
     )
 
 
@@ -162,6 +165,20 @@ def test_the_generated_client_saves_an_analysis(api: Any, user_service: UserServ
     assert isinstance(response.parsed, generated("AnalyzeResponse"))
     assert response.parsed.analysis.name == DEFAULT_ANALYSIS["name"]
     assert response.parsed.analysis.entry_id == user_service.entries[0]["id"]
+
+
+def test_the_generated_client_sends_two_photos_of_one_meal(
+    api: Any, model: ChatCompletionsServer
+) -> None:
+    other = images.jpeg(64, 48, color=(20, 160, 40))
+
+    response = analyze_with_client(api, images.jpeg(64, 48), other)
+
+    assert response.status_code == 200
+    assert response.parsed.analysis.photo_count == 2
+    [call] = model.calls
+    parts = call.json()["messages"][1]["content"]
+    assert [part["type"] for part in parts].count("image_url") == 2
 
 
 def test_a_failed_save_keeps_the_analysis_in_the_generated_model(

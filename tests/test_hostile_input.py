@@ -49,7 +49,7 @@ from tests.servers import Gunicorn
 
 MIB = 1024 * 1024
 SOCKET_TIMEOUT = 10.0  # seconds to wait for an answer over the socket; never a duration check
-MAX_UPLOAD_BYTES = Config().max_upload_bytes  # MAX_UPLOAD_MB's default, 10
+MAX_UPLOAD_BYTES = Config().max_upload_bytes  # MAX_UPLOAD_MB's default, 25
 MEAL = images.jpeg(64, 48)
 HEIC_COLOUR = (200, 100, 50)
 HUGE_EXIF_MARKER = b"MAKERNOTE-PAYLOAD"
@@ -185,9 +185,9 @@ HOSTILE_REQUESTS: dict[str, tuple[RequestOptions, Answer]] = {
         lambda: {"method": "POST", "data": MEAL, "content_type": "image/jpeg"},
         (400, "missing_image"),
     ),
-    "two-image-parts": (
-        lambda: {"method": "POST", "data": {"image": [image_part(MEAL), image_part(MEAL)]}},
-        (400, "invalid_parameter"),
+    "more-image-parts-than-max-images": (
+        lambda: {"method": "POST", "data": {"image": [image_part(MEAL) for _ in range(6)]}},
+        (400, "too_many_images"),
     ),
     "huge-text-field": (
         lambda: {
@@ -384,14 +384,15 @@ def test_huge_exif_block_never_reaches_the_model(
 # ---------------------------------------------------------------------------- form limits
 
 
-def test_two_image_parts_never_reach_the_model(
+def test_six_image_parts_never_reach_the_model(
     client: FlaskClient, auth_headers: dict[str, str], model: ChatCompletionsServer
 ) -> None:
-    other = images.jpeg(64, 48, color=(10, 200, 10))
+    photos = [images.jpeg(64, 48, color=(10, 40 * shade, 10)) for shade in range(6)]
 
-    response = post(client, auth_headers, {"image": [image_part(MEAL), image_part(other)]})
+    response = post(client, auth_headers, {"image": [image_part(photo) for photo in photos]})
 
-    assert response.status_code == 400
+    assert_json_error(response, 400, "too_many_images")
+    assert "at most 5 photos" in response.get_json()["error"]
     assert model.calls == []
 
 
@@ -441,7 +442,7 @@ def test_body_over_max_upload_names_the_size_limit(
 
     message = post(client, auth_headers, form).get_json()["error"]
 
-    assert "larger than 10 MB" in message
+    assert "larger than 25 MB" in message
 
 
 # ---------------------------------------------------------------------------- /nutrition's body
@@ -801,7 +802,7 @@ def test_chunked_body_past_max_upload_answers_413_json(served: Gunicorn, path: s
     answer = send_chunked(served, path, chunked(body))
 
     assert_json_answer(answer, (413, "payload_too_large"))
-    assert "10 MB" in answer.body["error"]
+    assert "25 MB" in answer.body["error"]
 
 
 def test_json_nested_thousands_deep_answers_400_json_over_the_socket(served: Gunicorn) -> None:

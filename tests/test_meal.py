@@ -163,12 +163,13 @@ def test_the_items_a_caller_names_past_one_meal_are_refused(table: NutritionTabl
 
 def test_the_food_entry_is_the_contracts_fields_then_the_richer_analysis() -> None:
     analysis = normalise_analysis(salmon_answer())
-    entry = food_entry(analysis, "user-42", "abc")
+    entry = food_entry(analysis, "user-42", "abc", ["abc"])
     assert list(entry) == [
         "userId",
         *CORE_KEYS[:-1],
         "source",
         "imageHash",
+        "imageHashes",
         "items",
         *STATEMENT_KEYS,
     ]

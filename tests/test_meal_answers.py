@@ -54,6 +54,8 @@ ITEMS: list[dict[str, Any]] = [
         "confidence": 0.85,
     },
 ]
+# ITEMS as answered for one photo: every item is in it.
+ANSWERED_ITEMS = [{**item, "photos": [1]} for item in ITEMS]
 # The sums of ITEMS; their macronutrient energy (571.4 kcal) is within 1% of the calories.
 ITEM_TOTALS = {"calories": 575, "protein": 40.8, "carbs": 57.5, "fat": 19.8}
 NEW_ANSWER: dict[str, Any] = {
@@ -148,7 +150,7 @@ def test_items_are_answered_one_per_food_with_their_nutrition(
     api: AnalyzeActions, model: ChatCompletionsServer
 ) -> None:
     model.analysis = new_answer()
-    assert analysis_of(api.analyze())["items"] == ITEMS
+    assert analysis_of(api.analyze())["items"] == ANSWERED_ITEMS
 
 
 def test_totals_are_the_sums_of_the_items(
@@ -483,7 +485,7 @@ def test_model_rejecting_temperature_is_asked_again_without_it(
     model.analysis = new_answer()
     model.enqueue(TEMPERATURE_REJECTED)
     response = api.analyze()
-    assert analysis_of(response)["items"] == ITEMS
+    assert analysis_of(response)["items"] == ANSWERED_ITEMS
     first, second = (call.json() for call in model.calls)
     assert first["temperature"] == 0
     assert "temperature" not in second
@@ -621,11 +623,13 @@ def test_save_sends_the_items_and_the_richer_analysis_to_the_user_service(
         "confidence": NEW_ANSWER["confidence"],
         "source": "image-analysis",
         "imageHash": MEAL_DIGEST,
-        "items": ITEMS,
+        "imageHashes": [MEAL_DIGEST],
+        "items": ANSWERED_ITEMS,
         "caloriesRange": NEW_ANSWER["caloriesRange"],
         "assumptions": NEW_ANSWER["assumptions"],
         "suggestions": NEW_ANSWER["suggestions"],
         "warnings": [],
+        "photoCount": 1,
         "model": config.openai_model,
         "promptVersion": PROMPT_VERSION,
     }
@@ -688,6 +692,7 @@ def test_schema_asks_for_items_suggestions_and_assumptions(
         *ITEMS[0],
         "description",
         "cookingMethod",
+        "photos",
     }
 
 

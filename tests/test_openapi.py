@@ -173,7 +173,7 @@ def analyze_validated(
     operation = schemathesis.openapi.from_wsgi("/openapi.json", app)["/analyze-food"]["POST"]
     case = operation.Case(
         query=query or {},
-        body={"image": photo if photo is not None else images.jpeg(64, 48)},
+        body={"image": [photo if photo is not None else images.jpeg(64, 48)]},
         media_type="multipart/form-data",
     )
     return case.call_and_validate(app=app, headers=headers, checks=DOCUMENT_CHECKS)

@@ -173,7 +173,7 @@ def test_model_request_caps_output_tokens(
 
 
 def test_build_model_request_embeds_the_given_jpeg(config: Config) -> None:
-    body = build_model_request(MEAL, config, AnalysisRequest())
+    body = build_model_request([MEAL], config, AnalysisRequest())
     image_part = body["messages"][1]["content"][-1]["image_url"]
     prefix = "data:image/jpeg;base64,"
     assert image_part["url"].startswith(prefix)
@@ -350,6 +350,7 @@ def test_an_items_numbers_given_as_strings_in_their_units_are_parsed(
         "carbs": 51.5,
         "fat": 0.5,
         "confidence": 0.8,
+        "photos": [1],
     }
 
 

@@ -1,9 +1,10 @@
 """Concurrent HTTP clients: one thread and one keep-alive `http.client` connection per client.
 
-Each request is multipart/form-data with one `image` part and a fresh boundary (as phone apps
-and HTTP libraries do), sent as head, photo and tail without copying the photo, so a client
-spends its time sending bytes and waiting, not encoding. The load generator runs on the same
-machine as the service and competes with it for the cores; baselines here pay the same price.
+Each request is multipart/form-data with one `image` part (`Upload`), or one per photo of a meal
+(`PhotoSet`), and a fresh boundary (as phone apps and HTTP libraries do), sent part by part
+without copying the photos, so a client spends its time sending bytes and waiting, not
+encoding. The load generator runs on the same machine as the service and competes with it for
+the cores; baselines here pay the same price.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class Upload:
         """The size of the photo itself."""
         return len(self.photo)
 
-    def encode(self) -> tuple[tuple[bytes, bytes, bytes], str, int]:
+    def encode(self) -> tuple[tuple[bytes, ...], str, int]:
         """Body parts, Content-Type and length, with a fresh boundary as real clients use.
 
         The parts are sent one after the other, so the photo is never copied into a body.
@@ -47,6 +48,37 @@ class Upload:
         tail = f"\r\n--{boundary}--\r\n".encode()
         length = len(head) + len(self.photo) + len(tail)
         return (head, self.photo, tail), f"multipart/form-data; boundary={boundary}", length
+
+
+@dataclass(frozen=True)
+class PhotoSet:
+    """Photos of one meal sent in one multipart/form-data request, each its own ``image`` part."""
+
+    photos: tuple[bytes, ...]
+
+    @property
+    def photo_bytes(self) -> int:
+        """The size of the photos together."""
+        return sum(len(photo) for photo in self.photos)
+
+    def encode(self) -> tuple[tuple[bytes, ...], str, int]:
+        """Body parts (a head and the photo for each part, then the closing boundary),
+        Content-Type and length, with a fresh boundary; no photo is copied into a body."""
+        boundary = uuid.uuid4().hex
+        parts: list[bytes] = []
+        for number, photo in enumerate(self.photos, start=1):
+            separator = "" if number == 1 else "\r\n"
+            parts.append(
+                (
+                    f"{separator}--{boundary}\r\n"
+                    f'Content-Disposition: form-data; name="image"; filename="meal-{number}.jpg"'
+                    "\r\nContent-Type: image/jpeg\r\n\r\n"
+                ).encode()
+            )
+            parts.append(photo)
+        parts.append(f"\r\n--{boundary}--\r\n".encode())
+        length = sum(len(part) for part in parts)
+        return tuple(parts), f"multipart/form-data; boundary={boundary}", length
 
 
 def multipart_upload(photo: bytes) -> Upload:
@@ -78,7 +110,7 @@ class Client:
         """Open the TCP connection now, so the timed request does not pay for it."""
         self.connection.connect()
 
-    def post(self, path: str, upload: Upload, attempts: int = 3) -> Answer:
+    def post(self, path: str, upload: Upload | PhotoSet, attempts: int = 3) -> Answer:
         """POST an upload; the time includes any reconnect a real client would also make."""
         body, content_type, length = upload.encode()
         headers = {

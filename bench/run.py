@@ -6,8 +6,9 @@ measures: a. image preparation, b. the cache-hit path, c. concurrent cache misse
 identical uploads over two instances, e. what is sent upstream, f. worker memory, g. the embedded
 store (a duplicate burst over two workers, cache hits against Redis), h. the USDA SR28 table
 (index build at start, matching per item), i. the table's memory per worker, preloaded in the
-master against loaded in each worker, and the start-up it adds. Every figure stands beside a
-baseline measured in the same run. Exits 0 whether or not the goals hold; non-zero
+master against loaded in each worker, and the start-up it adds, j. several photos of one meal
+in one request against one photo. Every figure stands beside a baseline measured in the same
+run. Exits 0 whether or not the goals hold; non-zero
 only when the harness itself fails.
 
     python bench/run.py [--quick] [--model-delay 1.5] [--only a,b,...] [--out RESULTS.md]
@@ -43,7 +44,7 @@ import requests  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
 from bench import nutrition as sr28  # noqa: E402
-from bench import report, tokens  # noqa: E402
+from bench import photo_sets, report, tokens  # noqa: E402
 from bench import table_memory as table  # noqa: E402
 from bench.load import LoadResult, Upload, burst, closed_loop, multipart_upload, percentile  # noqa: E402
 from bench.photos import (  # noqa: E402
@@ -58,7 +59,7 @@ from bench.photos import (  # noqa: E402
 from bench.stack import PeakMemory, Stack, cpu_ticks, status_kb  # noqa: E402
 from tests.servers import Gunicorn  # noqa: E402
 
-ROWS = ("a", "b", "c", "d", "e", "f", "g", "h", "i")
+ROWS = ("a", "b", "c", "d", "e", "f", "g", "h", "i", "j")
 MAIN_ROWS = frozenset("bcdef")  # the rows served by the `main` gunicorn
 ANALYZE = "/analyze-food"
 BARE = "/bench/bare-upload"
@@ -101,6 +102,8 @@ class Settings:
     table_starts: int = 5
     hit_clients: int = 16
     duplicate_uploads: int = 20
+    set_requests: int = 10
+    set_rounds: int = 9
 
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
@@ -132,6 +135,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
             sr28_rounds=1,
             table_requests=60,
             table_starts=2,
+            set_requests=2,
+            set_rounds=2,
             **common,
         )
     return Settings(
@@ -1060,6 +1065,231 @@ def table_start_row(starts: dict[tuple[str, str], list[float]]) -> report.Row:
     )
 
 
+# ------------------------------------------------------------------------- j. photos of one meal
+
+
+SET_GOAL = 2.0  # a three-photo request's service-side time, at most this many one-photo ones
+
+
+def row_j(bench: Bench) -> list[report.Row]:
+    """Three 12 MP photos in one request against one, on the real gunicorn; their preparation
+    at once against one after another; the image tokens of a set."""
+    settings, stack = bench.settings, bench.require(bench.stack)
+    server, model = bench.require(bench.second), bench.require(stack.model)
+    plan = photo_sets.Plan(settings.set_requests)
+    stack.flush_redis()
+    sent = photo_sets.send_requests(server, model, bench.token, bench.library, plan)
+    one = bench.library.load(plan.one_photo(0))[0]
+    three = bench.library.load(plan.photo_set(0))
+    prepared = photo_sets.time_preparation(one, three, settings.set_rounds)
+    return [
+        set_latency_row(sent, prepared, settings),
+        upload_row(sent),
+        preparation_row(prepared, settings),
+        *set_token_rows(sent),
+    ]
+
+
+def service_side(sent: list[photo_sets.Sent], delay: float) -> list[float]:
+    """Each request's latency less the model's delay."""
+    return [item.seconds - delay for item in sent]
+
+
+def answered_as_expected(item: photo_sets.Sent) -> bool:
+    """A fresh 200 from one model call that got every photo, with the right photoCount."""
+    return (
+        item.status == 200
+        and item.source == "api"
+        and item.photo_count == item.photos
+        and item.model_calls == 1
+        and len(item.received) == item.photos
+    )
+
+
+def median_of(wall: dict[str, list[float]], name: str) -> float:
+    """The median of one kind of in-process call."""
+    return statistics.median(wall[name])
+
+
+def service_steps(wall: dict[str, list[float]], to_model: dict[str, float]) -> str:
+    """The in-process medians of multipart parsing, hashing and preparation, for one and three
+    photos, and what is left of the time to the model call."""
+    parts = {
+        "one photo": (photo_sets.PARSE_ONE, photo_sets.HASH_ONE, photo_sets.SINGLE),
+        f"{photo_sets.SET_SIZE} photos": (
+            photo_sets.PARSE_THREE,
+            photo_sets.HASH_THREE,
+            photo_sets.PARALLEL,
+        ),
+    }
+    lines = []
+    for (kind, (parse, digest, prepare)), arrival in zip(
+        parts.items(), to_model.values(), strict=True
+    ):
+        steps = [median_of(wall, name) for name in (parse, digest, prepare)]
+        lines.append(
+            f"{kind}: multipart {ms(steps[0])}, hashing {ms(steps[1])}, preparation "
+            f"{ms(steps[2])}, the rest of the time to the model call {ms(arrival - sum(steps))}"
+        )
+    return "; ".join(lines)
+
+
+def set_latency_row(
+    sent: photo_sets.Requests, prepared: photo_sets.Preparation, settings: Settings
+) -> report.Row:
+    """Service-side time of a three-photo request against a one-photo one, each a cache miss."""
+    delay = settings.model_delay
+    one, three = service_side(sent.one, delay), service_side(sent.three, delay)
+    one_p50, three_p50 = statistics.median(one), statistics.median(three)
+    ratio = three_p50 / one_p50
+    every = [*sent.one, *sent.three, sent.largest]
+    ok = all(answered_as_expected(item) for item in every)
+    outcomes = Counter(
+        f"HTTP {item.status} {item.source}, photoCount {item.photo_count}, "
+        f"{len(item.received)} image part(s) in {item.model_calls} model call(s)"
+        for item in every
+    )
+    to_model = {
+        kind: statistics.median([item.to_model for item in items])
+        for kind, items in (("one", sent.one), ("three", sent.three))
+    }
+    after = {
+        kind: statistics.median([item.seconds - delay - item.to_model for item in items])
+        for kind, items in (("one", sent.one), ("three", sent.three))
+    }
+    split = service_steps(prepared.wall, to_model)
+    return report.Row(
+        f"j. {photo_sets.SET_SIZE} photos vs 1 per request, 12 MP, service-side (miss)",
+        f"{ms(three_p50)} per {photo_sets.SET_SIZE}-photo request (p50)",
+        f"{ms(one_p50)} per 1-photo request (p50)",
+        f"{ratio:.2f}x one photo's",
+        f"≤ {SET_GOAL:g}x",
+        ok and ratio <= SET_GOAL,
+        [
+            f"`gunicorn app:app` (gunicorn.conf.py defaults, the bench's Redis, flushed first); "
+            f"one client, one keep-alive connection, one request at a time: after one untimed "
+            f"request of each kind, {len(sent.one)} requests of one photo and {len(sent.three)} "
+            f"of {photo_sets.SET_SIZE} photos, interleaved (the order alternating), every "
+            "photo a new, distinct 4032x3024 JPEG (daylight noise, EXIF orientation and GPS), "
+            "so every request is a cache miss with one model call. Service-side time = "
+            f"latency (request sent to answer read) less the model's {delay:g} s delay.",
+            f"Service-side per request, one photo: {', '.join(ms(v) for v in one)}; "
+            f"{photo_sets.SET_SIZE} photos: {', '.join(ms(v) for v in three)}. Latency p50 "
+            f"{ms(statistics.median(i.seconds for i in sent.one))} and "
+            f"{ms(statistics.median(i.seconds for i in sent.three))}.",
+            f"From sending the request to the model call's arrival at the fake model (p50): one "
+            f"photo {ms(to_model['one'])}, {photo_sets.SET_SIZE} photos {ms(to_model['three'])}; "
+            f"after the model's delay to the answer read: {ms(after['one'])} and "
+            f"{ms(after['three'])}.",
+            "The same steps timed in the harness process on the first request's photos (p50 "
+            f"over {settings.set_rounds} interleaved rounds; the multipart body read by "
+            "`app.read_uploads` in a test request context, hashing by `app.distinct_photos`, "
+            f"preparation by `app.prepare_photos`): {split} (upload over loopback, token, cache "
+            "lookup, single flight, the model request's encoding).",
+            f"Answers: {describe(outcomes)}; the five-photo request's latency "
+            f"{ms(sent.largest.seconds)} (service-side {ms(sent.largest.seconds - delay)}).",
+        ],
+    )
+
+
+def upload_row(sent: photo_sets.Requests) -> report.Row:
+    """The multipart body of a request with one, three and five photos."""
+    one = statistics.median(item.upload_bytes for item in sent.one)
+    three = statistics.median(item.upload_bytes for item in sent.three)
+    upstream = {
+        len(item.received): sum(size for _, _, size in item.received)
+        for item in (sent.one[0], sent.three[0], sent.largest)
+    }
+    return report.Row(
+        "j. bytes uploaded per request, 12 MP daylight photos",
+        f"{megabytes(round(three))} ({photo_sets.SET_SIZE} photos, p50)",
+        f"{megabytes(round(one))} (1 photo, p50)",
+        f"{three / one:.2f}x",
+        "reported",
+        None,
+        [
+            "The whole multipart/form-data body, one `image` file part per photo. The "
+            f"five-photo request sent {megabytes(sent.largest.upload_bytes)} (MAX_UPLOAD_MB "
+            "is 25).",
+            "The model received "
+            + ", ".join(f"{megabytes(size)} of JPEG for {n}" for n, size in upstream.items())
+            + " photo(s) (before base64).",
+        ],
+    )
+
+
+def preparation_row(prepared: photo_sets.Preparation, settings: Settings) -> report.Row:
+    """prepare_photos on three 12 MP photos (a thread pool, as shipped) against one by one."""
+    parallel = median_of(prepared.wall, photo_sets.PARALLEL)
+    serial = median_of(prepared.wall, photo_sets.SERIAL)
+    single = median_of(prepared.wall, photo_sets.SINGLE)
+    busy = {
+        name: statistics.median(prepared.cpu[name]) / median_of(prepared.wall, name)
+        for name in (photo_sets.PARALLEL, photo_sets.SERIAL)
+    }
+    sizes = ", ".join(f"{w}x{h} ({megabytes(size)})" for w, h, size in prepared.prepared)
+    return report.Row(
+        f"j. prepare {photo_sets.SET_SIZE} photos of 12 MP at once",
+        f"{ms(parallel)} `prepare_photos` (p95 "
+        f"{ms(percentile(prepared.wall[photo_sets.PARALLEL], 0.95))})",
+        f"{ms(serial)} `prepare_image` x {photo_sets.SET_SIZE} in turn (p95 "
+        f"{ms(percentile(prepared.wall[photo_sets.SERIAL], 0.95))})",
+        f"{serial / parallel:.2f}x faster",
+        "reported",
+        None,
+        [
+            f"In the harness process, on the {photo_sets.SET_SIZE} photos of the first "
+            f"{photo_sets.SET_SIZE}-photo request: `app.prepare_photos` (a thread pool of one "
+            "thread per photo, as the service runs it) against `app.prepare_image` on each "
+            f"photo one after another, with the service's Config and DecodeBudget; "
+            f"{settings.set_rounds} rounds after one untimed call of each, interleaved with the "
+            "other in-process timings of row j, the order alternating; medians.",
+            f"One photo alone: {ms(single)}. Cores kept busy (process CPU over wall time, p50): "
+            f"{busy[photo_sets.PARALLEL]:.2f} at once, {busy[photo_sets.SERIAL]:.2f} in turn, "
+            f"of {os.cpu_count()} cores; load average at the end {report.load_average()} (other "
+            "work on the machine takes cores the threads would use).",
+            f"The JPEGs made: {sizes}.",
+        ],
+    )
+
+
+def set_token_rows(sent: photo_sets.Requests) -> list[report.Row]:
+    """Image tokens of a 1-, 3- and 5-photo request, from the JPEGs the model received."""
+    requests = (sent.one[0], sent.three[0], sent.largest)
+    formulas: list[tuple[str, Callable[[int, int], int]]] = [
+        ("tiles, detail high", lambda w, h: tokens.tile_tokens(w, h, "high")),
+        ("patches, gpt-4.1-mini", functools.partial(patches, model="gpt-4.1-mini")),
+    ]
+    sizes = "; ".join(
+        f"{len(item.received)} photo(s): " + ", ".join(f"{w}x{h}" for w, h, _ in item.received)
+        for item in requests
+    )
+    rows = []
+    for name, formula in formulas:
+        counts = [sum(formula(w, h) for w, h, _ in item.received) for item in requests]
+        single = counts[0]
+        photos = [len(item.received) for item in requests]
+        rows.append(
+            report.Row(
+                f"j. image tokens per request, 1 / 3 / 5 photos ({name})",
+                " / ".join(str(count) for count in counts),
+                f"{single} for one photo; n x {single} = "
+                + " / ".join(str(n * single) for n in photos),
+                " / ".join(f"{count / single:.2f}x" for count in counts) + " one photo's",
+                "reported",
+                None,
+                [
+                    "OpenAI's published formula (bench/tokens.py) summed over the image parts "
+                    "the fake model received in the first one-photo, the first "
+                    f"{photo_sets.SET_SIZE}-photo and the five-photo request (IMAGE_MAX_SIDE "
+                    f"{MAX_SIDE}); each photo is its own image part at its prepared size: "
+                    f"{sizes}. Tokens grow in proportion to the photos.",
+                ],
+            )
+        )
+    return rows
+
+
 # ------------------------------------------------------------------------- the run
 
 
@@ -1071,7 +1301,7 @@ def start_stack(bench: Bench) -> None:
     bench.token = stack.token()
     if rows & MAIN_ROWS:
         bench.main = stack.start_gunicorn("main", MAIN_TARGET)
-    if rows & {"d", "g"}:
+    if rows & {"d", "g", "j"}:
         bench.second = stack.start_gunicorn("second", SERVICE_TARGET)
     if "g" in rows:
         store = stack.embedded_store(EMBEDDED)
@@ -1139,6 +1369,7 @@ def main(argv: list[str] | None = None) -> int:
                     "f": row_f,
                     "g": row_g,
                     "i": row_i,
+                    "j": row_j,
                 }
                 for name, measure in measured.items():
                     if name in settings.rows:
@@ -1197,6 +1428,8 @@ def generate_photos(bench: Bench) -> None:
         specs.append(spec(TWELVE_MP, 100))
     if "g" in rows:
         specs += [spec(THREE_MP, seed) for seed in DUPLICATE_SEEDS]
+    if "j" in rows:
+        specs += photo_sets.Plan(settings.set_requests).specs()
     started = time.monotonic()
     bench.library.generate(specs)
     print(

@@ -2,13 +2,15 @@
 
 On the real gunicorn (`app:app`, on the bench's stack), one client sends requests one after
 another (closed loop) with one or three distinct 12 MP photos each, interleaved, every photo new
-(a cache miss); the service-side time is each request's latency less the model's delay. One
-five-photo request gives the image parts the model receives for the largest set.
+(a cache miss); the service-side time is each request's latency less the model's delay, and the
+workers' CPU time is read from /proc around each request. One five-photo request gives the image
+parts the model receives for the largest set.
 
-In the harness process, the same three photos are prepared by `app.prepare_photos` (at once, in a
-thread pool, as the service does) and by `app.prepare_image` one after another; the multipart
-parsing and hashing of one and of three photos are timed the same way, so the service-side time
-can be split into its parts.
+Between the pairs of requests, the harness process times the service's own steps on the first
+request's photos (`ServiceSteps`): multipart parsing and hashing of one and of three photos, and
+preparation by `app.prepare_photos` (at once, in a thread pool, as the service does) against
+`app.prepare_image` one after another, so both see the machine in the same state and the
+service-side time can be split into its parts.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from PIL import Image
 
 from bench.load import Client, PhotoSet
 from bench.photos import DAYLIGHT, TWELVE_MP, PhotoLibrary, PhotoSpec, spec
-from bench.stack import DelayedModel
+from bench.stack import DelayedModel, cpu_ticks
 from decode_budget import DecodeBudget
 from tests.fakes import RecordedRequest
 from tests.servers import Gunicorn
@@ -88,6 +90,7 @@ class Sent:
     photo_count: int | None  # the answer's analysis.photoCount
     model_calls: int
     received: list[tuple[int, int, int]]  # width, height and bytes of each image the model got
+    worker_cpu: float  # seconds the gunicorn's workers spent during the request (10 ms ticks)
 
 
 def image_parts(call: RecordedRequest) -> list[bytes]:
@@ -122,13 +125,16 @@ def answer_fields(body: bytes) -> tuple[str, int | None]:
     return str(answer.get("source", "")), count if isinstance(count, int) else None
 
 
-def send(client: Client, model: DelayedModel, photos: list[bytes]) -> Sent:
-    """POST one set of photos and wait for the answer; pair it with the model call it made."""
+def send(client: Client, model: DelayedModel, workers: list[int], photos: list[bytes]) -> Sent:
+    """POST one set of photos and wait for the answer; pair it with the model call it made and
+    the CPU the workers spent meanwhile."""
     upload = PhotoSet(tuple(photos))
     _, _, length = upload.encode()
     calls_before = len(model.calls)
+    ticks = cpu_ticks(workers)
     started = time.monotonic()
     answer = client.post(ANALYZE, upload)
+    spent = (cpu_ticks(workers) - ticks) / os.sysconf("SC_CLK_TCK")
     calls = model.calls[calls_before:]
     source, photo_count = answer_fields(answer.body)
     arrived = calls[0].received_at - started if calls else float("nan")
@@ -143,6 +149,7 @@ def send(client: Client, model: DelayedModel, photos: list[bytes]) -> Sent:
         photo_count,
         len(calls),
         received,
+        spent,
     )
 
 
@@ -156,15 +163,22 @@ class Requests:
 
 
 def send_requests(
-    server: Gunicorn, model: DelayedModel, token: str, library: PhotoLibrary, plan: Plan
+    server: Gunicorn,
+    model: DelayedModel,
+    token: str,
+    library: PhotoLibrary,
+    plan: Plan,
+    between: Callable[[int], object],
 ) -> Requests:
     """One client, one request at a time: a warm-up of each kind, then one-photo and three-photo
-    requests interleaved (the order alternating), then one five-photo request."""
+    requests interleaved (the order alternating), ``between(number)`` after each pair, then one
+    five-photo request."""
     client = Client(server.port, token, timeout=60)
+    workers = server.worker_pids()
     try:
         client.connect()
         for photos in plan.warm_up():
-            send(client, model, library.load(photos))
+            send(client, model, workers, library.load(photos))
         one: list[Sent] = []
         three: list[Sent] = []
         for number in range(plan.requests):
@@ -173,8 +187,9 @@ def send_requests(
                 (three, plan.photo_set(number)),
             ]
             for found, photos in kinds if number % 2 == 0 else reversed(kinds):
-                found.append(send(client, model, library.load(photos)))
-        largest = send(client, model, library.load(plan.largest_set()))
+                found.append(send(client, model, workers, library.load(photos)))
+            between(number)
+        largest = send(client, model, workers, library.load(plan.largest_set()))
     finally:
         client.close()
     return Requests(one, three, largest)
@@ -198,58 +213,68 @@ class Preparation:
     prepared: list[tuple[int, int, int]]  # width, height and bytes of each of the three JPEGs
 
 
-def time_preparation(one: bytes, three: list[bytes], rounds: int) -> Preparation:
-    """Time the service's own functions on these photos, interleaved, the order alternating,
-    after one untimed call of each kind."""
-    os.environ.setdefault("LOG_LEVEL", "ERROR")  # importing app builds an app; keep it quiet
-    import app as service
+class ServiceSteps:
+    """The service's own steps on one photo and on three, timed in this process, a round at a
+    time; every kind has had one untimed call when the first round starts."""
 
-    config = service.Config()
-    budget = DecodeBudget(config.decode_budget_mb, config.model_queue_timeout)
-    single = service.distinct_photos([(one, "meal-1.jpg")])
-    photos = service.distinct_photos([(photo, f"meal-{n}.jpg") for n, photo in enumerate(three, 1)])
-    if len(photos) != len(three):
-        raise RuntimeError("the three photos are not distinct")
+    def __init__(self, one: bytes, three: list[bytes]) -> None:
+        os.environ.setdefault("LOG_LEVEL", "ERROR")  # importing app builds an app; keep it quiet
+        import app as service
 
-    def parse(data: list[bytes]) -> Callable[[], object]:
-        parts, content_type, _ = PhotoSet(tuple(data)).encode()
-        body = b"".join(parts)
+        config = service.Config()
+        budget = DecodeBudget(config.decode_budget_mb, config.model_queue_timeout)
+        single = service.distinct_photos([(one, "meal-1.jpg")])
+        photos = service.distinct_photos(
+            [(photo, f"meal-{n}.jpg") for n, photo in enumerate(three, 1)]
+        )
+        if len(photos) != len(three):
+            raise RuntimeError("the three photos are not distinct")
 
-        def read() -> object:
-            with service.app.test_request_context(
-                ANALYZE, method="POST", data=body, content_type=content_type
-            ):
-                return service.read_uploads(config.max_images)
+        def parse(data: list[bytes]) -> Callable[[], object]:
+            parts, content_type, _ = PhotoSet(tuple(data)).encode()
+            body = b"".join(parts)
 
-        return read
+            def read() -> object:
+                with service.app.test_request_context(
+                    ANALYZE, method="POST", data=body, content_type=content_type
+                ):
+                    return service.read_uploads(config.max_images)
 
-    def serial() -> object:
-        return [
-            service.prepare_image(
-                photo.data, config.image_max_side, config.image_max_pixels, budget
-            ).jpeg
-            for photo in photos
-        ]
+            return read
 
-    calls: dict[str, Callable[[], object]] = {
-        PARALLEL: lambda: service.prepare_photos(photos, config, budget),
-        SERIAL: serial,
-        SINGLE: lambda: service.prepare_photos(single, config, budget),
-        PARSE_ONE: parse([one]),
-        PARSE_THREE: parse(three),
-        HASH_ONE: lambda: service.distinct_photos([(one, None)]),
-        HASH_THREE: lambda: service.distinct_photos([(photo, None) for photo in three]),
-    }
-    for call in calls.values():
-        call()
-    wall: dict[str, list[float]] = {name: [] for name in calls}
-    cpu: dict[str, list[float]] = {name: [] for name in calls}
-    for round_number in range(rounds):
-        order = list(calls) if round_number % 2 == 0 else list(reversed(calls))
+        def serial() -> object:
+            return [
+                service.prepare_image(
+                    photo.data, config.image_max_side, config.image_max_pixels, budget
+                ).jpeg
+                for photo in photos
+            ]
+
+        self.calls: dict[str, Callable[[], object]] = {
+            PARALLEL: lambda: service.prepare_photos(photos, config, budget),
+            SERIAL: serial,
+            SINGLE: lambda: service.prepare_photos(single, config, budget),
+            PARSE_ONE: parse([one]),
+            PARSE_THREE: parse(three),
+            HASH_ONE: lambda: service.distinct_photos([(one, None)]),
+            HASH_THREE: lambda: service.distinct_photos([(photo, None) for photo in three]),
+        }
+        for call in self.calls.values():
+            call()
+        self.wall: dict[str, list[float]] = {name: [] for name in self.calls}
+        self.cpu: dict[str, list[float]] = {name: [] for name in self.calls}
+        jpegs = service.prepare_photos(photos, config, budget)
+        self.prepared = [image_size(jpeg) for jpeg in jpegs]
+
+    def run_round(self, number: int) -> None:
+        """Time every step once, the order alternating from one round to the next."""
+        order = list(self.calls) if number % 2 == 0 else list(reversed(self.calls))
         for name in order:
             started, cpu_started = time.perf_counter(), time.process_time()
-            calls[name]()
-            wall[name].append(time.perf_counter() - started)
-            cpu[name].append(time.process_time() - cpu_started)
-    prepared = [image_size(jpeg) for jpeg in service.prepare_photos(photos, config, budget)]
-    return Preparation(wall, cpu, prepared)
+            self.calls[name]()
+            self.wall[name].append(time.perf_counter() - started)
+            self.cpu[name].append(time.process_time() - cpu_started)
+
+    def result(self) -> Preparation:
+        """What the rounds measured."""
+        return Preparation(self.wall, self.cpu, self.prepared)

@@ -103,7 +103,6 @@ class Settings:
     hit_clients: int = 16
     duplicate_uploads: int = 20
     set_requests: int = 10
-    set_rounds: int = 9
 
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
@@ -136,7 +135,6 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
             table_requests=60,
             table_starts=2,
             set_requests=2,
-            set_rounds=2,
             **common,
         )
     return Settings(
@@ -1077,15 +1075,17 @@ def row_j(bench: Bench) -> list[report.Row]:
     settings, stack = bench.settings, bench.require(bench.stack)
     server, model = bench.require(bench.second), bench.require(stack.model)
     plan = photo_sets.Plan(settings.set_requests)
-    stack.flush_redis()
-    sent = photo_sets.send_requests(server, model, bench.token, bench.library, plan)
     one = bench.library.load(plan.one_photo(0))[0]
-    three = bench.library.load(plan.photo_set(0))
-    prepared = photo_sets.time_preparation(one, three, settings.set_rounds)
+    steps = photo_sets.ServiceSteps(one, bench.library.load(plan.photo_set(0)))
+    stack.flush_redis()
+    sent = photo_sets.send_requests(
+        server, model, bench.token, bench.library, plan, steps.run_round
+    )
+    prepared = steps.result()
     return [
         set_latency_row(sent, prepared, settings),
         upload_row(sent),
-        preparation_row(prepared, settings),
+        preparation_row(prepared),
         *set_token_rows(sent),
     ]
 
@@ -1158,6 +1158,14 @@ def set_latency_row(
         for kind, items in (("one", sent.one), ("three", sent.three))
     }
     split = service_steps(prepared.wall, to_model)
+    cpu = {
+        kind: sum(item.worker_cpu for item in items) / len(items)
+        for kind, items in (("one", sent.one), ("three", sent.three))
+    }
+    busy = {
+        kind: cpu[kind] / statistics.mean(service_side(items, delay))
+        for kind, items in (("one", sent.one), ("three", sent.three))
+    }
     return report.Row(
         f"j. {photo_sets.SET_SIZE} photos vs 1 per request, 12 MP, service-side (miss)",
         f"{ms(three_p50)} per {photo_sets.SET_SIZE}-photo request (p50)",
@@ -1181,11 +1189,17 @@ def set_latency_row(
             f"photo {ms(to_model['one'])}, {photo_sets.SET_SIZE} photos {ms(to_model['three'])}; "
             f"after the model's delay to the answer read: {ms(after['one'])} and "
             f"{ms(after['three'])}.",
-            "The same steps timed in the harness process on the first request's photos (p50 "
-            f"over {settings.set_rounds} interleaved rounds; the multipart body read by "
-            "`app.read_uploads` in a test request context, hashing by `app.distinct_photos`, "
-            f"preparation by `app.prepare_photos`): {split} (upload over loopback, token, cache "
-            "lookup, single flight, the model request's encoding).",
+            f"The workers' CPU per request (from /proc/<pid>/stat in 10 ms ticks, the mean over "
+            f"the requests of each kind): one photo {ms(cpu['one'])}, {photo_sets.SET_SIZE} "
+            f"photos {ms(cpu['three'])} ({cpu['three'] / cpu['one']:.2f}x); over the mean "
+            f"service-side time that is {busy['one']:.2f} and {busy['three']:.2f} cores busy, "
+            f"of {os.cpu_count()} (load average at the end {report.load_average()}).",
+            "The service's steps timed in the harness process on the first request's photos, "
+            f"a round after each pair of requests (p50 over {len(prepared.wall[photo_sets.SINGLE])}"
+            " rounds; the multipart body read by `app.read_uploads` in a test request context, "
+            "hashing by `app.distinct_photos`, preparation by `app.prepare_photos`): "
+            f"{split} (upload over loopback, token, cache lookup, single flight, the model "
+            "request's encoding).",
             f"Answers: {describe(outcomes)}; the five-photo request's latency "
             f"{ms(sent.largest.seconds)} (service-side {ms(sent.largest.seconds - delay)}).",
         ],
@@ -1218,7 +1232,7 @@ def upload_row(sent: photo_sets.Requests) -> report.Row:
     )
 
 
-def preparation_row(prepared: photo_sets.Preparation, settings: Settings) -> report.Row:
+def preparation_row(prepared: photo_sets.Preparation) -> report.Row:
     """prepare_photos on three 12 MP photos (a thread pool, as shipped) against one by one."""
     parallel = median_of(prepared.wall, photo_sets.PARALLEL)
     serial = median_of(prepared.wall, photo_sets.SERIAL)
@@ -1241,9 +1255,10 @@ def preparation_row(prepared: photo_sets.Preparation, settings: Settings) -> rep
             f"In the harness process, on the {photo_sets.SET_SIZE} photos of the first "
             f"{photo_sets.SET_SIZE}-photo request: `app.prepare_photos` (a thread pool of one "
             "thread per photo, as the service runs it) against `app.prepare_image` on each "
-            f"photo one after another, with the service's Config and DecodeBudget; "
-            f"{settings.set_rounds} rounds after one untimed call of each, interleaved with the "
-            "other in-process timings of row j, the order alternating; medians.",
+            "photo one after another, with the service's Config and DecodeBudget; a round "
+            "after each pair of row j's requests (one untimed call of each first), with the "
+            "other in-process steps, the order alternating; "
+            f"{len(prepared.wall[photo_sets.PARALLEL])} rounds, medians.",
             f"One photo alone: {ms(single)}. Cores kept busy (process CPU over wall time, p50): "
             f"{busy[photo_sets.PARALLEL]:.2f} at once, {busy[photo_sets.SERIAL]:.2f} in turn, "
             f"of {os.cpu_count()} cores; load average at the end {report.load_average()} (other "

@@ -341,7 +341,8 @@ _FILLERS: Final = _stems(
     "a an the of with and or in on to for some piece pieces serving portion plate bowl glass "
     "cup mug bottle can side small medium large homemade home made typical style photo picture "
     "image food meal dish fresh cut sliced slices slice chopped topped served fillet scoop "
-    "handful wedge chunk table tray spoon fork knife napkin hand person background wooden"
+    "handful wedge chunk table tray spoon fork knife napkin hand person background wooden "
+    "one two three four five six half-dozen dozen few couple"
 )
 # Words that weigh little in the match: "plain yogurt" should still find an unplain one.
 _SOFT: Final = _stems("plain regular whole")
@@ -350,13 +351,13 @@ _COOKED_WORDS: Final = _stems(
     "cooked roasted boiled fried baked broiled grilled braised stewed steamed prepared toasted "
     "scrambled poached heated microwaved simmered sauteed stir-fried pan-fried deep-fried "
     "hard-boiled dryheat moistheat smoked barbecued rotisserie omelet oven-heated pan-broiled "
-    "microwave"
+    "microwave seared pan-seared charred air-fried blackened"
 )
 _RAW_WORDS: Final = _stems("raw uncooked unprepared")
 _WEAK: Final = _SOFT | _COOKED_WORDS | _RAW_WORDS
 # Forms sold to be made into the food: powders, concentrates, mixes.
 _PROCESSED_WORDS: Final = _stems(
-    "dry dehydrated powder concentrate condensed undiluted mix freeze-dried"
+    "dry dehydrated powder concentrate condensed evaporated undiluted mix freeze-dried"
 )
 # The close SR28 wordings of a method a model names, best first.
 _METHOD_KIN: Final = {
@@ -378,7 +379,28 @@ _METHOD_KIN: Final = {
     "toasted": ("toasted",),
     "microwaved": ("microwaved", "microwave"),
     "smoked": ("smoked",),
+    "seared": ("pan-fried", "fried", "broiled", "dryheat", "pan-broiled"),
+    "pan-seared": ("pan-fried", "fried", "broiled", "dryheat", "pan-broiled"),
+    "charred": ("grilled", "broiled", "roasted", "dryheat"),
+    "blackened": ("grilled", "broiled", "pan-fried", "dryheat"),
+    "air-fried": ("roasted", "baked", "fried", "dryheat"),
 }
+# Groups whose foods are eaten cooked: a plated one named with no cooking word is cooked.
+_PLATED_GROUPS: Final = frozenset(
+    {
+        "Poultry Products",
+        "Pork Products",
+        "Beef Products",
+        "Lamb, Veal, and Game Products",
+        "Finfish and Shellfish Products",
+        "Legumes and Legume Products",
+        "Cereal Grains and Pasta",
+    }
+)
+# Ways of cooking that add fat: a plated food named with no method is not assumed to be one.
+_FRIED_WORDS: Final = _stems("fried pan-fried deep-fried batter breaded flour")
+# Foods of other groups eaten cooked, by their first word: eggs.
+_PLATED_HEADS: Final = _stems("egg")
 # SR28 words that say little about which food it is; they cost nothing as extras.
 _NEUTRAL: Final = (
     _FILLERS
@@ -416,7 +438,11 @@ _ASKED_GROUPS: Final = {
     "Fast Foods": (0.85, _stems("fastfood restaurant")),
     "Restaurant Foods": (0.85, _stems("fastfood restaurant")),
 }
-_WORD = re.compile(r"[a-z0-9%]+(?:[-.][a-z0-9]+)*")
+_WORD = re.compile(r"[a-z0-9%]+(?:[-.][a-z0-9%]+)*")
+# Percentages, as SR28 and labels write them: "70-85%" and "45- 59%" ranges, "3.25 %", "80/20".
+_PERCENT_RANGE = re.compile(r"\b(\d{1,2})\s*-\s*(\d{1,2})\s*%")
+_PERCENT = re.compile(r"\b(\d+(?:\.\d+)?)\s+%")
+_LEAN_FAT = re.compile(r"\b(\d{2})\s*/\s*(\d{1,2})\b(?!\s*%)")
 _BRAND = re.compile(r"\b[A-Z][A-Z'&.]{2,}\b")
 _PARENTHESES = re.compile(r"\([^)]*\)?")
 _DIGIT = re.compile(r"\d")
@@ -427,9 +453,27 @@ _EXTRA_WEIGHTS: Final = (1.0, 0.7, 0.4)
 _LATE_EXTRA: Final = 0.15
 
 
+def _percent_range(found: re.Match[str]) -> str:
+    """ "70-85%" as every whole percentage it spans, so "72% cacao" is found inside it."""
+    low, high = int(found.group(1)), int(found.group(2))
+    if not low < high:
+        return found.group()
+    return " ".join(f"{percent}%" for percent in range(low, high + 1))
+
+
+def _lean_fat(found: re.Match[str]) -> str:
+    """ "80/20" ground meat is 80% lean meat / 20% fat, as SR28 words it."""
+    lean, fat = int(found.group(1)), int(found.group(2))
+    if lean + fat != 100:
+        return found.group()
+    return f"{lean}% lean {fat}% fat"
+
+
 def _words(text: str) -> list[str]:
     """The normalised whole words of a description, in order."""
-    lowered = _PHRASE.sub(lambda found: _PHRASES[found.group()], text.lower())
+    lowered = _PERCENT.sub(r"\1%", text.lower())
+    lowered = _LEAN_FAT.sub(_lean_fat, _PERCENT_RANGE.sub(_percent_range, lowered))
+    lowered = _PHRASE.sub(lambda found: _PHRASES[found.group()], lowered)
     words: list[str] = []
     for word in _WORD.findall(lowered):
         stemmed = _stem(_CANONICAL.get(word, word))
@@ -473,6 +517,8 @@ class _Profile:
     extras: Mapping[str, float]
     cooked: bool
     raw: bool
+    plated: bool
+    fried: bool
     processed: frozenset[str]
     prior: float
     asked_by: frozenset[str]
@@ -579,6 +625,8 @@ def _profile(food: Food, manufacturer: str, survey: bool) -> _Profile:
         extras=extras,
         cooked=cooked,
         raw=not cooked and bool(word_set & _RAW_WORDS),
+        plated=food.group in _PLATED_GROUPS or segments[0][0] in _PLATED_HEADS,
+        fried=bool(term_set & _FRIED_WORDS),
         processed=word_set & _PROCESSED_WORDS if not cooked else frozenset(),
         prior=prior * group_factor,
         asked_by=asked_by,
@@ -604,6 +652,11 @@ class _Query:
 def _state_factor(profile: _Profile, query: _Query) -> float:
     """How well the food's raw or prepared state fits the description's."""
     factor = 0.75 if profile.processed - query.all_words else 1.0
+    if query.cooked is None and profile.plated:  # chicken, rice, eggs on a plate: cooked
+        if profile.raw:
+            return factor * 0.6
+        # Fried or breaded only when the description says so: it adds the fat.
+        return factor * (0.85 if not profile.cooked else 0.9 if profile.fried else 1.0)
     if query.cooked is None:  # a banana, a glass of milk: as sold
         return factor * (0.95 if profile.heated else 1.0)
     if not query.cooked:

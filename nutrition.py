@@ -316,6 +316,21 @@ _PHRASES: Final = {
     "salad dressing": "saladdressing",
     "chocolate bar": "chocolate candies",
     "candy bar": "candies",
+    # everyday names of foods SR28 words otherwise
+    "half and half": "halfandhalf cream",
+    "half-and-half": "halfandhalf cream",
+    "soy milk": "soymilk",
+    "cherry tomato": "tomato",
+    "cherry tomatoes": "tomatoes",
+    "grape tomato": "tomato",
+    "grape tomatoes": "tomatoes",
+    "baby spinach": "spinach",
+    "string cheese": "mozzarella low moisture part-skim",
+    "cheese stick": "mozzarella low moisture part-skim",
+    "cheese sticks": "mozzarella low moisture part-skim",
+    # skin as a qualifier of a cut, in SR28's words
+    "skinless": "meat only",
+    "skin-on": "meat and skin",
 }
 _PHRASE = re.compile(
     r"\b(?:" + "|".join(sorted(map(re.escape, _PHRASES), key=len, reverse=True)) + r")\b"
@@ -522,6 +537,7 @@ class _Profile:
     processed: frozenset[str]
     prior: float
     asked_by: frozenset[str]
+    unasked: float
 
 
 @lru_cache(maxsize=64)
@@ -630,6 +646,7 @@ def _profile(food: Food, manufacturer: str, survey: bool) -> _Profile:
         processed=word_set & _PROCESSED_WORDS if not cooked else frozenset(),
         prior=prior * group_factor,
         asked_by=asked_by,
+        unasked=group_factor,
     )
 
 
@@ -711,14 +728,18 @@ def _score(profile: _Profile, query: _Query) -> tuple[float, float]:
     extras = _extra_cost(profile, query)
     specificity = 1.0 / (1.0 + 0.12 * extras)
     prior = profile.prior
+    asked = 1.0
     if profile.asked_by and profile.asked_by & query.all_words:
         prior = 1.0
+    elif profile.asked_by:
+        asked = profile.unasked  # baby food for "oat milk": only the nearest of weak matches
     state = _state_factor(profile, query)
     fit = coverage * head * phrase
     # Sure only when the description names the food itself, not just one of its qualifiers.
     confidence = fit * min(state, 1.0) * (0.6 + 0.4 * specificity) * (0.7 + 0.3 * prior)
     if not named:
         confidence *= 0.8
+    confidence *= asked
     score = coverage * fit * state * specificity * prior
     return score, max(0.0, min(1.0, confidence))
 
@@ -977,8 +998,16 @@ class NutritionTable:
         if not any(word not in _COOKED_WORDS and word not in _RAW_WORDS for word in terms):
             return None
         # Soft words and methods weigh little: "fried rice" is rice, but the fried kind.
+        # The parts of a hyphenated cooking word ("pan" of "pan-seared") say how, not what.
+        method_parts = {
+            part
+            for word in terms
+            if word in _COOKED_WORDS and "-" in word
+            for part in word.split("-")
+        }
         weights = {
-            term: self._idf.get(term, self._unknown_idf) * (0.3 if term in _WEAK else 1.0)
+            term: self._idf.get(term, self._unknown_idf)
+            * (0.3 if term in _WEAK or term in method_parts else 1.0)
             for term in terms
         }
         return _Query(

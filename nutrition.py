@@ -466,6 +466,8 @@ _CONNECTORS: Final = frozenset({"with", "in", "and", "or", "on"})
 # Extras weigh by where they stand: "Yogurt, vanilla" is another food, "..., 8 ounce" is not.
 _EXTRA_WEIGHTS: Final = (1.0, 0.7, 0.4)
 _LATE_EXTRA: Final = 0.15
+# A cooking word SR28 rarely or never uses ("seared") weighs no more than a common one.
+_METHOD_IDF_CAP: Final = 3.0
 
 
 def _percent_range(found: re.Match[str]) -> str:
@@ -1006,8 +1008,11 @@ class NutritionTable:
             for part in word.split("-")
         }
         weights = {
-            term: self._idf.get(term, self._unknown_idf)
-            * (0.3 if term in _WEAK or term in method_parts else 1.0)
+            term: (
+                0.3 * min(self._idf.get(term, self._unknown_idf), _METHOD_IDF_CAP)
+                if term in _WEAK or term in method_parts
+                else self._idf.get(term, self._unknown_idf)
+            )
             for term in terms
         }
         return _Query(

@@ -243,12 +243,15 @@ TUNING_FOODS: tuple[Label, ...] = (
     _label("chicken wings with skin", "05101 05102 05103 05104 05352"),
     _label("grilled chicken thighs", "05094 05098 05345 05351", "grilled"),
     _label("skinless turkey breast", "05220 05711 05709 05718"),
-    _label("bone-in pork chop", "10037 10038 10041 10042 10176 10179"),
+    _label(
+        "bone-in pork chop",
+        "10037 10038 10041 10042 10176 10179 10029 10030 10033 10034 10120 10178",
+    ),
     _label("chicken drumsticks", "05067 05068 05069 05070 05072 05073 05074 05343 05349 05671"),
     # cooking words
     _label("pan-seared salmon", "15082 15086 15209 15210 15211 15212 15237 15239 15247"),
     _label("seared cod fillet", "15016"),
-    _label("charred corn on the cob", "11168 11770 11181"),
+    _label("charred corn on the cob", "11168 11770 11181 11901 11902 11911 11912 11914 11915"),
     _label("air-fried chicken wings", "05101 05102 05103 05106 05107 05346 05352"),
     _label("roasted cauliflower", "11136 11761 11138 11762"),
     _label("baked sweet potato", "11508 11875 11517 11877"),

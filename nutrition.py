@@ -331,6 +331,11 @@ _PHRASES: Final = {
     # skin as a qualifier of a cut, in SR28's words
     "skinless": "meat only",
     "skin-on": "meat and skin",
+    # fat-free in SR28's word
+    "fat-free": "nonfat",
+    "fat free": "nonfat",
+    "0% fat": "nonfat",
+    "0% milkfat": "nonfat",
 }
 _PHRASE = re.compile(
     r"\b(?:" + "|".join(sorted(map(re.escape, _PHRASES), key=len, reverse=True)) + r")\b"
@@ -357,7 +362,7 @@ _FILLERS: Final = _stems(
     "cup mug bottle can side small medium large homemade home made typical style photo picture "
     "image food meal dish fresh cut sliced slices slice chopped topped served fillet scoop "
     "handful wedge chunk table tray spoon fork knife napkin hand person background wooden "
-    "one two three four five six half-dozen dozen few couple"
+    "one two three four five six half-dozen dozen few couple crumbled crumbles"
 )
 # Words that weigh little in the match: "plain yogurt" should still find an unplain one.
 _SOFT: Final = _stems("plain regular whole")

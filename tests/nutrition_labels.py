@@ -280,6 +280,16 @@ TUNING_FOODS: tuple[Label, ...] = (
     _label("heavy whipping cream", "01053"),
     _label("kimchi", "11118"),
     _label("couscous", "20029"),
+    # fat wordings, crumbles, plated vegetables and legumes
+    _label("fat-free greek yogurt", "01256"),
+    _label("4% cottage cheese", "01012"),
+    _label("crumbled blue cheese", "01004"),
+    _label("roasted brussels sprouts", "11099 11101 11745 11746", "roasted"),
+    _label("kidney beans", "16033 16333 16028 16328"),
+    _label("grilled halibut", "15037 15196 35188", "grilled"),
+    _label("sauteed kale", "11234 11236 11623 11790 11791 11792", "sauteed"),
+    _label("steamed carrots", "11125 11757", "steamed"),
+    _label("pasta", "20121 20321 20421 20521"),
 )
 # Mixed dishes (and one drink) SR28 carries in no fitting form: none should match anything.
 TUNING_DISHES: tuple[str, ...] = (

@@ -325,6 +325,8 @@ _PHRASES: Final = {
     "grape tomato": "tomato",
     "grape tomatoes": "tomatoes",
     "baby spinach": "spinach",
+    "bell pepper": "pepper sweet",
+    "bell peppers": "peppers sweet",
     "string cheese": "mozzarella low moisture part-skim",
     "cheese stick": "mozzarella low moisture part-skim",
     "cheese sticks": "mozzarella low moisture part-skim",
@@ -471,6 +473,11 @@ _CONNECTORS: Final = frozenset({"with", "in", "and", "or", "on"})
 # Extras weigh by where they stand: "Yogurt, vanilla" is another food, "..., 8 ounce" is not.
 _EXTRA_WEIGHTS: Final = (1.0, 0.7, 0.4)
 _LATE_EXTRA: Final = 0.15
+# Confidence lost when the description's noun is not the food's, when the food is a maker's
+# the description does not name, and when a naming word of the description is not in the food.
+_UNNAMED_HEAD: Final = 0.85
+_UNASKED_BRAND: Final = 0.85
+_UNCOVERED_WORD: Final = 0.88
 # A cooking word SR28 rarely or never uses ("seared") weighs no more than a common one.
 _METHOD_IDF_CAP: Final = 3.0
 
@@ -545,6 +552,7 @@ class _Profile:
     prior: float
     asked_by: frozenset[str]
     unasked: float
+    brand: frozenset[str]
 
 
 @lru_cache(maxsize=64)
@@ -654,6 +662,8 @@ def _profile(food: Food, manufacturer: str, survey: bool) -> _Profile:
         prior=prior * group_factor,
         asked_by=asked_by,
         unasked=group_factor,
+        brand=frozenset(word for name in _BRAND.findall(food.description) for word in _terms(name))
+        or (frozenset({"brand"}) if manufacturer else frozenset()),
     )
 
 
@@ -665,6 +675,7 @@ class _Query:
     methods: tuple[str, ...]
     all_words: frozenset[str]
     head_noun: str
+    naming: frozenset[str] = frozenset()  # the words that name the food, not how it was made
 
     @property
     def searched(self) -> tuple[str, ...]:
@@ -711,11 +722,20 @@ def _extra_cost(profile: _Profile, query: _Query) -> float:
     return variants + sum(by_weight)
 
 
+def _found_in_parts(term: str, terms: frozenset[str]) -> bool:
+    """Whether a hyphenated word is in a food as separate words: "low-fat" in "low fat"."""
+    return "-" in term and all(_stem(part) in terms for part in term.split("-") if part)
+
+
 def _score(profile: _Profile, query: _Query) -> tuple[float, float]:
     """(ranking score, confidence in [0, 1]) of one food for one description."""
     total = sum(query.weights.values()) or 1.0
     covered = sum(
-        weight if term in profile.terms else weight / 2 if term in profile.group_terms else 0.0
+        weight
+        if term in profile.terms or _found_in_parts(term, profile.terms)
+        else weight / 2
+        if term in profile.group_terms
+        else 0.0
         for term, weight in query.weights.items()
     )
     coverage = covered / total
@@ -747,6 +767,12 @@ def _score(profile: _Profile, query: _Query) -> tuple[float, float]:
     if not named:
         confidence *= 0.8
     confidence *= asked
+    if query.head_noun and query.head_noun not in profile.terms:
+        confidence *= _UNNAMED_HEAD  # "cabbage rolls" are not cabbage
+    if profile.brand and not profile.brand & query.all_words:
+        confidence *= _UNASKED_BRAND  # a maker's dish only for its name
+    if any(term not in profile.terms and term not in profile.group_terms for term in query.naming):
+        confidence *= _UNCOVERED_WORD  # "coconut shrimp": a dish of shrimp, not plain shrimp
     score = coverage * fit * state * specificity * prior
     return score, max(0.0, min(1.0, confidence))
 
@@ -1027,6 +1053,15 @@ class NutritionTable:
             methods,
             frozenset(words) | frozenset(method_words),
             _head_noun(_words(description.split(",", 1)[0])),
+            frozenset(
+                term
+                for term in terms
+                # a hyphenated word is found by its parts: "low-fat" in "low fat"
+                if term not in _WEAK
+                and term not in method_parts
+                and "-" not in term
+                and not _DIGIT.search(term)
+            ),
         )
 
     def _rank(

@@ -448,7 +448,8 @@ _GENERIC_MARKERS: Final = _stems("all average mixed")
 # Diet and special variants: a plain description means the ordinary food.
 _VARIANT_WORDS: Final = _stems(
     "reduced low lowfat nonfat non-fat fat-free free light lite diet dietary special "
-    "sugar-free gluten-free decaffeinated imitation substitute sweetened"
+    "sugar-free gluten-free decaffeinated imitation substitute sweetened "
+    "whole-wheat whole-grain multigrain multi-grain mixed-grain reduced-calorie"
 )
 _PREPARED_GROUPS: Final = frozenset(
     {"Fast Foods", "Restaurant Foods", "Meals, Entrees, and Side Dishes"}
@@ -713,7 +714,11 @@ def _extra_cost(profile: _Profile, query: _Query) -> float:
     variants = 0.0
     by_common_name = bool(profile.common & query.all_words)
     for word, weight in profile.extras.items():
-        if word in query.all_words or (by_common_name and word == profile.head):
+        if (
+            word in query.all_words
+            or _found_in_parts(word, query.all_words)
+            or (by_common_name and word == profile.head)
+        ):
             continue  # "Pasta, cooked" is what "spaghetti" means, by its common name
         if word in _VARIANT_WORDS:
             variants += 1.0

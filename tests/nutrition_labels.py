@@ -290,6 +290,15 @@ TUNING_FOODS: tuple[Label, ...] = (
     _label("sauteed kale", "11234 11236 11623 11790 11791 11792", "sauteed"),
     _label("steamed carrots", "11125 11757", "steamed"),
     _label("pasta", "20121 20321 20421 20521"),
+    # generic breads: the plain kind
+    _label("everything bagel", "18001 18406 18407 18408"),
+    _label("dinner roll", "18342"),
+    _label("pita bread", "18041 18413"),
+    _label("whole wheat toast", "18076 18078"),
+    _label("white bread", "18069 18416"),
+    # hyphenated wordings
+    _label("low-fat plain yogurt", "01117"),
+    _label("part-skim ricotta", "01037"),
 )
 # Mixed dishes (and one drink) SR28 carries in no fitting form: none should match anything.
 TUNING_DISHES: tuple[str, ...] = (
@@ -316,4 +325,16 @@ TUNING_DISHES: tuple[str, ...] = (
     "beef goulash",
     "spaghetti carbonara",
     "oat milk",
+    "coconut shrimp",
+    "chicken adobo",
+    "shrimp tempura",
+    "fish tacos",
+    "honey garlic salmon",
+    "lemon rice",
+    "spring rolls",
+    "chicken curry",
+    "egg curry",
+    "cabbage rolls",
+    "mango lassi",
+    "garlic butter shrimp",
 )

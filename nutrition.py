@@ -357,6 +357,7 @@ _CANONICAL: Final = {
     "salted": "salt",
     "unsalted": "unsalt",
     "toast": "toasted",
+    "pearl": "pearled",
 }
 # Words about the serving, not the food: no weight in the match, and no cost as SR28 extras.
 _FILLERS: Final = _stems(
@@ -364,7 +365,8 @@ _FILLERS: Final = _stems(
     "cup mug bottle can side small medium large homemade home made typical style photo picture "
     "image food meal dish fresh cut sliced slices slice chopped topped served fillet scoop "
     "handful wedge chunk table tray spoon fork knife napkin hand person background wooden "
-    "one two three four five six half-dozen dozen few couple crumbled crumbles"
+    "one two three four five six half-dozen dozen few couple crumbled crumbles diced cubed "
+    "halved quartered peeled pitted deveined shelled floret cubes bone"
 )
 # Words that weigh little in the match: "plain yogurt" should still find an unplain one.
 _SOFT: Final = _stems("plain regular whole")
@@ -544,6 +546,7 @@ class _Profile:
     heated: bool
     head: str
     head_noun: str
+    leading: tuple[frozenset[str], ...]  # the naming words of the first parts: "Chicken, skin"
     extras: Mapping[str, float]
     cooked: bool
     raw: bool
@@ -602,6 +605,13 @@ def _head_noun(words: Iterable[str]) -> str:
     return named[-1] if named else ""
 
 
+def _qualifiers(words: Sequence[str]) -> frozenset[str]:
+    """The words after "with" in a description: they qualify its food, they do not name it."""
+    if "with" not in words:
+        return frozenset()
+    return frozenset(words[words.index("with") + 1 :]) - _FILLERS
+
+
 def _profile(food: Food, manufacturer: str, survey: bool) -> _Profile:
     parts = [part for part in food.description.split(",") if _segment_words(part)] or [""]
     segments = [_segment_words(part) or ("",) for part in parts]
@@ -654,6 +664,11 @@ def _profile(food: Food, manufacturer: str, survey: bool) -> _Profile:
         heated=bool(term_set & _COOKED_WORDS - {"prepared"}),
         head=heads[0] if heads else segments[head_at][0],
         head_noun=_head_noun(stated[stated_at]),
+        leading=tuple(
+            part
+            for part in (frozenset(segment) - _FILLERS for segment in stated[: stated_at + 2])
+            if part
+        ),
         extras=extras,
         cooked=cooked,
         raw=not cooked and bool(word_set & _RAW_WORDS),
@@ -677,6 +692,7 @@ class _Query:
     all_words: frozenset[str]
     head_noun: str
     naming: frozenset[str] = frozenset()  # the words that name the food, not how it was made
+    qualifiers: frozenset[str] = frozenset()  # what follows "with": "thigh with skin"
 
     @property
     def searched(self) -> tuple[str, ...]:
@@ -750,7 +766,9 @@ def _score(profile: _Profile, query: _Query) -> tuple[float, float]:
     )
     phrase = 0.85 + 0.15 * together / total
     same_noun = bool(query.head_noun) and query.head_noun == profile.head_noun
-    if profile.head in query.all_words or profile.common & query.all_words:
+    if query.qualifiers and any(part <= query.qualifiers for part in profile.leading):
+        head = 0.85  # "chicken thigh with skin" is a thigh, not "Chicken, skin"
+    elif profile.head in query.all_words or profile.common & query.all_words:
         head = 1.0
     else:
         head = 0.95 if profile.head in _SPECIES_HEADS else 0.85
@@ -1067,6 +1085,7 @@ class NutritionTable:
                 and "-" not in term
                 and not _DIGIT.search(term)
             ),
+            _qualifiers(_words(description.split(",", 1)[0])),
         )
 
     def _rank(

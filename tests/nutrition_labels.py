@@ -300,6 +300,26 @@ TUNING_FOODS: tuple[Label, ...] = (
     # hyphenated wordings
     _label("low-fat plain yogurt", "01117"),
     _label("part-skim ricotta", "01037"),
+    # skin and bone as qualifiers of a cut
+    _label("turkey drumstick with skin", "05737 43367"),
+    _label("chicken breast with skin", "05058 05059 05060 05061 05348"),
+    _label(
+        "bone-in chicken thigh",
+        "05092 05093 05094 05095 05097 05098 05099 05345 05351 05672 05677 05681 05683 05690 05692",
+    ),
+    _label("braised chicken thigh with skin", "05677 05690 05095", "braised"),
+    # preparation words that name no food
+    _label("diced mango", "09176"),
+    _label("peeled shrimp", "15151 15271"),
+    _label("cauliflower florets", "11135"),
+    # dried fruit named as sold
+    _label("dried apricots", "09032"),
+    _label("dried figs", "09094"),
+    _label("dried cranberries", "09079"),
+    # plated grains
+    _label("wild rice", "20089"),
+    _label("pearl barley", "20006"),
+    _label("bulgur", "20013"),
 )
 # Mixed dishes (and one drink) SR28 carries in no fitting form: none should match anything.
 TUNING_DISHES: tuple[str, ...] = (

@@ -326,6 +326,14 @@ _PHRASES: Final = {
     "grape tomatoes": "tomatoes",
     "baby spinach": "spinach",
     "bell pepper": "pepper sweet",
+    "whole wheat": "whole-wheat",
+    "whole grain": "whole-grain",
+    "jasmine rice": "rice white long-grain",
+    "basmati rice": "rice white long-grain",
+    "hamburger bun": "rolls hamburger",
+    "hamburger buns": "rolls hamburger",
+    "hot dog bun": "rolls hotdog",
+    "hot dog buns": "rolls hotdog",
     "bell peppers": "peppers sweet",
     "string cheese": "mozzarella low moisture part-skim",
     "cheese stick": "mozzarella low moisture part-skim",
@@ -443,6 +451,8 @@ _GENERIC_HEADS: Final = _stems(
     "fish beverages snacks fastfood fast foods cereals ready-to-eat alcoholic candies "
     "crustaceans mollusks babyfood restaurant soup sauce desserts spices nuts saladdressing"
 )
+# Generic first words naming another food than what follows: "Sauce, oyster" is no oyster.
+_OTHER_FOOD_HEADS: Final = _stems("sauce soup")
 # The animal a meat comes from: SR28 names it first, a model often leaves it out.
 _SPECIES_HEADS: Final = _stems("beef pork chicken turkey lamb veal")
 # Words of SR28's catch-all entries ("all types", "mixed species", "year round average").
@@ -476,6 +486,8 @@ _CONNECTORS: Final = frozenset({"with", "in", "and", "or", "on"})
 # Extras weigh by where they stand: "Yogurt, vanilla" is another food, "..., 8 ounce" is not.
 _EXTRA_WEIGHTS: Final = (1.0, 0.7, 0.4)
 _LATE_EXTRA: Final = 0.15
+# A diet or grain variant the description does not ask for weighs more than other extras.
+_VARIANT_COST: Final = 1.5
 # Confidence lost when the description's noun is not the food's, when the food is a maker's
 # the description does not name, and when a naming word of the description is not in the food.
 _UNNAMED_HEAD: Final = 0.85
@@ -546,6 +558,8 @@ class _Profile:
     heated: bool
     head: str
     head_noun: str
+    other_food: frozenset[str]
+    nouns: frozenset[str]  # the head noun, and after a bare animal its cut: "Pork, cured, bacon"
     leading: tuple[frozenset[str], ...]  # the naming words of the first parts: "Chicken, skin"
     extras: Mapping[str, float]
     cooked: bool
@@ -664,6 +678,15 @@ def _profile(food: Food, manufacturer: str, survey: bool) -> _Profile:
         heated=bool(term_set & _COOKED_WORDS - {"prepared"}),
         head=heads[0] if heads else segments[head_at][0],
         head_noun=_head_noun(stated[stated_at]),
+        other_food=frozenset(segments[0]) & _OTHER_FOOD_HEADS if head_at else frozenset(),
+        nouns=frozenset(
+            _head_noun(segment)
+            for segment in (
+                stated[stated_at:]
+                if set(stated[stated_at]) <= _SPECIES_HEADS
+                else stated[stated_at : stated_at + 1]
+            )
+        ),
         leading=tuple(
             part
             for part in (frozenset(segment) - _FILLERS for segment in stated[: stated_at + 2])
@@ -737,7 +760,7 @@ def _extra_cost(profile: _Profile, query: _Query) -> float:
         ):
             continue  # "Pasta, cooked" is what "spaghetti" means, by its common name
         if word in _VARIANT_WORDS:
-            variants += 1.0
+            variants += _VARIANT_COST
         else:
             by_weight[weight] = True
     return variants + sum(by_weight)
@@ -765,9 +788,11 @@ def _score(profile: _Profile, query: _Query) -> tuple[float, float]:
         for segment in (*profile.segments, profile.common)
     )
     phrase = 0.85 + 0.15 * together / total
-    same_noun = bool(query.head_noun) and query.head_noun == profile.head_noun
+    same_noun = bool(query.head_noun) and query.head_noun in profile.nouns
     if query.qualifiers and any(part <= query.qualifiers for part in profile.leading):
         head = 0.85  # "chicken thigh with skin" is a thigh, not "Chicken, skin"
+    elif profile.other_food and not profile.other_food & query.all_words:
+        head = 0.75  # "oysters" are not oyster sauce
     elif profile.head in query.all_words or profile.common & query.all_words:
         head = 1.0
     else:

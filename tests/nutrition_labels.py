@@ -320,6 +320,17 @@ TUNING_FOODS: tuple[Label, ...] = (
     _label("wild rice", "20089"),
     _label("pearl barley", "20006"),
     _label("bulgur", "20013"),
+    # rice varieties SR28 counts as long-grain white rice
+    _label("jasmine rice", "20045 20345 20445 20545"),
+    _label("basmati rice", "20045 20345 20445 20545"),
+    # everyday names of plated foods
+    _label("turkey burger", "05664 05667 05670"),
+    _label("tuna steak", "15118 15220 15221"),
+    _label("hamburger bun", "18350"),
+    _label("naan", "28307"),
+    _label("bacon", "10860 10861 10862"),
+    _label("oysters", "15168 15169 15231 15244 15246"),
+    _label("hot dog", "07022 07945 07949 07950 07939"),
 )
 # Mixed dishes (and one drink) SR28 carries in no fitting form: none should match anything.
 TUNING_DISHES: tuple[str, ...] = (

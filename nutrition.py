@@ -330,6 +330,8 @@ _PHRASES: Final = {
     "whole grain": "whole-grain",
     "jasmine rice": "rice white long-grain",
     "basmati rice": "rice white long-grain",
+    "toast": "bread toasted",  # a slice of toast is toasted bread
+    "french toast": "frenchtoast",
     "hamburger bun": "rolls hamburger",
     "hamburger buns": "rolls hamburger",
     "hot dog bun": "rolls hotdog",
@@ -366,6 +368,7 @@ _CANONICAL: Final = {
     "unsalted": "unsalt",
     "toast": "toasted",
     "pearl": "pearled",
+    "burger": "patty",  # a burger on a plate is the patty: "Beef, ground, ..., patty"
 }
 # Words about the serving, not the food: no weight in the match, and no cost as SR28 extras.
 _FILLERS: Final = _stems(

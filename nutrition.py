@@ -494,6 +494,7 @@ _VARIANT_COST: Final = 1.5
 # Confidence lost when the description's noun is not the food's, when the food is a maker's
 # the description does not name, and when a naming word of the description is not in the food.
 _UNNAMED_HEAD: Final = 0.85
+_UNNAMED_MEAT: Final = 0.8
 _UNASKED_BRAND: Final = 0.85
 _UNCOVERED_WORD: Final = 0.88
 # A cooking word SR28 rarely or never uses ("seared") weighs no more than a common one.
@@ -822,8 +823,15 @@ def _score(profile: _Profile, query: _Query) -> tuple[float, float]:
         confidence *= _UNNAMED_HEAD  # "cabbage rolls" are not cabbage
     if profile.brand and not profile.brand & query.all_words:
         confidence *= _UNASKED_BRAND  # a maker's dish only for its name
-    if any(term not in profile.terms and term not in profile.group_terms for term in query.naming):
+    missing = [
+        term
+        for term in query.naming
+        if term not in profile.terms and term not in profile.group_terms
+    ]
+    if missing:
         confidence *= _UNCOVERED_WORD  # "coconut shrimp": a dish of shrimp, not plain shrimp
+    if any(term in _SPECIES_HEADS for term in missing):
+        confidence *= _UNNAMED_MEAT  # "pork dumplings" are not cheese dumplings
     score = coverage * fit * state * specificity * prior
     return score, max(0.0, min(1.0, confidence))
 

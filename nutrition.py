@@ -392,7 +392,7 @@ _RAW_WORDS: Final = _stems("raw uncooked unprepared")
 _WEAK: Final = _SOFT | _COOKED_WORDS | _RAW_WORDS
 # Forms sold to be made into the food: powders, concentrates, mixes.
 _PROCESSED_WORDS: Final = _stems(
-    "dry dehydrated powder concentrate condensed evaporated undiluted mix freeze-dried"
+    "dry dehydrated powder concentrate condensed evaporated undiluted mix freeze-dried dough"
 )
 # The close SR28 wordings of a method a model names, best first.
 _METHOD_KIN: Final = {
@@ -564,6 +564,7 @@ class _Profile:
     head_noun: str
     other_food: frozenset[str]
     nouns: frozenset[str]  # the head noun, and after a bare animal its cut: "Pork, cured, bacon"
+    added: frozenset[str]  # what the food has "with": "Potato salad with egg"
     leading: tuple[frozenset[str], ...]  # the naming words of the first parts: "Chicken, skin"
     extras: Mapping[str, float]
     cooked: bool
@@ -691,6 +692,7 @@ def _profile(food: Food, manufacturer: str, survey: bool) -> _Profile:
                 else stated[stated_at : stated_at + 1]
             )
         ),
+        added=frozenset(word for segment in stated[stated_at:] for word in _qualifiers(segment)),
         leading=tuple(
             part
             for part in (frozenset(segment) - _FILLERS for segment in stated[: stated_at + 2])
@@ -826,7 +828,8 @@ def _score(profile: _Profile, query: _Query) -> tuple[float, float]:
     missing = [
         term
         for term in query.naming
-        if term not in profile.terms and term not in profile.group_terms
+        if (term not in profile.terms and term not in profile.group_terms)
+        or (term in profile.added and term not in query.qualifiers)  # "egg salad"
     ]
     if missing:
         confidence *= _UNCOVERED_WORD  # "coconut shrimp": a dish of shrimp, not plain shrimp

@@ -331,6 +331,7 @@ TUNING_FOODS: tuple[Label, ...] = (
     _label("bacon", "10860 10861 10862"),
     _label("oysters", "15168 15169 15231 15244 15246"),
     _label("hot dog", "07022 07945 07949 07950 07939"),
+    _label("coleslaw", "21127 36035"),
 )
 # Mixed dishes (and one drink) SR28 carries in no fitting form: none should match anything.
 TUNING_DISHES: tuple[str, ...] = (
@@ -369,4 +370,9 @@ TUNING_DISHES: tuple[str, ...] = (
     "cabbage rolls",
     "mango lassi",
     "garlic butter shrimp",
+    "egg salad",
+    "pork dumplings",
+    "acai bowl",
+    "biscuits and gravy",
+    "miso soup",
 )

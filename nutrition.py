@@ -459,7 +459,7 @@ _OTHER_FOOD_HEADS: Final = _stems("sauce soup")
 # The animal a meat comes from: SR28 names it first, a model often leaves it out.
 _SPECIES_HEADS: Final = _stems("beef pork chicken turkey lamb veal")
 # Words of SR28's catch-all entries ("all types", "mixed species", "year round average").
-_GENERIC_MARKERS: Final = _stems("all average mixed")
+_GENERIC_MARKERS: Final = _stems("all average mixed regular")
 # Diet and special variants: a plain description means the ordinary food.
 _VARIANT_WORDS: Final = _stems(
     "reduced low lowfat nonfat non-fat fat-free free light lite diet dietary special "

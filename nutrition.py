@@ -466,6 +466,9 @@ _VARIANT_WORDS: Final = _stems(
     "sugar-free gluten-free decaffeinated imitation substitute sweetened "
     "whole-wheat whole-grain multigrain multi-grain mixed-grain reduced-calorie"
 )
+# Cured and luncheon meats, whose ordinary kind is pork or beef; their poultry kinds are variants.
+_RED_MEAT_GROUPS: Final = frozenset({"Sausages and Luncheon Meats"})
+_POULTRY: Final = _stems("turkey chicken poultry")
 _PREPARED_GROUPS: Final = frozenset(
     {"Fast Foods", "Restaurant Foods", "Meals, Entrees, and Side Dishes"}
 )
@@ -564,6 +567,7 @@ class _Profile:
     head_noun: str
     other_food: frozenset[str]
     nouns: frozenset[str]  # the head noun, and after a bare animal its cut: "Pork, cured, bacon"
+    variants: frozenset[str]  # poultry kinds of a cured meat: "Turkey bacon"
     added: frozenset[str]  # what the food has "with": "Potato salad with egg"
     leading: tuple[frozenset[str], ...]  # the naming words of the first parts: "Chicken, skin"
     extras: Mapping[str, float]
@@ -664,6 +668,10 @@ def _profile(food: Food, manufacturer: str, survey: bool) -> _Profile:
                 word in _SPECIES_HEADS and (position or index)  # "burrito, with beef"
             ):
                 extras.setdefault(word, weight)
+    # Bacon, hot dogs and salami are pork or beef unless the description names the bird.
+    poultry = word_set & _POULTRY if food.group in _RED_MEAT_GROUPS else frozenset()
+    for word in poultry:
+        extras[word] = 1.0
     heads = [word for word in segments[head_at] if word not in _GENERIC_HEADS]
     term_set = frozenset(terms)
     cooked = (bool(term_set & _COOKED_WORDS) and not word_set & _RAW_WORDS - {"raw"}) or (
@@ -692,6 +700,7 @@ def _profile(food: Food, manufacturer: str, survey: bool) -> _Profile:
                 else stated[stated_at : stated_at + 1]
             )
         ),
+        variants=poultry,
         added=frozenset(word for segment in stated[stated_at:] for word in _qualifiers(segment)),
         leading=tuple(
             part
@@ -765,7 +774,7 @@ def _extra_cost(profile: _Profile, query: _Query) -> float:
             or (by_common_name and word == profile.head)
         ):
             continue  # "Pasta, cooked" is what "spaghetti" means, by its common name
-        if word in _VARIANT_WORDS:
+        if word in _VARIANT_WORDS or word in profile.variants:
             variants += _VARIANT_COST
         else:
             by_weight[weight] = True
@@ -802,7 +811,9 @@ def _score(profile: _Profile, query: _Query) -> tuple[float, float]:
     elif profile.head in query.all_words or profile.common & query.all_words:
         head = 1.0
     else:
-        head = 0.95 if profile.head in _SPECIES_HEADS else 0.85
+        head = 0.85
+        if profile.head in _SPECIES_HEADS:  # "bacon" is "Pork, cured, bacon"
+            head = 1.0 if same_noun else 0.95
     named = head == 1.0 or same_noun or profile.head in _SPECIES_HEADS
     if same_noun:
         head *= 1.08  # "chocolate milk" is milk, "milk chocolate" is chocolate

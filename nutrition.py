@@ -327,6 +327,9 @@ _PHRASES: Final = {
     "baby spinach": "spinach",
     "bell pepper": "pepper sweet",
     "whole wheat": "whole-wheat",
+    "yellow squash": "squash summer crookneck",
+    "snow peas": "peas edible-podded",
+    "ghee": "butter oil anhydrous",
     "whole grain": "whole-grain",
     "jasmine rice": "rice white long-grain",
     "basmati rice": "rice white long-grain",
@@ -345,6 +348,7 @@ _PHRASES: Final = {
     "skin-on": "meat and skin",
     # fat-free in SR28's word
     "fat-free": "nonfat",
+    "low fat": "lowfat",
     "fat free": "nonfat",
     "0% fat": "nonfat",
     "0% milkfat": "nonfat",
@@ -368,7 +372,9 @@ _CANONICAL: Final = {
     "unsalted": "unsalt",
     "toast": "toasted",
     "pearl": "pearled",
-    "burger": "patty",  # a burger on a plate is the patty: "Beef, ground, ..., patty"
+    "burger": "patty",
+    "low-fat": "lowfat",
+    "0%": "nonfat",  # a burger on a plate is the patty: "Beef, ground, ..., patty"
 }
 # Words about the serving, not the food: no weight in the match, and no cost as SR28 extras.
 _FILLERS: Final = _stems(
@@ -377,10 +383,11 @@ _FILLERS: Final = _stems(
     "image food meal dish fresh cut sliced slices slice chopped topped served fillet scoop "
     "handful wedge chunk table tray spoon fork knife napkin hand person background wooden "
     "one two three four five six half-dozen dozen few couple crumbled crumbles diced cubed "
-    "halved quartered peeled pitted deveined shelled floret cubes bone"
+    "halved quartered peeled pitted deveined shelled floret cubes bone halves half shavings pat "
+    "slivers"
 )
 # Words that weigh little in the match: "plain yogurt" should still find an unplain one.
-_SOFT: Final = _stems("plain regular whole")
+_SOFT: Final = _stems("plain regular whole shredded")
 # How a food was prepared; these steer the raw/cooked choice, not the text match.
 _COOKED_WORDS: Final = _stems(
     "cooked roasted boiled fried baked broiled grilled braised stewed steamed prepared toasted "
@@ -458,6 +465,8 @@ _GENERIC_HEADS: Final = _stems(
 _OTHER_FOOD_HEADS: Final = _stems("sauce soup")
 # The animal a meat comes from: SR28 names it first, a model often leaves it out.
 _SPECIES_HEADS: Final = _stems("beef pork chicken turkey lamb veal")
+# Classes SR28 names first and a model leaves out: the animal, or "Cheese, parmesan".
+_CLASS_HEADS: Final = _SPECIES_HEADS | _stems("cheese")
 # Words of SR28's catch-all entries ("all types", "mixed species", "year round average").
 _GENERIC_MARKERS: Final = _stems("all average mixed regular")
 # Diet and special variants: a plain description means the ordinary food.
@@ -696,7 +705,7 @@ def _profile(food: Food, manufacturer: str, survey: bool) -> _Profile:
             _head_noun(segment)
             for segment in (
                 stated[stated_at:]
-                if set(stated[stated_at]) <= _SPECIES_HEADS
+                if set(stated[stated_at]) <= _CLASS_HEADS
                 else stated[stated_at : stated_at + 1]
             )
         ),
@@ -812,9 +821,9 @@ def _score(profile: _Profile, query: _Query) -> tuple[float, float]:
         head = 1.0
     else:
         head = 0.85
-        if profile.head in _SPECIES_HEADS:  # "bacon" is "Pork, cured, bacon"
+        if profile.head in _CLASS_HEADS:  # "bacon" is "Pork, cured, bacon"
             head = 1.0 if same_noun else 0.95
-    named = head == 1.0 or same_noun or profile.head in _SPECIES_HEADS
+    named = head == 1.0 or same_noun or profile.head in _CLASS_HEADS
     if same_noun:
         head *= 1.08  # "chocolate milk" is milk, "milk chocolate" is chocolate
     extras = _extra_cost(profile, query)

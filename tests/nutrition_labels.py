@@ -332,6 +332,18 @@ TUNING_FOODS: tuple[Label, ...] = (
     _label("oysters", "15168 15169 15231 15244 15246"),
     _label("hot dog", "07022 07945 07949 07950 07939"),
     _label("coleslaw", "21127 36035"),
+    # serving and preparation words, fat wordings, everyday names
+    _label("apricot halves", "09021"),
+    _label("avocado half", "09037 09038 09039"),
+    _label("butter pat", "01001 01145"),
+    _label("shredded carrots", "11124"),
+    _label("parmesan shavings", "01033"),
+    _label("yellow squash", "11467"),
+    _label("snow peas", "11300"),
+    _label("skim milk 0%", "01085 01086 01151"),
+    _label("low fat cottage cheese", "01015 01016"),
+    _label("ghee", "01003"),
+    _label("gouda", "01022"),
 )
 # Mixed dishes (and one drink) SR28 carries in no fitting form: none should match anything.
 TUNING_DISHES: tuple[str, ...] = (

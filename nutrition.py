@@ -303,6 +303,12 @@ _PHRASES: Final = {
     "oatmeal": "oats cereal",
     "porridge": "oats cereal",
     "sunny side up": "fried",
+    "over easy": "fried",
+    "over medium": "fried",
+    "soft boiled": "boiled",
+    "soft-boiled": "boiled",
+    "angel hair": "pasta",
+    "bow tie": "pasta",
     "hard boiled": "hard-boiled",
     "garbanzo": "chickpeas",
     "garbanzos": "chickpeas",
@@ -372,6 +378,16 @@ _CANONICAL: Final = {
     "unsalted": "unsalt",
     "toast": "toasted",
     "pearl": "pearled",
+    "crawfish": "crayfish",
+    "calamari": "squid",
+    # pasta shapes SR28 counts as its one "Pasta"
+    "linguine": "pasta",
+    "fettuccine": "pasta",
+    "rigatoni": "pasta",
+    "fusilli": "pasta",
+    "orzo": "pasta",
+    "ziti": "pasta",
+    "tagliatelle": "pasta",
     "burger": "patty",
     "low-fat": "lowfat",
     "0%": "nonfat",  # a burger on a plate is the patty: "Beef, ground, ..., patty"
@@ -439,8 +455,9 @@ _PLATED_GROUPS: Final = frozenset(
         "Cereal Grains and Pasta",
     }
 )
-# Ways of cooking that add fat: a plated food named with no method is not assumed to be one.
-_FRIED_WORDS: Final = _stems("fried pan-fried deep-fried batter breaded flour")
+# Ways of cooking that add fat or make another product (smoked fish): a plated food named
+# with no method is not assumed to be one.
+_FRIED_WORDS: Final = _stems("fried pan-fried deep-fried batter breaded flour smoked")
 # Foods of other groups eaten cooked, by their first word: eggs.
 _PLATED_HEADS: Final = _stems("egg")
 # SR28 words that say little about which food it is; they cost nothing as extras.
@@ -462,7 +479,7 @@ _GENERIC_HEADS: Final = _stems(
     "crustaceans mollusks babyfood restaurant soup sauce desserts spices nuts saladdressing"
 )
 # Generic first words naming another food than what follows: "Sauce, oyster" is no oyster.
-_OTHER_FOOD_HEADS: Final = _stems("sauce soup")
+_OTHER_FOOD_HEADS: Final = _stems("sauce soup alcoholic")
 # The animal a meat comes from: SR28 names it first, a model often leaves it out.
 _SPECIES_HEADS: Final = _stems("beef pork chicken turkey lamb veal")
 # Classes SR28 names first and a model leaves out: the animal, or "Cheese, parmesan".
@@ -754,8 +771,8 @@ def _state_factor(profile: _Profile, query: _Query) -> float:
     if query.cooked is None and profile.plated:  # chicken, rice, eggs on a plate: cooked
         if profile.raw:
             return factor * 0.6
-        # Fried or breaded only when the description says so: it adds the fat.
-        return factor * (0.85 if not profile.cooked else 0.9 if profile.fried else 1.0)
+        # Fried, breaded or smoked only when the description says so.
+        return factor * (0.85 if not profile.cooked or profile.fried else 1.0)
     if query.cooked is None:  # a banana, a glass of milk: as sold
         return factor * (0.95 if profile.heated else 1.0)
     if not query.cooked:

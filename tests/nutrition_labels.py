@@ -344,6 +344,15 @@ TUNING_FOODS: tuple[Label, ...] = (
     _label("low fat cottage cheese", "01015 01016"),
     _label("ghee", "01003"),
     _label("gouda", "01022"),
+    # plated fish, seafood, eggs and grains by their everyday names
+    _label("haddock", "15034"),
+    _label("crawfish", "15146 15243"),
+    _label("calamari", "15176"),
+    _label("soft boiled egg", "01129"),
+    _label("eggs over easy", "01128"),
+    _label("linguine", "20121 20321 20421 20521"),
+    _label("orzo", "20121 20321 20421 20521"),
+    _label("rice", "20045 20345 20445 20545"),
 )
 # Mixed dishes (and one drink) SR28 carries in no fitting form: none should match anything.
 TUNING_DISHES: tuple[str, ...] = (

@@ -482,6 +482,8 @@ _GENERIC_HEADS: Final = _stems(
 _OTHER_FOOD_HEADS: Final = _stems("sauce soup alcoholic")
 # The animal a meat comes from: SR28 names it first, a model often leaves it out.
 _SPECIES_HEADS: Final = _stems("beef pork chicken turkey lamb veal")
+# Meat and fish a dish is made of: a food without the one named is another dish.
+_PROTEIN_WORDS: Final = _SPECIES_HEADS | _stems("fish seafood shrimp salmon tuna crab lobster")
 # Classes SR28 names first and a model leaves out: the animal, or "Cheese, parmesan".
 _CLASS_HEADS: Final = _SPECIES_HEADS | _stems("cheese")
 # Words of SR28's catch-all entries ("all types", "mixed species", "year round average").
@@ -490,7 +492,8 @@ _GENERIC_MARKERS: Final = _stems("all average mixed regular")
 _VARIANT_WORDS: Final = _stems(
     "reduced low lowfat nonfat non-fat fat-free free light lite diet dietary special "
     "sugar-free gluten-free decaffeinated imitation substitute sweetened "
-    "whole-wheat whole-grain multigrain multi-grain mixed-grain reduced-calorie"
+    "whole-wheat whole-grain multigrain multi-grain mixed-grain reduced-calorie vegetarian "
+    "meatless vegan"
 )
 # Cured and luncheon meats, whose ordinary kind is pork or beef; their poultry kinds are variants.
 _RED_MEAT_GROUPS: Final = frozenset({"Sausages and Luncheon Meats"})
@@ -524,7 +527,7 @@ _VARIANT_COST: Final = 1.5
 # the description does not name, and when a naming word of the description is not in the food.
 _UNNAMED_HEAD: Final = 0.85
 _UNNAMED_MEAT: Final = 0.8
-_UNASKED_BRAND: Final = 0.85
+_UNASKED_BRAND: Final = 0.75
 _UNCOVERED_WORD: Final = 0.88
 # A cooking word SR28 rarely or never uses ("seared") weighs no more than a common one.
 _METHOD_IDF_CAP: Final = 3.0
@@ -870,7 +873,7 @@ def _score(profile: _Profile, query: _Query) -> tuple[float, float]:
     ]
     if missing:
         confidence *= _UNCOVERED_WORD  # "coconut shrimp": a dish of shrimp, not plain shrimp
-    if any(term in _SPECIES_HEADS for term in missing):
+    if any(term in _PROTEIN_WORDS for term in missing):
         confidence *= _UNNAMED_MEAT  # "pork dumplings" are not cheese dumplings
     score = coverage * fit * state * specificity * prior
     return score, max(0.0, min(1.0, confidence))

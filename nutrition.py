@@ -322,6 +322,8 @@ _PHRASES: Final = {
     "salad dressing": "saladdressing",
     "chocolate bar": "chocolate candies",
     "candy bar": "candies",
+    "calcium propionate": "calciumpropionate",  # a preservative, and SR28's "ca prop"
+    "ca prop": "calciumpropionate",
     # everyday names of foods SR28 words otherwise
     "half and half": "halfandhalf cream",
     "half-and-half": "halfandhalf cream",
@@ -470,7 +472,7 @@ _NEUTRAL: Final = (
         "species usda commodity ns nfs as purchased ready-to-eat ready ready-to-serve serve "
         "edible vitamin vitamins a d ascorbic acid fortified unfortified milkfat grade grades "
         "choice select year round average boneless bone-in separable lean trimmed flesh cured "
-        "brewed unsweetened broiler fryer class classes"
+        "brewed unsweetened broiler fryer class classes calciumpropionate"
     )
 )
 # Generic first words of SR28 descriptions: the food itself is named after them.

@@ -297,6 +297,9 @@ TUNING_FOODS: tuple[Label, ...] = (
     _label("pita bread", "18041 18413"),
     _label("whole wheat toast", "18076 18078"),
     _label("white bread", "18069 18416"),
+    _label("toasted bagel", "18002"),
+    _label("onion bagel", "18001 18406 18407 18408"),
+    _label("poppy seed bagel", "18001 18406 18407 18408"),
     # hyphenated wordings
     _label("low-fat plain yogurt", "01117"),
     _label("part-skim ricotta", "01037"),

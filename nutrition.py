@@ -337,6 +337,8 @@ _PHRASES: Final = {
     "whole wheat": "whole-wheat",
     "yellow squash": "squash summer crookneck",
     "snow peas": "peas edible-podded",
+    "black-eyed peas": "cowpeas blackeyes",
+    "black eyed peas": "cowpeas blackeyes",
     "ghee": "butter oil anhydrous",
     "whole grain": "whole-grain",
     "jasmine rice": "rice white long-grain",
@@ -489,7 +491,9 @@ _PROTEIN_WORDS: Final = _SPECIES_HEADS | _stems("fish seafood shrimp salmon tuna
 # Classes SR28 names first and a model leaves out: the animal, or "Cheese, parmesan".
 _CLASS_HEADS: Final = _SPECIES_HEADS | _stems("cheese")
 # Words of SR28's catch-all entries ("all types", "mixed species", "year round average").
-_GENERIC_MARKERS: Final = _stems("all average mixed regular")
+_GENERIC_MARKERS: Final = _stems("all average mixed")
+# SR28's ordinary kind, where it stands as a part of its own: "Rice, white, long-grain, regular".
+_ORDINARY: Final = ("regular",)
 # Diet and special variants: a plain description means the ordinary food.
 _VARIANT_WORDS: Final = _stems(
     "reduced low lowfat nonfat non-fat fat-free free light lite diet dietary special "
@@ -711,7 +715,7 @@ def _profile(food: Food, manufacturer: str, survey: bool) -> _Profile:
     prior = (1.0 if survey else 0.9) * (
         0.75 if manufacturer or _BRAND.search(food.description) else 1.0
     )
-    if word_set & _GENERIC_MARKERS:
+    if word_set & _GENERIC_MARKERS or _ORDINARY in stated:
         prior *= 1.1
     group_factor, asked_by = _ASKED_GROUPS.get(food.group, (1.0, frozenset()))
     return _Profile(

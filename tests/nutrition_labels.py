@@ -356,6 +356,9 @@ TUNING_FOODS: tuple[Label, ...] = (
     _label("linguine", "20121 20321 20421 20521"),
     _label("orzo", "20121 20321 20421 20521"),
     _label("rice", "20045 20345 20445 20545"),
+    _label("black-eyed peas", "16063 16363 11192 11777 11196 11778"),
+    # vegetables named plainly: as sold
+    _label("corn", "11167 11900"),
 )
 # Mixed dishes (and one drink) SR28 carries in no fitting form: none should match anything.
 TUNING_DISHES: tuple[str, ...] = (

@@ -356,6 +356,7 @@ _PHRASES: Final = {
     # skin as a qualifier of a cut, in SR28's words
     "skinless": "meat only",
     "skin-on": "meat and skin",
+    "with peel": "with skin",
     # fat-free in SR28's word
     "fat-free": "nonfat",
     "low fat": "lowfat",
@@ -403,11 +404,11 @@ _FILLERS: Final = _stems(
     "image food meal dish fresh cut sliced slices slice chopped topped served fillet scoop "
     "handful wedge chunk table tray spoon fork knife napkin hand person background wooden "
     "one two three four five six half-dozen dozen few couple crumbled crumbles diced cubed "
-    "halved quartered peeled pitted deveined shelled floret cubes bone halves half shavings pat "
+    "halved quartered pitted deveined shelled floret cubes bone halves half shavings pat "
     "slivers"
 )
 # Words that weigh little in the match: "plain yogurt" should still find an unplain one.
-_SOFT: Final = _stems("plain regular whole shredded")
+_SOFT: Final = _stems("plain regular whole shredded peeled")
 # How a food was prepared; these steer the raw/cooked choice, not the text match.
 _COOKED_WORDS: Final = _stems(
     "cooked roasted boiled fried baked broiled grilled braised stewed steamed prepared toasted "
@@ -462,6 +463,8 @@ _PLATED_GROUPS: Final = frozenset(
 # Ways of cooking that add fat or make another product (smoked fish): a plated food named
 # with no method is not assumed to be one.
 _FRIED_WORDS: Final = _stems("fried pan-fried deep-fried batter breaded flour smoked")
+# Parts of a food a description says it comes with: "thigh with skin", "cucumber with peel".
+_PART_WORDS: Final = _stems("skin peel bone bones rind shell seeds")
 # Foods of other groups eaten cooked, by their first word: eggs.
 _PLATED_HEADS: Final = _stems("egg")
 # SR28 words that say little about which food it is; they cost nothing as extras.
@@ -604,7 +607,8 @@ class _Profile:
     nouns: frozenset[str]  # the head noun, and after a bare animal its cut: "Pork, cured, bacon"
     variants: frozenset[str]  # poultry kinds of a cured meat: "Turkey bacon"
     added: frozenset[str]  # what the food has "with": "Potato salad with egg"
-    leading: tuple[frozenset[str], ...]  # the naming words of the first parts: "Chicken, skin"
+    leading: tuple[frozenset[str], ...]  # the naming words of each part: "Chicken, skin"
+    lacking: frozenset[str]  # what the food is "without": "without skin and bones"
     extras: Mapping[str, float]
     cooked: bool
     raw: bool
@@ -664,10 +668,10 @@ def _head_noun(words: Iterable[str]) -> str:
 
 
 def _qualifiers(words: Sequence[str]) -> frozenset[str]:
-    """The words after "with" in a description: they qualify its food, they do not name it."""
+    """The parts of the food a description keeps "with" it ("with skin"): not another food."""
     if "with" not in words:
         return frozenset()
-    return frozenset(words[words.index("with") + 1 :]) - _FILLERS
+    return frozenset(words[words.index("with") + 1 :]) & _PART_WORDS
 
 
 def _profile(food: Food, manufacturer: str, survey: bool) -> _Profile:
@@ -738,9 +742,14 @@ def _profile(food: Food, manufacturer: str, survey: bool) -> _Profile:
         variants=poultry,
         added=frozenset(word for segment in stated[stated_at:] for word in _qualifiers(segment)),
         leading=tuple(
-            part
-            for part in (frozenset(segment) - _FILLERS for segment in stated[: stated_at + 2])
-            if part
+            part for part in (frozenset(segment) - _FILLERS for segment in stated) if part
+        ),
+        lacking=frozenset(
+            word
+            for segment in stated
+            if segment[0] == "without"
+            for word in segment[1:]
+            if word not in _FILLERS
         ),
         extras=extras,
         cooked=cooked,
@@ -826,7 +835,8 @@ def _score(profile: _Profile, query: _Query) -> tuple[float, float]:
     total = sum(query.weights.values()) or 1.0
     covered = sum(
         weight
-        if term in profile.terms or _found_in_parts(term, profile.terms)
+        if (term in profile.terms and term not in profile.lacking)
+        or _found_in_parts(term, profile.terms)
         else weight / 2
         if term in profile.group_terms
         else 0.0
@@ -1139,6 +1149,7 @@ class NutritionTable:
         if not any(word not in _COOKED_WORDS and word not in _RAW_WORDS for word in terms):
             return None
         # Soft words and methods weigh little: "fried rice" is rice, but the fried kind.
+        qualifiers = _qualifiers(_words(description.split(",", 1)[0]))
         # The parts of a hyphenated cooking word ("pan" of "pan-seared") say how, not what.
         method_parts = {
             part
@@ -1149,7 +1160,7 @@ class NutritionTable:
         weights = {
             term: (
                 0.3 * min(self._idf.get(term, self._unknown_idf), _METHOD_IDF_CAP)
-                if term in _WEAK or term in method_parts
+                if term in _WEAK or term in method_parts or term in qualifiers
                 else self._idf.get(term, self._unknown_idf)
             )
             for term in terms
@@ -1167,10 +1178,11 @@ class NutritionTable:
                 # a hyphenated word is found by its parts: "low-fat" in "low fat"
                 if term not in _WEAK
                 and term not in method_parts
+                and term not in qualifiers  # "with skin" qualifies the fillet
                 and "-" not in term
                 and not _DIGIT.search(term)
             ),
-            _qualifiers(_words(description.split(",", 1)[0])),
+            qualifiers,
         )
 
     def _rank(

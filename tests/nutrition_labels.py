@@ -311,6 +311,11 @@ TUNING_FOODS: tuple[Label, ...] = (
         "05092 05093 05094 05095 05097 05098 05099 05345 05351 05672 05677 05681 05683 05690 05692",
     ),
     _label("braised chicken thigh with skin", "05677 05690 05095", "braised"),
+    _label("salmon fillet with skin", "15082 15086 15209 15210 15211 15212 15237 15239 15247"),
+    _label("cucumber with skin", "11205"),
+    _label("boiled potatoes with skin", "11365 11831", "boiled"),
+    _label("roasted red potatoes with skin", "11358", "roasted"),
+    _label("turkey leg with skin", "05194"),
     # preparation words that name no food
     _label("diced mango", "09176"),
     _label("peeled shrimp", "15151 15271"),

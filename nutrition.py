@@ -814,7 +814,7 @@ def _extra_cost(profile: _Profile, query: _Query) -> float:
     for word, weight in profile.extras.items():
         if (
             word in query.all_words
-            or _found_in_parts(word, query.all_words)
+            or ("-" in word and _found_in_parts(word, query.all_words))
             or (by_common_name and word == profile.head)
         ):
             continue  # "Pasta, cooked" is what "spaghetti" means, by its common name
@@ -836,7 +836,7 @@ def _score(profile: _Profile, query: _Query) -> tuple[float, float]:
     covered = sum(
         weight
         if (term in profile.terms and term not in profile.lacking)
-        or _found_in_parts(term, profile.terms)
+        or ("-" in term and _found_in_parts(term, profile.terms))
         else weight / 2
         if term in profile.group_terms
         else 0.0
@@ -877,10 +877,20 @@ def _score(profile: _Profile, query: _Query) -> tuple[float, float]:
     if not named:
         confidence *= 0.8
     confidence *= asked
+    score = coverage * fit * state * specificity * prior
+    return score, max(0.0, min(1.0, confidence))
+
+
+def _doubt(profile: _Profile, query: _Query) -> float:
+    """What the best food's confidence keeps when it may be another dish than the described.
+
+    Worked out for the best-ranked food only: it never changes the order.
+    """
+    doubt = 1.0
     if query.head_noun and query.head_noun not in profile.terms:
-        confidence *= _UNNAMED_HEAD  # "cabbage rolls" are not cabbage
+        doubt *= _UNNAMED_HEAD  # "cabbage rolls" are not cabbage
     if profile.brand and not profile.brand & query.all_words:
-        confidence *= _UNASKED_BRAND  # a maker's dish only for its name
+        doubt *= _UNASKED_BRAND  # a maker's dish only for its name
     missing = [
         term
         for term in query.naming
@@ -888,11 +898,10 @@ def _score(profile: _Profile, query: _Query) -> tuple[float, float]:
         or (term in profile.added and term not in query.qualifiers)  # "egg salad"
     ]
     if missing:
-        confidence *= _UNCOVERED_WORD  # "coconut shrimp": a dish of shrimp, not plain shrimp
+        doubt *= _UNCOVERED_WORD  # "coconut shrimp": a dish of shrimp, not plain shrimp
     if any(term in _PROTEIN_WORDS for term in missing):
-        confidence *= _UNNAMED_MEAT  # "pork dumplings" are not cheese dumplings
-    score = coverage * fit * state * specificity * prior
-    return score, max(0.0, min(1.0, confidence))
+        doubt *= _UNNAMED_MEAT  # "pork dumplings" are not cheese dumplings
+    return doubt
 
 
 # --- per-process index connections -----------------------------------------------------------
@@ -1193,7 +1202,10 @@ class NutritionTable:
         method: str | None,
         prefix_last: bool = False,
     ) -> list[tuple[Food, float, float]]:
-        """(food, confidence, score) for the index's candidates, best first."""
+        """(food, confidence, score) for the index's candidates, best first.
+
+        Only the best food's confidence is complete: the others' only rank it.
+        """
         query = self._query(description, cooked, method)
         if query is None:
             return []
@@ -1210,6 +1222,9 @@ class NutritionTable:
             score, confidence = _score(self._profile(ndb_no), query)
             scored.append((self._foods[ndb_no], confidence, score))
         scored.sort(key=lambda item: (-item[2], len(item[0].description), item[0].ndb_no))
+        if scored:  # the best food's confidence in full; the others' only rank
+            best, confidence, score = scored[0]
+            scored[0] = (best, confidence * _doubt(self._profile(best.ndb_no), query), score)
         return scored
 
     def _profile(self, ndb_no: str) -> _Profile:

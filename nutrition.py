@@ -303,6 +303,12 @@ _PHRASES: Final = {
     "oatmeal": "oats cereal",
     "porridge": "oats cereal",
     "sunny side up": "fried",
+    "over easy": "fried",
+    "over medium": "fried",
+    "soft boiled": "boiled",
+    "soft-boiled": "boiled",
+    "angel hair": "pasta",
+    "bow tie": "pasta",
     "hard boiled": "hard-boiled",
     "garbanzo": "chickpeas",
     "garbanzos": "chickpeas",
@@ -316,6 +322,47 @@ _PHRASES: Final = {
     "salad dressing": "saladdressing",
     "chocolate bar": "chocolate candies",
     "candy bar": "candies",
+    "calcium propionate": "calciumpropionate",  # a preservative, and SR28's "ca prop"
+    "ca prop": "calciumpropionate",
+    # everyday names of foods SR28 words otherwise
+    "half and half": "halfandhalf cream",
+    "half-and-half": "halfandhalf cream",
+    "soy milk": "soymilk",
+    "cherry tomato": "tomato",
+    "cherry tomatoes": "tomatoes",
+    "grape tomato": "tomato",
+    "grape tomatoes": "tomatoes",
+    "baby spinach": "spinach",
+    "bell pepper": "pepper sweet",
+    "whole wheat": "whole-wheat",
+    "yellow squash": "squash summer crookneck",
+    "snow peas": "peas edible-podded",
+    "black-eyed peas": "cowpeas blackeyes",
+    "black eyed peas": "cowpeas blackeyes",
+    "ghee": "butter oil anhydrous",
+    "whole grain": "whole-grain",
+    "jasmine rice": "rice white long-grain",
+    "basmati rice": "rice white long-grain",
+    "toast": "bread toasted",  # a slice of toast is toasted bread
+    "french toast": "frenchtoast",
+    "hamburger bun": "rolls hamburger",
+    "hamburger buns": "rolls hamburger",
+    "hot dog bun": "rolls hotdog",
+    "hot dog buns": "rolls hotdog",
+    "bell peppers": "peppers sweet",
+    "string cheese": "mozzarella low moisture part-skim",
+    "cheese stick": "mozzarella low moisture part-skim",
+    "cheese sticks": "mozzarella low moisture part-skim",
+    # skin as a qualifier of a cut, in SR28's words
+    "skinless": "meat only",
+    "skin-on": "meat and skin",
+    "with peel": "with skin",
+    # fat-free in SR28's word
+    "fat-free": "nonfat",
+    "low fat": "lowfat",
+    "fat free": "nonfat",
+    "0% fat": "nonfat",
+    "0% milkfat": "nonfat",
 }
 _PHRASE = re.compile(
     r"\b(?:" + "|".join(sorted(map(re.escape, _PHRASES), key=len, reverse=True)) + r")\b"
@@ -335,28 +382,45 @@ _CANONICAL: Final = {
     "salted": "salt",
     "unsalted": "unsalt",
     "toast": "toasted",
+    "pearl": "pearled",
+    "crawfish": "crayfish",
+    "calamari": "squid",
+    # pasta shapes SR28 counts as its one "Pasta"
+    "linguine": "pasta",
+    "fettuccine": "pasta",
+    "rigatoni": "pasta",
+    "fusilli": "pasta",
+    "orzo": "pasta",
+    "ziti": "pasta",
+    "tagliatelle": "pasta",
+    "burger": "patty",
+    "low-fat": "lowfat",
+    "0%": "nonfat",  # a burger on a plate is the patty: "Beef, ground, ..., patty"
 }
 # Words about the serving, not the food: no weight in the match, and no cost as SR28 extras.
 _FILLERS: Final = _stems(
     "a an the of with and or in on to for some piece pieces serving portion plate bowl glass "
     "cup mug bottle can side small medium large homemade home made typical style photo picture "
     "image food meal dish fresh cut sliced slices slice chopped topped served fillet scoop "
-    "handful wedge chunk table tray spoon fork knife napkin hand person background wooden"
+    "handful wedge chunk table tray spoon fork knife napkin hand person background wooden "
+    "one two three four five six half-dozen dozen few couple crumbled crumbles diced cubed "
+    "halved quartered pitted deveined shelled floret cubes bone halves half shavings pat "
+    "slivers"
 )
 # Words that weigh little in the match: "plain yogurt" should still find an unplain one.
-_SOFT: Final = _stems("plain regular whole")
+_SOFT: Final = _stems("plain regular whole shredded peeled")
 # How a food was prepared; these steer the raw/cooked choice, not the text match.
 _COOKED_WORDS: Final = _stems(
     "cooked roasted boiled fried baked broiled grilled braised stewed steamed prepared toasted "
     "scrambled poached heated microwaved simmered sauteed stir-fried pan-fried deep-fried "
     "hard-boiled dryheat moistheat smoked barbecued rotisserie omelet oven-heated pan-broiled "
-    "microwave"
+    "microwave seared pan-seared charred air-fried blackened"
 )
 _RAW_WORDS: Final = _stems("raw uncooked unprepared")
 _WEAK: Final = _SOFT | _COOKED_WORDS | _RAW_WORDS
 # Forms sold to be made into the food: powders, concentrates, mixes.
 _PROCESSED_WORDS: Final = _stems(
-    "dry dehydrated powder concentrate condensed undiluted mix freeze-dried"
+    "dry dehydrated powder concentrate condensed evaporated undiluted mix freeze-dried dough"
 )
 # The close SR28 wordings of a method a model names, best first.
 _METHOD_KIN: Final = {
@@ -378,7 +442,31 @@ _METHOD_KIN: Final = {
     "toasted": ("toasted",),
     "microwaved": ("microwaved", "microwave"),
     "smoked": ("smoked",),
+    "seared": ("pan-fried", "fried", "broiled", "dryheat", "pan-broiled"),
+    "pan-seared": ("pan-fried", "fried", "broiled", "dryheat", "pan-broiled"),
+    "charred": ("grilled", "broiled", "roasted", "dryheat"),
+    "blackened": ("grilled", "broiled", "pan-fried", "dryheat"),
+    "air-fried": ("roasted", "baked", "fried", "dryheat"),
 }
+# Groups whose foods are eaten cooked: a plated one named with no cooking word is cooked.
+_PLATED_GROUPS: Final = frozenset(
+    {
+        "Poultry Products",
+        "Pork Products",
+        "Beef Products",
+        "Lamb, Veal, and Game Products",
+        "Finfish and Shellfish Products",
+        "Legumes and Legume Products",
+        "Cereal Grains and Pasta",
+    }
+)
+# Ways of cooking that add fat or make another product (smoked fish): a plated food named
+# with no method is not assumed to be one.
+_FRIED_WORDS: Final = _stems("fried pan-fried deep-fried batter breaded flour smoked")
+# Parts of a food a description says it comes with: "thigh with skin", "cucumber with peel".
+_PART_WORDS: Final = _stems("skin peel bone bones rind shell seeds")
+# Foods of other groups eaten cooked, by their first word: eggs.
+_PLATED_HEADS: Final = _stems("egg")
 # SR28 words that say little about which food it is; they cost nothing as extras.
 _NEUTRAL: Final = (
     _FILLERS
@@ -389,7 +477,7 @@ _NEUTRAL: Final = (
         "species usda commodity ns nfs as purchased ready-to-eat ready ready-to-serve serve "
         "edible vitamin vitamins a d ascorbic acid fortified unfortified milkfat grade grades "
         "choice select year round average boneless bone-in separable lean trimmed flesh cured "
-        "brewed unsweetened broiler fryer class classes"
+        "brewed unsweetened broiler fryer class classes calciumpropionate"
     )
 )
 # Generic first words of SR28 descriptions: the food itself is named after them.
@@ -397,15 +485,28 @@ _GENERIC_HEADS: Final = _stems(
     "fish beverages snacks fastfood fast foods cereals ready-to-eat alcoholic candies "
     "crustaceans mollusks babyfood restaurant soup sauce desserts spices nuts saladdressing"
 )
+# Generic first words naming another food than what follows: "Sauce, oyster" is no oyster.
+_OTHER_FOOD_HEADS: Final = _stems("sauce soup alcoholic")
 # The animal a meat comes from: SR28 names it first, a model often leaves it out.
 _SPECIES_HEADS: Final = _stems("beef pork chicken turkey lamb veal")
+# Meat and fish a dish is made of: a food without the one named is another dish.
+_PROTEIN_WORDS: Final = _SPECIES_HEADS | _stems("fish seafood shrimp salmon tuna crab lobster")
+# Classes SR28 names first and a model leaves out: the animal, or "Cheese, parmesan".
+_CLASS_HEADS: Final = _SPECIES_HEADS | _stems("cheese")
 # Words of SR28's catch-all entries ("all types", "mixed species", "year round average").
 _GENERIC_MARKERS: Final = _stems("all average mixed")
+# SR28's ordinary kind, where it stands as a part of its own: "Rice, white, long-grain, regular".
+_ORDINARY: Final = ("regular",)
 # Diet and special variants: a plain description means the ordinary food.
 _VARIANT_WORDS: Final = _stems(
     "reduced low lowfat nonfat non-fat fat-free free light lite diet dietary special "
-    "sugar-free gluten-free decaffeinated imitation substitute sweetened"
+    "sugar-free gluten-free decaffeinated imitation substitute sweetened "
+    "whole-wheat whole-grain multigrain multi-grain mixed-grain reduced-calorie vegetarian "
+    "meatless vegan"
 )
+# Cured and luncheon meats, whose ordinary kind is pork or beef; their poultry kinds are variants.
+_RED_MEAT_GROUPS: Final = frozenset({"Sausages and Luncheon Meats"})
+_POULTRY: Final = _stems("turkey chicken poultry")
 _PREPARED_GROUPS: Final = frozenset(
     {"Fast Foods", "Restaurant Foods", "Meals, Entrees, and Side Dishes"}
 )
@@ -416,7 +517,11 @@ _ASKED_GROUPS: Final = {
     "Fast Foods": (0.85, _stems("fastfood restaurant")),
     "Restaurant Foods": (0.85, _stems("fastfood restaurant")),
 }
-_WORD = re.compile(r"[a-z0-9%]+(?:[-.][a-z0-9]+)*")
+_WORD = re.compile(r"[a-z0-9%]+(?:[-.][a-z0-9%]+)*")
+# Percentages, as SR28 and labels write them: "70-85%" and "45- 59%" ranges, "3.25 %", "80/20".
+_PERCENT_RANGE = re.compile(r"\b(\d{1,2})\s*-\s*(\d{1,2})\s*%")
+_PERCENT = re.compile(r"\b(\d+(?:\.\d+)?)\s+%")
+_LEAN_FAT = re.compile(r"\b(\d{2})\s*/\s*(\d{1,2})\b(?!\s*%)")
 _BRAND = re.compile(r"\b[A-Z][A-Z'&.]{2,}\b")
 _PARENTHESES = re.compile(r"\([^)]*\)?")
 _DIGIT = re.compile(r"\d")
@@ -425,11 +530,39 @@ _CONNECTORS: Final = frozenset({"with", "in", "and", "or", "on"})
 # Extras weigh by where they stand: "Yogurt, vanilla" is another food, "..., 8 ounce" is not.
 _EXTRA_WEIGHTS: Final = (1.0, 0.7, 0.4)
 _LATE_EXTRA: Final = 0.15
+# A diet or grain variant the description does not ask for weighs more than other extras.
+_VARIANT_COST: Final = 1.5
+# Confidence lost when the description's noun is not the food's, when the food is a maker's
+# the description does not name, and when a naming word of the description is not in the food.
+_UNNAMED_HEAD: Final = 0.85
+_UNNAMED_MEAT: Final = 0.8
+_UNASKED_BRAND: Final = 0.75
+_UNCOVERED_WORD: Final = 0.88
+# A cooking word SR28 rarely or never uses ("seared") weighs no more than a common one.
+_METHOD_IDF_CAP: Final = 3.0
+
+
+def _percent_range(found: re.Match[str]) -> str:
+    """ "70-85%" as every whole percentage it spans, so "72% cacao" is found inside it."""
+    low, high = int(found.group(1)), int(found.group(2))
+    if not low < high:
+        return found.group()
+    return " ".join(f"{percent}%" for percent in range(low, high + 1))
+
+
+def _lean_fat(found: re.Match[str]) -> str:
+    """ "80/20" ground meat is 80% lean meat / 20% fat, as SR28 words it."""
+    lean, fat = int(found.group(1)), int(found.group(2))
+    if lean + fat != 100:
+        return found.group()
+    return f"{lean}% lean {fat}% fat"
 
 
 def _words(text: str) -> list[str]:
     """The normalised whole words of a description, in order."""
-    lowered = _PHRASE.sub(lambda found: _PHRASES[found.group()], text.lower())
+    lowered = _PERCENT.sub(r"\1%", text.lower())
+    lowered = _LEAN_FAT.sub(_lean_fat, _PERCENT_RANGE.sub(_percent_range, lowered))
+    lowered = _PHRASE.sub(lambda found: _PHRASES[found.group()], lowered)
     words: list[str] = []
     for word in _WORD.findall(lowered):
         stemmed = _stem(_CANONICAL.get(word, word))
@@ -470,12 +603,22 @@ class _Profile:
     heated: bool
     head: str
     head_noun: str
+    other_food: frozenset[str]
+    nouns: frozenset[str]  # the head noun, and after a bare animal its cut: "Pork, cured, bacon"
+    variants: frozenset[str]  # poultry kinds of a cured meat: "Turkey bacon"
+    added: frozenset[str]  # what the food has "with": "Potato salad with egg"
+    leading: tuple[frozenset[str], ...]  # the naming words of each part: "Chicken, skin"
+    lacking: frozenset[str]  # what the food is "without": "without skin and bones"
     extras: Mapping[str, float]
     cooked: bool
     raw: bool
+    plated: bool
+    fried: bool
     processed: frozenset[str]
     prior: float
     asked_by: frozenset[str]
+    unasked: float
+    brand: frozenset[str]
 
 
 @lru_cache(maxsize=64)
@@ -524,6 +667,13 @@ def _head_noun(words: Iterable[str]) -> str:
     return named[-1] if named else ""
 
 
+def _qualifiers(words: Sequence[str]) -> frozenset[str]:
+    """The parts of the food a description keeps "with" it ("with skin"): not another food."""
+    if "with" not in words:
+        return frozenset()
+    return frozenset(words[words.index("with") + 1 :]) & _PART_WORDS
+
+
 def _profile(food: Food, manufacturer: str, survey: bool) -> _Profile:
     parts = [part for part in food.description.split(",") if _segment_words(part)] or [""]
     segments = [_segment_words(part) or ("",) for part in parts]
@@ -557,6 +707,10 @@ def _profile(food: Food, manufacturer: str, survey: bool) -> _Profile:
                 word in _SPECIES_HEADS and (position or index)  # "burrito, with beef"
             ):
                 extras.setdefault(word, weight)
+    # Bacon, hot dogs and salami are pork or beef unless the description names the bird.
+    poultry = word_set & _POULTRY if food.group in _RED_MEAT_GROUPS else frozenset()
+    for word in poultry:
+        extras[word] = 1.0
     heads = [word for word in segments[head_at] if word not in _GENERIC_HEADS]
     term_set = frozenset(terms)
     cooked = (bool(term_set & _COOKED_WORDS) and not word_set & _RAW_WORDS - {"raw"}) or (
@@ -565,7 +719,7 @@ def _profile(food: Food, manufacturer: str, survey: bool) -> _Profile:
     prior = (1.0 if survey else 0.9) * (
         0.75 if manufacturer or _BRAND.search(food.description) else 1.0
     )
-    if word_set & _GENERIC_MARKERS:
+    if word_set & _GENERIC_MARKERS or _ORDINARY in stated:
         prior *= 1.1
     group_factor, asked_by = _ASKED_GROUPS.get(food.group, (1.0, frozenset()))
     return _Profile(
@@ -576,12 +730,38 @@ def _profile(food: Food, manufacturer: str, survey: bool) -> _Profile:
         heated=bool(term_set & _COOKED_WORDS - {"prepared"}),
         head=heads[0] if heads else segments[head_at][0],
         head_noun=_head_noun(stated[stated_at]),
+        other_food=frozenset(segments[0]) & _OTHER_FOOD_HEADS if head_at else frozenset(),
+        nouns=frozenset(
+            _head_noun(segment)
+            for segment in (
+                stated[stated_at:]
+                if set(stated[stated_at]) <= _CLASS_HEADS
+                else stated[stated_at : stated_at + 1]
+            )
+        ),
+        variants=poultry,
+        added=frozenset(word for segment in stated[stated_at:] for word in _qualifiers(segment)),
+        leading=tuple(
+            part for part in (frozenset(segment) - _FILLERS for segment in stated) if part
+        ),
+        lacking=frozenset(
+            word
+            for segment in stated
+            if segment[0] == "without"
+            for word in segment[1:]
+            if word not in _FILLERS
+        ),
         extras=extras,
         cooked=cooked,
         raw=not cooked and bool(word_set & _RAW_WORDS),
+        plated=food.group in _PLATED_GROUPS or segments[0][0] in _PLATED_HEADS,
+        fried=bool(term_set & _FRIED_WORDS),
         processed=word_set & _PROCESSED_WORDS if not cooked else frozenset(),
         prior=prior * group_factor,
         asked_by=asked_by,
+        unasked=group_factor,
+        brand=frozenset(word for name in _BRAND.findall(food.description) for word in _terms(name))
+        or (frozenset({"brand"}) if manufacturer else frozenset()),
     )
 
 
@@ -593,6 +773,8 @@ class _Query:
     methods: tuple[str, ...]
     all_words: frozenset[str]
     head_noun: str
+    naming: frozenset[str] = frozenset()  # the words that name the food, not how it was made
+    qualifiers: frozenset[str] = frozenset()  # what follows "with": "thigh with skin"
 
     @property
     def searched(self) -> tuple[str, ...]:
@@ -604,6 +786,11 @@ class _Query:
 def _state_factor(profile: _Profile, query: _Query) -> float:
     """How well the food's raw or prepared state fits the description's."""
     factor = 0.75 if profile.processed - query.all_words else 1.0
+    if query.cooked is None and profile.plated:  # chicken, rice, eggs on a plate: cooked
+        if profile.raw:
+            return factor * 0.6
+        # Fried, breaded or smoked only when the description says so.
+        return factor * (0.85 if not profile.cooked or profile.fried else 1.0)
     if query.cooked is None:  # a banana, a glass of milk: as sold
         return factor * (0.95 if profile.heated else 1.0)
     if not query.cooked:
@@ -625,20 +812,34 @@ def _extra_cost(profile: _Profile, query: _Query) -> float:
     variants = 0.0
     by_common_name = bool(profile.common & query.all_words)
     for word, weight in profile.extras.items():
-        if word in query.all_words or (by_common_name and word == profile.head):
+        if (
+            word in query.all_words
+            or ("-" in word and _found_in_parts(word, query.all_words))
+            or (by_common_name and word == profile.head)
+        ):
             continue  # "Pasta, cooked" is what "spaghetti" means, by its common name
-        if word in _VARIANT_WORDS:
-            variants += 1.0
+        if word in _VARIANT_WORDS or word in profile.variants:
+            variants += _VARIANT_COST
         else:
             by_weight[weight] = True
     return variants + sum(by_weight)
+
+
+def _found_in_parts(term: str, terms: frozenset[str]) -> bool:
+    """Whether a hyphenated word is in a food as separate words: "low-fat" in "low fat"."""
+    return "-" in term and all(_stem(part) in terms for part in term.split("-") if part)
 
 
 def _score(profile: _Profile, query: _Query) -> tuple[float, float]:
     """(ranking score, confidence in [0, 1]) of one food for one description."""
     total = sum(query.weights.values()) or 1.0
     covered = sum(
-        weight if term in profile.terms else weight / 2 if term in profile.group_terms else 0.0
+        weight
+        if (term in profile.terms and term not in profile.lacking)
+        or ("-" in term and _found_in_parts(term, profile.terms))
+        else weight / 2
+        if term in profile.group_terms
+        else 0.0
         for term, weight in query.weights.items()
     )
     coverage = covered / total
@@ -647,27 +848,60 @@ def _score(profile: _Profile, query: _Query) -> tuple[float, float]:
         for segment in (*profile.segments, profile.common)
     )
     phrase = 0.85 + 0.15 * together / total
-    same_noun = bool(query.head_noun) and query.head_noun == profile.head_noun
-    if profile.head in query.all_words or profile.common & query.all_words:
+    same_noun = bool(query.head_noun) and query.head_noun in profile.nouns
+    if query.qualifiers and any(part <= query.qualifiers for part in profile.leading):
+        head = 0.85  # "chicken thigh with skin" is a thigh, not "Chicken, skin"
+    elif profile.other_food and not profile.other_food & query.all_words:
+        head = 0.75  # "oysters" are not oyster sauce
+    elif profile.head in query.all_words or profile.common & query.all_words:
         head = 1.0
     else:
-        head = 0.95 if profile.head in _SPECIES_HEADS else 0.85
-    named = head == 1.0 or same_noun or profile.head in _SPECIES_HEADS
+        head = 0.85
+        if profile.head in _CLASS_HEADS:  # "bacon" is "Pork, cured, bacon"
+            head = 1.0 if same_noun else 0.95
+    named = head == 1.0 or same_noun or profile.head in _CLASS_HEADS
     if same_noun:
         head *= 1.08  # "chocolate milk" is milk, "milk chocolate" is chocolate
     extras = _extra_cost(profile, query)
     specificity = 1.0 / (1.0 + 0.12 * extras)
     prior = profile.prior
+    asked = 1.0
     if profile.asked_by and profile.asked_by & query.all_words:
         prior = 1.0
+    elif profile.asked_by:
+        asked = profile.unasked  # baby food for "oat milk": only the nearest of weak matches
     state = _state_factor(profile, query)
     fit = coverage * head * phrase
     # Sure only when the description names the food itself, not just one of its qualifiers.
     confidence = fit * min(state, 1.0) * (0.6 + 0.4 * specificity) * (0.7 + 0.3 * prior)
     if not named:
         confidence *= 0.8
+    confidence *= asked
     score = coverage * fit * state * specificity * prior
     return score, max(0.0, min(1.0, confidence))
+
+
+def _doubt(profile: _Profile, query: _Query) -> float:
+    """What the best food's confidence keeps when it may be another dish than the described.
+
+    Worked out for the best-ranked food only: it never changes the order.
+    """
+    doubt = 1.0
+    if query.head_noun and query.head_noun not in profile.terms:
+        doubt *= _UNNAMED_HEAD  # "cabbage rolls" are not cabbage
+    if profile.brand and not profile.brand & query.all_words:
+        doubt *= _UNASKED_BRAND  # a maker's dish only for its name
+    missing = [
+        term
+        for term in query.naming
+        if (term not in profile.terms and term not in profile.group_terms)
+        or (term in profile.added and term not in query.qualifiers)  # "egg salad"
+    ]
+    if missing:
+        doubt *= _UNCOVERED_WORD  # "coconut shrimp": a dish of shrimp, not plain shrimp
+    if any(term in _PROTEIN_WORDS for term in missing):
+        doubt *= _UNNAMED_MEAT  # "pork dumplings" are not cheese dumplings
+    return doubt
 
 
 # --- per-process index connections -----------------------------------------------------------
@@ -924,8 +1158,20 @@ class NutritionTable:
         if not any(word not in _COOKED_WORDS and word not in _RAW_WORDS for word in terms):
             return None
         # Soft words and methods weigh little: "fried rice" is rice, but the fried kind.
+        qualifiers = _qualifiers(_words(description.split(",", 1)[0]))
+        # The parts of a hyphenated cooking word ("pan" of "pan-seared") say how, not what.
+        method_parts = {
+            part
+            for word in terms
+            if word in _COOKED_WORDS and "-" in word
+            for part in word.split("-")
+        }
         weights = {
-            term: self._idf.get(term, self._unknown_idf) * (0.3 if term in _WEAK else 1.0)
+            term: (
+                0.3 * min(self._idf.get(term, self._unknown_idf), _METHOD_IDF_CAP)
+                if term in _WEAK or term in method_parts or term in qualifiers
+                else self._idf.get(term, self._unknown_idf)
+            )
             for term in terms
         }
         return _Query(
@@ -935,6 +1181,17 @@ class NutritionTable:
             methods,
             frozenset(words) | frozenset(method_words),
             _head_noun(_words(description.split(",", 1)[0])),
+            frozenset(
+                term
+                for term in terms
+                # a hyphenated word is found by its parts: "low-fat" in "low fat"
+                if term not in _WEAK
+                and term not in method_parts
+                and term not in qualifiers  # "with skin" qualifies the fillet
+                and "-" not in term
+                and not _DIGIT.search(term)
+            ),
+            qualifiers,
         )
 
     def _rank(
@@ -945,7 +1202,10 @@ class NutritionTable:
         method: str | None,
         prefix_last: bool = False,
     ) -> list[tuple[Food, float, float]]:
-        """(food, confidence, score) for the index's candidates, best first."""
+        """(food, confidence, score) for the index's candidates, best first.
+
+        Only the best food's confidence is complete: the others' only rank it.
+        """
         query = self._query(description, cooked, method)
         if query is None:
             return []
@@ -962,6 +1222,9 @@ class NutritionTable:
             score, confidence = _score(self._profile(ndb_no), query)
             scored.append((self._foods[ndb_no], confidence, score))
         scored.sort(key=lambda item: (-item[2], len(item[0].description), item[0].ndb_no))
+        if scored:  # the best food's confidence in full; the others' only rank
+            best, confidence, score = scored[0]
+            scored[0] = (best, confidence * _doubt(self._profile(best.ndb_no), query), score)
         return scored
 
     def _profile(self, ndb_no: str) -> _Profile:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.matching import figures
 from nutrition import (
     BUNDLED_SR28,
     MATCH_THRESHOLD,
@@ -23,7 +24,14 @@ from nutrition import (
 )
 from tests import held_out_wording
 from tests.conftest import SR28
-from tests.nutrition_labels import COMMON_FOODS, HELD_OUT_FOODS, LABELLED_FOODS, Label
+from tests.nutrition_labels import (
+    COMMON_FOODS,
+    HELD_OUT_FOODS,
+    LABELLED_FOODS,
+    TUNING_DISHES,
+    TUNING_FOODS,
+    Label,
+)
 
 SR28_FILES = (
     "FOOD_DES.txt",
@@ -34,9 +42,15 @@ SR28_FILES = (
     "WEIGHT.txt",
 )
 # The rates this matcher reaches on the two labelled sets, as floors (see the report in -rP).
-LABELLED_MATCH_FLOOR = 0.94
-HELD_OUT_MATCH_FLOOR = 0.90
+LABELLED_MATCH_FLOOR = 0.97
+HELD_OUT_MATCH_FLOOR = 0.94
 ACCEPTANCE_FLOOR = 0.85
+# The target on the held-out wording set (foods and dishes; it reaches 95.5% and 95.5%), and
+# what it reaches on the tuning set.
+HELD_OUT_WORDING_PRECISION_FLOOR = 0.95
+HELD_OUT_WORDING_RECALL_FLOOR = 0.90
+TUNING_PRECISION_FLOOR = 0.94
+TUNING_RECALL_FLOOR = 0.94
 
 
 @pytest.fixture
@@ -211,6 +225,59 @@ def test_held_out_descriptions_match_an_acceptable_food(table: NutritionTable) -
     rate, misses = match_rate(table, HELD_OUT_FOODS)
     print(f"held-out set: {rate:.1%} of {len(HELD_OUT_FOODS)} matched; misses: {misses}")
     assert rate >= HELD_OUT_MATCH_FLOOR, misses
+
+
+def test_held_out_wording_set_is_matched_precisely(table: NutritionTable) -> None:
+    found = figures(table, held_out_wording.HELD_OUT_FOODS, held_out_wording.HELD_OUT_DISHES)
+    print(f"held-out wording set: precision {found.precision:.1%}, recall {found.recall:.1%}")
+    assert found.precision >= HELD_OUT_WORDING_PRECISION_FLOOR, found.misses
+    assert found.recall >= HELD_OUT_WORDING_RECALL_FLOOR, found.misses
+
+
+def test_tuning_set_is_matched_precisely(table: NutritionTable) -> None:
+    found = figures(table, TUNING_FOODS, TUNING_DISHES)
+    print(f"tuning set: precision {found.precision:.1%}, recall {found.recall:.1%}")
+    assert found.precision >= TUNING_PRECISION_FLOOR, found.misses
+    assert found.recall >= TUNING_RECALL_FLOOR, found.misses
+
+
+def test_tuning_set_names_real_foods_and_none_of_the_held_out_wordings(
+    table: NutritionTable,
+) -> None:
+    for label in TUNING_FOODS:
+        unknown = [ndb_no for ndb_no in label.acceptable if table.food(ndb_no) is None]
+        assert label.acceptable, label.description
+        assert not unknown, f"{label.description}: {unknown} are not SR28 foods"
+    held_out = {label.description for label in held_out_wording.HELD_OUT_FOODS}
+    held_out.update(held_out_wording.HELD_OUT_DISHES)
+    assert not held_out & ({label.description for label in TUNING_FOODS} | set(TUNING_DISHES))
+
+
+def test_percentage_of_cacao_falls_within_sr28s_range(table: NutritionTable) -> None:
+    found = table.match("dark chocolate 70%")
+    assert found is not None
+    assert found.ndb_no == "19904"  # Chocolate, dark, 70-85% cacao solids
+
+
+# Dishes the matcher still gives a food: each names SR28 foods in full ("Potato salad with
+# egg", "Acai berry drink"), so only knowing the dish tells them apart.
+KNOWN_DISH_MISSES = frozenset({"egg salad", "acai bowl"})
+
+
+@pytest.mark.parametrize(
+    "dish",
+    [
+        pytest.param(
+            dish,
+            marks=pytest.mark.xfail(reason="matched to a food SR28 names in full", strict=True),
+        )
+        if dish in KNOWN_DISH_MISSES
+        else dish
+        for dish in TUNING_DISHES
+    ],
+)
+def test_dish_sr28_lacks_matches_nothing(table: NutritionTable, dish: str) -> None:
+    assert table.match(dish) is None
 
 
 def test_thirty_common_foods_get_calories_in_the_range_of_the_fitting_foods(

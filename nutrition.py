@@ -333,6 +333,11 @@ _PHRASES: Final = {
     "grape tomato": "tomato",
     "grape tomatoes": "tomatoes",
     "baby spinach": "spinach",
+    "bean sprout": "mung bean sprouted",
+    "bean sprouts": "mung beans sprouted",
+    "tomato sauce": "tomato products canned sauce",
+    "sushi rice": "rice white short-grain cooked",
+    "nori": "seaweed laver",
     "bell pepper": "pepper sweet",
     "whole wheat": "whole-wheat",
     "yellow squash": "squash summer crookneck",
@@ -498,11 +503,13 @@ _GENERIC_MARKERS: Final = _stems("all average mixed")
 # SR28's ordinary kind, where it stands as a part of its own: "Rice, white, long-grain, regular".
 _ORDINARY: Final = ("regular",)
 # Diet and special variants: a plain description means the ordinary food.
+# A coating that adds to what a food is: "Shrimp, cooked, breaded and fried".
+_COATED: Final = _stems("breaded battered")
 _VARIANT_WORDS: Final = _stems(
     "reduced low lowfat nonfat non-fat fat-free free light lite diet dietary special "
     "sugar-free gluten-free decaffeinated imitation substitute sweetened "
     "whole-wheat whole-grain multigrain multi-grain mixed-grain reduced-calorie vegetarian "
-    "meatless vegan"
+    "meatless vegan breaded battered"
 )
 # Cured and luncheon meats, whose ordinary kind is pork or beef; their poultry kinds are variants.
 _RED_MEAT_GROUPS: Final = frozenset({"Sausages and Luncheon Meats"})
@@ -609,6 +616,8 @@ class _Profile:
     added: frozenset[str]  # what the food has "with": "Potato salad with egg"
     leading: tuple[frozenset[str], ...]  # the naming words of each part: "Chicken, skin"
     lacking: frozenset[str]  # what the food is "without": "without skin and bones"
+    # Words only found inside a cooking word: the oil of "Peanuts, oil-roasted" is not its food.
+    medium: frozenset[str]
     extras: Mapping[str, float]
     cooked: bool
     raw: bool
@@ -722,8 +731,20 @@ def _profile(food: Food, manufacturer: str, survey: bool) -> _Profile:
     if word_set & _GENERIC_MARKERS or _ORDINARY in stated:
         prior *= 1.1
     group_factor, asked_by = _ASKED_GROUPS.get(food.group, (1.0, frozenset()))
+    medium = (
+        frozenset(
+            _stem(part)
+            for word in word_set
+            if "-" in word and any(part in _COOKED_WORDS for part in word.split("-"))
+            for part in word.split("-")
+            if part and part not in _COOKED_WORDS
+        )
+        - word_set
+        - frozenset(common)
+    )
     return _Profile(
         terms=term_set | frozenset(common),
+        medium=medium,
         group_terms=group,
         segments=tuple(_segment_terms(part) for part in parts),
         common=frozenset(common),
@@ -798,6 +819,8 @@ def _state_factor(profile: _Profile, query: _Query) -> float:
     if profile.raw:
         return factor * 0.6
     factor *= 1.0 if profile.cooked else 0.85
+    if _COATED & profile.terms - query.all_words:
+        return factor  # a coat of breading is more than a way of cooking: only when asked
     for rank, method in enumerate(query.methods):
         kin = _METHOD_KIN.get(method, (method,))
         hits = [position for position, word in enumerate(kin) if word in profile.terms]
@@ -818,7 +841,9 @@ def _extra_cost(profile: _Profile, query: _Query) -> float:
             or (by_common_name and word == profile.head)
         ):
             continue  # "Pasta, cooked" is what "spaghetti" means, by its common name
-        if word in _VARIANT_WORDS or word in profile.variants:
+        if word in _COATED:
+            variants += 2 * _VARIANT_COST  # breading about doubles what a portion holds
+        elif word in _VARIANT_WORDS or word in profile.variants:
             variants += _VARIANT_COST
         else:
             by_weight[weight] = True
@@ -834,7 +859,7 @@ def _score(profile: _Profile, query: _Query) -> tuple[float, float]:
     """(ranking score, confidence in [0, 1]) of one food for one description."""
     total = sum(query.weights.values()) or 1.0
     covered = sum(
-        weight
+        (weight / 2 if term == query.head_noun and term in profile.medium else weight)
         if (term in profile.terms and term not in profile.lacking)
         or ("-" in term and _found_in_parts(term, profile.terms))
         else weight / 2

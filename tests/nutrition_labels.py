@@ -420,3 +420,41 @@ TUNING_DISHES: tuple[str, ...] = (
     "chilaquiles",
     "pork schnitzel",
 )
+
+# The components the model is asked to list a mixed dish by (SR28 carries none of the dishes
+# above as one food), worded as a model words them: each should be counted from the table.
+DISH_COMPONENTS: dict[str, tuple[Label, ...]] = {
+    "pad thai": (
+        _label("rice noodles, cooked", "20134"),
+        _label("shrimp", "15151 15271", "stir-fried"),
+        _label("scrambled egg", "01132"),
+        _label("roasted peanuts", "16089 16389 16090 16390"),
+        _label("bean sprouts", "11043"),
+        _label("peanut oil", "04042"),
+        _label("lime wedge", "09159"),
+        _label("green onions", "11292"),
+    ),
+    "guacamole": (
+        _label("avocado", "09037 09038 09039"),
+        _label("onion, raw", "11282"),
+        _label("tomato", "11529"),
+        _label("cilantro", "11165"),
+        _label("lime juice", "09160"),
+        _label("jalapeno pepper", "11979"),
+    ),
+    "chicken tikka masala": (
+        _label("chicken thigh", "05097 05098 05099 05345", "roasted"),
+        _label("tomato sauce", "11549 43217"),
+        _label("heavy cream", "01053"),
+        _label("plain yogurt", "01116"),
+        _label("butter", "01001 01145"),
+        _label("basmati rice, cooked", "20045 20345 20445 20545"),
+    ),
+    "california roll": (
+        _label("sushi rice", "20053 20453 20051 20451"),
+        _label("imitation crab", "15138"),
+        _label("avocado", "09037 09038 09039"),
+        _label("cucumber", "11205 11206"),
+        _label("nori seaweed", "11446"),
+    ),
+}

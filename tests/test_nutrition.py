@@ -26,6 +26,7 @@ from tests import held_out_wording
 from tests.conftest import SR28
 from tests.nutrition_labels import (
     COMMON_FOODS,
+    DISH_COMPONENTS,
     HELD_OUT_FOODS,
     LABELLED_FOODS,
     TUNING_DISHES,
@@ -264,20 +265,27 @@ def test_percentage_of_cacao_falls_within_sr28s_range(table: NutritionTable) -> 
 KNOWN_DISH_MISSES = frozenset({"egg salad", "acai bowl"})
 
 
-@pytest.mark.parametrize(
-    "dish",
-    [
-        pytest.param(
-            dish,
-            marks=pytest.mark.xfail(reason="matched to a food SR28 names in full", strict=True),
-        )
-        if dish in KNOWN_DISH_MISSES
-        else dish
-        for dish in TUNING_DISHES
-    ],
-)
+@pytest.mark.parametrize("dish", [dish for dish in TUNING_DISHES if dish not in KNOWN_DISH_MISSES])
 def test_dish_sr28_lacks_matches_nothing(table: NutritionTable, dish: str) -> None:
     assert table.match(dish) is None
+
+
+def test_the_known_dish_misses_are_the_only_tuning_dishes_given_a_food(
+    table: NutritionTable,
+) -> None:
+    matched = {dish for dish in TUNING_DISHES if table.match(dish) is not None}
+    assert matched == KNOWN_DISH_MISSES
+
+
+@pytest.mark.parametrize("dish", list(DISH_COMPONENTS))
+def test_a_mixed_dish_listed_by_its_components_is_counted_component_by_component(
+    table: NutritionTable, dish: str
+) -> None:
+    assert table.match(dish) is None
+    for label in DISH_COMPONENTS[dish]:
+        found = table.match(label.description, method=label.method)
+        assert found is not None, label.description
+        assert found.ndb_no in label.acceptable, f"{label.description} -> {found.description}"
 
 
 def test_thirty_common_foods_get_calories_in_the_range_of_the_fitting_foods(

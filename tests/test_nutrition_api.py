@@ -26,7 +26,7 @@ from tests.conftest import (
     running_gunicorn,
 )
 from tests.fakes import ChatCompletionsServer, RedisServer, UserServiceServer
-from tests.nutrition_labels import COMMON_FOODS, LABELLED_FOODS
+from tests.nutrition_labels import COMMON_FOODS, DISH_COMPONENTS, LABELLED_FOODS
 
 ROOT = Path(__file__).resolve().parents[1]
 SR28_FILES = ("FOOD_DES.txt", "FD_GROUP.txt", "ABBREV.txt", "ABBREV.columns", "NUTR_DEF.txt")
@@ -197,6 +197,31 @@ def test_counting_off_and_another_copy_at_once_is_refused(
 ) -> None:
     with pytest.raises(ConfigError, match="NUTRITION_SOURCE=model turns counting off"):
         make_config(usda_sr28_dir=str(SR28))
+
+
+def test_pad_thai_listed_by_its_components_is_counted_item_by_item(
+    grounded: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    components = DISH_COMPONENTS["pad thai"]
+    model.analysis = {
+        **answer(*(item(label.description, cookingMethod=label.method) for label in components)),
+        "name": "Pad thai",
+    }
+    analysis = analysis_of(grounded, auth_headers)
+    assert analysis["name"] == "Pad thai"
+    for label, counted in zip(components, analysis["items"], strict=True):
+        assert counted["nutritionSource"] == "usda-sr28", label.description
+        assert counted["ndbNo"] in label.acceptable, label.description
+
+
+def test_pad_thai_as_one_item_keeps_the_models_numbers(
+    grounded: FlaskClient, model: ChatCompletionsServer, auth_headers: dict[str, str]
+) -> None:
+    model.analysis = answer(item("pad thai", grams=350, calories=620))
+    [dish] = analysis_of(grounded, auth_headers, 2)["items"]
+    assert dish["nutritionSource"] == "model"
+    assert dish["calories"] == 620
+    assert "ndbNo" not in dish
 
 
 def test_without_the_table_answers_are_the_models(

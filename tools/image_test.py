@@ -61,6 +61,8 @@ LATENCY_GOAL = 1.0
 TINI_WARNING = "Tini is not running as PID 1"
 TOKEN_USER = "image-test-user"
 SR28_OVERRIDE = "deploy/compose.nutrition.yml"
+# The gateway's client_max_body_size, equal to MAX_UPLOAD_MB's default (25).
+GATEWAY_BODY_LIMIT = 25 * 1024 * 1024
 
 
 class ImageTestFailure(AssertionError):
@@ -501,11 +503,14 @@ def check_stack(stack: Stack, token: str) -> None:
 
     too_big = requests.post(
         f"{stack.url}/analyze-food",
-        files={"image": ("big.jpg", b"\0" * (11 * 1024 * 1024), "image/jpeg")},
+        files={"image": ("big.jpg", b"\0" * (GATEWAY_BODY_LIMIT + 1024 * 1024), "image/jpeg")},
         headers={"Authorization": f"Bearer {token}"},
         timeout=30,
     )
-    check(gateway_error(too_big, 413, "payload_too_large"), "an 11 MB body: 413 payload_too_large")
+    check(
+        gateway_error(too_big, 413, "payload_too_large"),
+        f"a body 1 MB over the gateway's {GATEWAY_BODY_LIMIT >> 20} MB: 413 payload_too_large",
+    )
     big_header = requests.get(f"{stack.url}/health", headers={"X-Big": "x" * 80_000}, timeout=10)
     check(
         gateway_error(big_header, 431, "header_too_large"), "an 80 kB header: 431 header_too_large"

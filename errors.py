@@ -25,6 +25,7 @@ class ErrorCode(StrEnum):
     INVALID_TOKEN = "invalid_token"  # noqa: S105
     TOKEN_EXPIRED = "token_expired"  # noqa: S105
     NOT_FOUND = "not_found"
+    PRODUCT_NOT_FOUND = "product_not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     IDEMPOTENCY_KEY_IN_PROGRESS = "idempotency_key_in_progress"
     PAYLOAD_TOO_LARGE = "payload_too_large"
@@ -36,8 +37,10 @@ class ErrorCode(StrEnum):
     HTTP_ERROR = "http_error"
     UPSTREAM_ERROR = "upstream_error"
     USER_SERVICE_ERROR = "user_service_error"
+    PRODUCT_LOOKUP_ERROR = "product_lookup_error"
     AI_NOT_CONFIGURED = "ai_not_configured"
     NUTRITION_NOT_CONFIGURED = "nutrition_not_configured"
+    PRODUCTS_NOT_CONFIGURED = "products_not_configured"
     OVERLOADED = "overloaded"
     STORE_UNAVAILABLE = "store_unavailable"
     UPSTREAM_RATE_LIMITED = "upstream_rate_limited"
@@ -164,6 +167,27 @@ class NutritionNotConfigured(ServiceError):
     code = ErrorCode.NUTRITION_NOT_CONFIGURED
 
 
+class ProductNotFound(ServiceError):
+    """Open Food Facts does not know the barcode, or knows no energy for it (404)."""
+
+    status = 404
+    code = ErrorCode.PRODUCT_NOT_FOUND
+
+
+class ProductLookupError(ServiceError):
+    """Open Food Facts could not be reached, failed, or answered something unusable (502)."""
+
+    status = 502
+    code = ErrorCode.PRODUCT_LOOKUP_ERROR
+
+
+class ProductsNotConfigured(ServiceError):
+    """No Open Food Facts URL is configured, so there is nothing to look barcodes up in (503)."""
+
+    status = 503
+    code = ErrorCode.PRODUCTS_NOT_CONFIGURED
+
+
 class RetryLater(ServiceError):
     """Nothing is wrong with the request, but it cannot be served now; ``Retry-After`` says when."""
 
@@ -185,7 +209,8 @@ class Overloaded(RetryLater):
 
 
 class UpstreamRateLimited(RetryLater):
-    """The model's server asked to wait longer than the service waits for it (503)."""
+    """An upstream cannot be asked now: the model's server asked to wait longer than the service
+    waits for it, or the minute's share of Open Food Facts lookups is spent (503)."""
 
     code = ErrorCode.UPSTREAM_RATE_LIMITED
 

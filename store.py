@@ -67,6 +67,9 @@ class Store(Protocol):
     def extend_if(self, key: str, value: str, ttl: float) -> None:
         """Give the key ``ttl`` more seconds if it still holds ``value``."""
 
+    def count(self, key: str, ttl: float) -> int:
+        """Add one to the counter at ``key`` and return it; a new counter lives ``ttl`` seconds."""
+
     def health(self) -> str:
         """The ``redis`` check of /health."""
 
@@ -170,6 +173,13 @@ COMPARE_AND_EXPIRE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
+# Adds one to a counter, giving it ARGV[1] ms to live when it has no expiry yet (it was just
+# made): PEXPIRE NX, in a script so that every Redis version and a Cluster (one key) take it.
+COUNT_WITHIN = """
+local counted = redis.call('INCR', KEYS[1])
+if redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return counted
+"""
 # Reads a key, dropping it instead when it claims to live longer than ARGV[1] ms (or forever).
 GET_WITHIN = """
 local left = redis.call('PTTL', KEYS[1])
@@ -210,7 +220,7 @@ class RedisStore:
         self.breaker = breaker
         self.kind = kind
         self.scope = scope
-        self.count = count
+        self.count_event = count
 
     def describe(self) -> str:
         """``redis``, ``redis-sentinel`` or ``redis-cluster`` for /health."""
@@ -224,14 +234,14 @@ class RedisStore:
         """
         scope = self.scope()
         if not self.breaker.allows() or (scope is not None and scope.redis_failed):
-            self.count("skipped")
+            self.count_event("skipped")
             raise StoreUnavailable("Redis is skipped for a cool-off")
         try:
             result = command(self.client)
         except REDIS_ERRORS as error:
             if scope is not None:
                 scope.redis_failed = True
-            self.count("error")
+            self.count_event("error")
             opened = self.breaker.failed()
             logger.warning(
                 "Redis connection error on %s: %s%s",
@@ -273,6 +283,12 @@ class RedisStore:
         self.run(
             "PEXPIRE", lambda client: client.eval(COMPARE_AND_EXPIRE, 1, key, value, milliseconds)
         )
+
+    def count(self, key: str, ttl: float) -> int:
+        """Add one to the counter at ``key`` and return it; a new counter lives ``ttl`` seconds."""
+        milliseconds = max(1, int(ttl * 1000))
+        counted = self.run("INCR", lambda client: client.eval(COUNT_WITHIN, 1, key, milliseconds))
+        return int(counted)
 
     def health(self) -> str:
         """``connected``, ``connection failed`` or ``error: <reason>``; ignores the breaker."""
@@ -323,6 +339,13 @@ EMBEDDED_SQL = {
     " size = excluded.size WHERE {table}.expires <= ? OR {table}.expires > ?",
     "delete_if": "DELETE FROM {table} WHERE key = ? AND value = ?",
     "extend_if": "UPDATE {table} SET expires = ? WHERE key = ? AND value = ? AND expires > ?",
+    # Adds one to a counter, starting a new one (with its own expiry) where the key is absent or
+    # expired; one statement, so one transaction, answering the count.
+    "count": "INSERT INTO {table} VALUES (?, '1', ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
+    " value = CASE WHEN {table}.expires <= ? THEN '1'"
+    " ELSE CAST(CAST({table}.value AS INTEGER) + 1 AS TEXT) END,"
+    " expires = CASE WHEN {table}.expires <= ? THEN excluded.expires ELSE {table}.expires END,"
+    " stored = excluded.stored RETURNING value",
     "expire": "DELETE FROM {table} WHERE expires <= ?",
     "size": "SELECT total(size) FROM {table}",
     # The bytes of the file's pages in use beyond an empty store's, whichever table holds them.
@@ -537,7 +560,7 @@ class EmbeddedStore:
         self.problem: str | None = None
         self.written = 0
         self.lock = threading.Lock()
-        self.count = count
+        self.count_event = count
 
     def connection(self) -> sqlite3.Connection:
         """This thread's connection to the file now at the path; opened again when that changed."""
@@ -612,7 +635,7 @@ class EmbeddedStore:
         except (sqlite3.Error, OSError, StoreRefused) as error:
             self.close()
             self.problem = store_problem(error)
-            self.count("error")
+            self.count_event("error")
             logger.warning("Store error on %s in %s: %s", operation, self.path, self.problem)
             raise StoreUnavailable(self.problem) from None
         self.problem = None
@@ -663,6 +686,13 @@ class EmbeddedStore:
         """Give the key ``ttl`` more seconds if it still holds ``value``."""
         now = time.time()
         self.run("extend_if", now + ttl, key, value, now)
+
+    def count(self, key: str, ttl: float) -> int:
+        """Add one to the counter at ``key`` and return it; a new or expired one lives ``ttl`` s."""
+        now, size = time.time(), len(key) + 20
+        rows = self.run("count", key, now + ttl, now, size, now, now).fetchall()
+        self.note_written(size)
+        return int(rows[0][0])
 
     def health(self) -> str:
         """Redis is not configured: the embedded store stands in."""

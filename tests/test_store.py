@@ -27,10 +27,14 @@ from redis.retry import Retry
 
 from store import (
     CircuitBreaker,
+    EmbeddedStore,
+    RedisSettings,
     RedisStore,
     RequestScope,
     SentinelURL,
+    Store,
     StoreUnavailable,
+    build_stores,
     no_request,
     parse_sentinel_url,
 )
@@ -756,6 +760,90 @@ def test_outside_a_request_every_call_asks_redis() -> None:
             store.get("key")
 
     assert events == ["error", "error"]
+
+
+# ------------------------------------------------------------------ counters (a shared rate budget)
+
+
+@pytest.fixture(params=["embedded", "redis", "redis-cluster"])
+def counting_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """The store the service builds for its cache, in each mode, empty."""
+    kind = request.param
+    settings: RedisSettings | None = None
+    if kind == "redis":
+        server: RedisServer = request.getfixturevalue("redis")
+        settings = RedisSettings(server.url, 2.0, 3, 15.0, password=REDIS_PASSWORD)
+    elif kind == "redis-cluster":
+        topology: RedisCluster = request.getfixturevalue("cluster")
+        topology.flush()
+        settings = RedisSettings(topology.url, 2.0, 3, 15.0, cluster=True)
+    store, _ = build_stores(settings, tmp_path / "store.sqlite3", 1024 * 1024)
+    yield store
+    if isinstance(store, RedisStore):
+        store.client.close()
+
+
+def test_a_counter_counts_up_from_one_key_by_key(counting_store: Store) -> None:
+    assert [counting_store.count("budget:1", 60) for _ in range(3)] == [1, 2, 3]
+    assert counting_store.count("budget:2", 60) == 1
+    assert counting_store.count("budget:1", 60) == 4
+
+
+def test_a_counter_starts_again_once_its_window_has_passed(counting_store: Store) -> None:
+    assert counting_store.count("budget:window", 0.3) == 1
+    assert counting_store.count("budget:window", 0.3) == 2
+    time.sleep(0.5)
+    assert counting_store.count("budget:window", 0.3) == 1
+
+
+def test_counting_does_not_stretch_the_window(counting_store: Store) -> None:
+    counting_store.count("budget:fixed", 0.5)
+    time.sleep(0.3)
+    assert counting_store.count("budget:fixed", 60) == 2  # the window keeps its first expiry
+    time.sleep(0.4)
+    assert counting_store.count("budget:fixed", 60) == 1
+
+
+def test_concurrent_counts_are_each_counted_once(counting_store: Store) -> None:
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        counts = list(pool.map(lambda _: counting_store.count("budget:busy", 60), range(40)))
+    assert sorted(counts) == list(range(1, 41))
+
+
+def test_a_redis_counter_gets_its_ttl_when_made(redis: RedisServer) -> None:
+    store, _ = build_stores(
+        RedisSettings(redis.url, 2.0, 3, 15.0, password=REDIS_PASSWORD), Path("unused"), 1
+    )
+    store.count("budget:ttl", 60)
+    store.count("budget:ttl", 60)
+    with redis.client() as connection:
+        assert connection.get("budget:ttl") == b"2"
+        assert 0 < connection.pttl("budget:ttl") <= 60_000
+        connection.set("budget:forever", "5")  # one left without expiry gets one on its next count
+    assert store.count("budget:forever", 60) == 6
+    with redis.client() as connection:
+        assert 0 < connection.pttl("budget:forever") <= 60_000
+
+
+def test_counting_in_an_unreachable_redis_raises_store_unavailable() -> None:
+    events: list[str] = []
+    store = redis_at_a_closed_port(no_request, events)
+    with pytest.raises(StoreUnavailable):
+        store.count("budget:1", 60)
+    assert events == ["error"]
+
+
+def test_counting_in_an_unusable_embedded_file_raises_store_unavailable(tmp_path: Path) -> None:
+    (tmp_path / "not-a-folder").write_text("a file where the store's folder should be")
+    store = EmbeddedStore(tmp_path / "not-a-folder" / "store.sqlite3", "analyses")
+    with pytest.raises(StoreUnavailable):
+        store.count("budget:1", 60)
+
+
+def test_an_embedded_counter_over_a_planted_value_counts_from_it(tmp_path: Path) -> None:
+    store = EmbeddedStore(tmp_path / "store.sqlite3", "analyses")
+    store.set("budget:planted", "not a number", 60)
+    assert store.count("budget:planted", 60) == 1
 
 
 # ------------------------------------------------------------------ the Sentinel URL, read once

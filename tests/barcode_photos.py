@@ -4,6 +4,7 @@ A package photo is a coloured carton with printed shapes, blotchy lighting and s
 white label holding the bars, tilted a few degrees, blurred a little as a phone lens does and
 saved as a JPEG at phone quality. The bars come from zxing-cpp's own writer, which refuses a code
 whose check digit is wrong; ``bad_check_digit_ean13`` splices one together from two good ones.
+``service_decode`` decodes a photo the way the service does before it scans it.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import zxingcpp
-from PIL import Image, ImageChops, ImageDraw, ImageFilter
+from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageOps
 
+from app import Config, open_image, reduce_while_decoding
 from barcodes import check_digit_ok
 
 THREE_MP = (2048, 1536)
@@ -70,6 +72,17 @@ def bad_check_digit_ean13(first_twelve: str) -> tuple[str, Image.Image]:
     digits = first_twelve + other_code[-1]
     assert not check_digit_ok(digits)
     return digits, spliced
+
+
+def service_decode(data: bytes) -> Image.Image:
+    """A photo as the service holds it before shrinking it: opened with the accepted formats,
+    decoded at the reduced DCT scale for IMAGE_MAX_SIDE, turned upright by its EXIF orientation."""
+    config = Config()
+    image = open_image(data, config.image_max_pixels)
+    reduce_while_decoding(image, config.image_max_side)
+    image.load()
+    ImageOps.exif_transpose(image, in_place=True)
+    return image
 
 
 def package_photo(

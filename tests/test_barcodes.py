@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 import zxingcpp
-from PIL import Image, ImageOps
 
-from app import Config, open_image, reduce_while_decoding
 from barcodes import check_digit_ok, expand_upce, lookup_form, read_barcodes
 from tests.barcode_photos import (
     THREE_MP,
@@ -15,6 +13,7 @@ from tests.barcode_photos import (
     bad_check_digit_ean13,
     bars,
     package_photo,
+    service_decode,
 )
 
 EAN13 = zxingcpp.BarcodeFormat.EAN13
@@ -26,17 +25,6 @@ NUTELLA = "3017620422003"  # EAN-13
 COLA_UPC_A = "036000291452"  # UPC-A; looked up as 0036000291452
 GUM_UPC_E = "04252614"  # UPC-E; expands to UPC-A 042100005264, looked up as 0042100005264
 TEA_EAN8 = "96385074"  # EAN-8
-
-
-def service_decode(data: bytes) -> Image.Image:
-    """The photo as the service holds it before shrinking: opened with the accepted formats,
-    decoded at the reduced DCT scale for IMAGE_MAX_SIDE, turned upright by its EXIF orientation."""
-    config = Config()
-    image = open_image(data, config.image_max_pixels)
-    reduce_while_decoding(image, config.image_max_side)
-    image.load()
-    ImageOps.exif_transpose(image, in_place=True)
-    return image
 
 
 def read_photo(data: bytes) -> tuple[str, ...]:

@@ -78,6 +78,7 @@ from gunicorn.http.errors import (
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
 
+from barcodes import lookup_form, read_barcodes
 from decode_budget import DecodeBudget, decode_cost
 from errors import (
     AINotConfigured,
@@ -88,6 +89,9 @@ from errors import (
     NotFood,
     NutritionNotConfigured,
     Overloaded,
+    ProductLookupError,
+    ProductNotFound,
+    ProductsNotConfigured,
     ServiceError,
     TransientUpstreamError,
     Unauthorized,
@@ -113,6 +117,7 @@ from meal import (
     from_cached,
     in_upload_order,
     nutrition_analysis,
+    products_analysis,
     stored_analysis_is_sound,
 )
 from metrics import (
@@ -149,6 +154,7 @@ from outbound_http import (
     public_url,
     user_service_problem,
 )
+from products import Product, ProductLookup
 from prompt import (
     ANALYSIS_SCHEMA,
     PROMPT_VERSION,
@@ -156,6 +162,7 @@ from prompt import (
     ModelAnswer,
     language_instruction,
     parse_model_payload,
+    products_block,
     user_note_block,
     user_prompt,
 )
@@ -168,6 +175,7 @@ from settings import (
     flag_value,
     header_name,
     http_url,
+    http_url_or_off,
     json_object,
     jwt_algorithm_names,
     jwt_problems,
@@ -208,6 +216,11 @@ SECRET_FILES = {
 }
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+# The service's version, as pyproject.toml gives it; Open Food Facts' User-Agent names it.
+SERVICE_VERSION = "1.0.0"
+# Open Food Facts asks every client to name itself, its version and a contact; an operator sets
+# OPENFOODFACTS_USER_AGENT to add theirs (the start-up line warns while none is given).
+OPENFOODFACTS_USER_AGENT = f"FoodTracker-ImageService/{SERVICE_VERSION}"
 MAX_REASONING_OUTPUT_TOKENS = 128_000
 # Pillow refuses to open anything larger as a decompression bomb, whatever the service allows.
 PILLOW_MAX_PIXELS = 2 * 89_478_485
@@ -300,6 +313,20 @@ class Config:
     store_max_mb: float = setting("STORE_MAX_MB", 256.0, decimal(low=0.01, high=1_000_000))
     user_service_url: str = setting("USER_SERVICE_URL", "http://localhost:8082", http_url)
     user_service_timeout: float = setting("USER_SERVICE_TIMEOUT", 10.0, decimal(low=0.1, high=600))
+    openfoodfacts_url: str = setting(
+        "OPENFOODFACTS_URL", "https://world.openfoodfacts.org", http_url_or_off, blank=""
+    )
+    openfoodfacts_user_agent: str = setting(
+        "OPENFOODFACTS_USER_AGENT", OPENFOODFACTS_USER_AGENT, plain_text
+    )
+    openfoodfacts_timeout: float = setting("OPENFOODFACTS_TIMEOUT", 4.0, decimal(low=0.1, high=60))
+    openfoodfacts_rate: int = setting("OPENFOODFACTS_RATE", 90, whole_number(low=1, high=100))
+    openfoodfacts_found_seconds: int = setting(
+        "OPENFOODFACTS_FOUND_SECONDS", 7 * 86400, whole_number(low=60, high=90 * 86400)
+    )
+    openfoodfacts_missing_seconds: int = setting(
+        "OPENFOODFACTS_MISSING_SECONDS", 6 * 3600, whole_number(low=60, high=30 * 86400)
+    )
     jwt_secret: str | None = setting("JWT_SECRET", None, plain_text, secret=True)
     jwt_public_key: str | None = setting("JWT_PUBLIC_KEY", None, pem_key)
     jwt_algorithms: tuple[str, ...] = setting("JWT_ALGORITHMS", ("HS256",), jwt_algorithm_names)
@@ -923,10 +950,11 @@ class PreparedImage:
     width: int
     height: int
     source_format: str
+    barcodes: tuple[str, ...] = ()  # product codes read from the photo, as they are looked up
 
 
 def prepare_image(
-    data: bytes, max_side: int, max_pixels: int, budget: DecodeBudget
+    data: bytes, max_side: int, max_pixels: int, budget: DecodeBudget, *, scan: bool = False
 ) -> PreparedImage:
     """Decode an upload within the decode budget, orient, shrink, flatten to RGB, re-encode bare.
 
@@ -936,10 +964,10 @@ def prepare_image(
     image = open_image(data, max_pixels)
     reduce_while_decoding(image, max_side)
     with budget.reserve(decode_cost(image)):
-        return prepare_opened(image, max_side)
+        return prepare_opened(image, max_side, scan=scan)
 
 
-def prepare_opened(image: Image.Image, max_side: int) -> PreparedImage:
+def prepare_opened(image: Image.Image, max_side: int, *, scan: bool = False) -> PreparedImage:
     """Decode an opened upload and make the model's JPEG of it.
 
     The image is shrunk before its transparency is flattened, so that the full-size pixels are
@@ -950,6 +978,9 @@ def prepare_opened(image: Image.Image, max_side: int) -> PreparedImage:
     try:
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
+        # Read from the reduced decode, before the shrink: a code a quarter of a 12 MP photo
+        # wide keeps about 250 pixels here, without a second decode.
+        codes = read_barcodes(image) if scan else ()
         image = shrink(to_resizable(to_srgb(image)), max_side)
         image = flatten_to_rgb(image)
         output = io.BytesIO()
@@ -963,6 +994,7 @@ def prepare_opened(image: Image.Image, max_side: int) -> PreparedImage:
         width=image.width,
         height=image.height,
         source_format=source_format,
+        barcodes=codes,
     )
 
 
@@ -1112,7 +1144,10 @@ PROBE_TIMEOUT_SECONDS = 5.0
 
 
 def build_model_request(
-    jpegs: Sequence[bytes], config: Config, wanted: AnalysisRequest
+    jpegs: Sequence[bytes],
+    config: Config,
+    wanted: AnalysisRequest,
+    products: Sequence[Product] = (),
 ) -> dict[str, Any]:
     """The Chat Completions body for a meal's photos, each its own image part, in the order given;
     the user's note travels only as quoted data."""
@@ -1121,6 +1156,8 @@ def build_model_request(
     ]
     if wanted.note:
         content.append({"type": "text", "text": user_note_block(wanted.note)})
+    if products:
+        content.append({"type": "text", "text": products_block(products)})
     for number, jpeg in enumerate(jpegs, start=1):
         if len(jpegs) > 1:
             content.append({"type": "text", "text": f"Photo {number}:"})
@@ -1275,7 +1312,11 @@ class VisionModel:
     # -- the analysis
 
     def analyze(
-        self, jpegs: Sequence[bytes], wanted: AnalysisRequest, request_id: str
+        self,
+        jpegs: Sequence[bytes],
+        wanted: AnalysisRequest,
+        request_id: str,
+        products: Sequence[Product] = (),
     ) -> ModelAnswer:
         """Ask about a meal's photos and normalise the answer, adapting the request to the server.
 
@@ -1290,7 +1331,7 @@ class VisionModel:
                 "pointing at it"
             )
         deadline = time.monotonic() + self.config.model_budget_seconds
-        base = build_model_request(jpegs, self.config, wanted)
+        base = build_model_request(jpegs, self.config, wanted, products)
         profile = self.server.current()
         cap = self.fields.output_cap(profile)
         # At most two completions, the second with a larger cap for an answer cut short while
@@ -1586,6 +1627,7 @@ class Services:
     model_slots: ModelSlots
     model: VisionModel
     user_service: UserService
+    products: ProductLookup
     started_at: float
     table: NutritionTable | None = None
     openapi: dict[str, Any] = field(default_factory=dict)
@@ -1644,7 +1686,8 @@ def cached_or_fresh(services: Services, form: AnalysisForm) -> tuple[Analysis, s
     """
     table = services.table.identity if services.table else "no-table"
     private = private_inputs(form.wanted, g.caller.user_id)
-    inputs = (f"table={table}", *form.wanted.cache_inputs(), *private)
+    products = "openfoodfacts" if services.products.configured else "off"
+    inputs = (f"table={table}", f"products={products}", *form.wanted.cache_inputs(), *private)
     key = cache_key_for(form.digest, services.config, *inputs)
     photo_count = len(form.photos)
     cached = sound_cached(services.cache, key, photo_count)
@@ -1659,7 +1702,13 @@ def cached_or_fresh(services: Services, form: AnalysisForm) -> tuple[Analysis, s
         lambda: fresh_analysis(services, form, key),
         lambda: sound_cached(services.cache, key, photo_count),
     )
-    return food_only(analysis), "api" if computed else "cache"
+    return food_only(analysis), fresh_source(analysis) if computed else "cache"
+
+
+def fresh_source(analysis: Mapping[str, Any]) -> str:
+    """``api`` for an answer the model gave; ``openfoodfacts`` for one made from products alone
+    (it names no model)."""
+    return "api" if "model" in analysis else "openfoodfacts"
 
 
 def sound_cached(cache: AnalysisCache, key: str, photo_count: int) -> dict[str, Any] | None:
@@ -1673,32 +1722,107 @@ def sound_cached(cache: AnalysisCache, key: str, photo_count: int) -> dict[str, 
 
 
 def fresh_analysis(services: Services, form: AnalysisForm, key: str) -> dict[str, Any]:
-    """Decode the photos within the decode budget, ask the model within a slot, cache the answer."""
-    jpegs = prepare_photos(form.photos, services.config, services.decode_budget)
+    """Decode the photos within the decode budget and read their barcodes; answer from the
+    products when every photo shows a known one, else ask the model within a slot; cache it.
+
+    An answer made while Open Food Facts could not be asked is sent but not cached.
+    """
+    prepared = prepare_photos(
+        form.photos, services.config, services.decode_budget, scan=services.products.configured
+    )
+    found = look_up_products(services.products, prepared)
     try:
-        with services.model_slots.hold():
-            answer = services.model.analyze(jpegs, form.wanted, g.request_id)
-        analysis = final_analysis(answer.analysis, services.table)
+        shown = products_shown(found.products, prepared)
+        if shown and not form.wanted.note:
+            analysis = products_analysis(shown, len(prepared))
+        else:
+            with services.model_slots.hold():
+                answer = services.model.analyze(
+                    [photo.jpeg for photo in prepared],
+                    form.wanted,
+                    g.request_id,
+                    list(found.products.values()),
+                )
+            analysis = final_analysis(answer.analysis, services.table, found.products)
     except NotFood:
         services.cache.set(key, as_cached(NOT_FOOD))
         raise
     except (UpstreamError, UpstreamRateLimited, AINotConfigured, Overloaded) as error:
         logger.error("Error analyzing food image: %s", error.message)
         raise
+    analysis["warnings"] = [*analysis["warnings"], *found.warnings]
     cached = as_cached(analysis)
-    services.cache.set(key, cached)
+    if found.complete:
+        services.cache.set(key, cached)
     return cached
 
 
-def prepare_photos(photos: Sequence[Photo], config: Config, budget: DecodeBudget) -> list[bytes]:
-    """The model's JPEG of each photo, in order; several are prepared at once (Pillow decodes
-    without the GIL), each within the decode budget. A photo that fails is named in the error."""
+@dataclass(frozen=True)
+class ProductsFound:
+    """The products a request's barcodes name, what went wrong asking, and whether all was asked."""
 
-    def prepare(photo: Photo) -> bytes:
+    products: dict[str, Product]
+    warnings: list[str]
+    complete: bool
+
+
+# At most this many distinct codes of one request are looked up.
+MAX_CODES_LOOKED_UP = 5
+
+
+def look_up_products(lookup: ProductLookup, prepared: Sequence[PreparedImage]) -> ProductsFound:
+    """Each distinct barcode of the photos looked up; a failure is a warning, never an error."""
+    codes = list(dict.fromkeys(code for photo in prepared for code in photo.barcodes))
+    products: dict[str, Product] = {}
+    warnings: list[str] = []
+    complete = True
+    for code in codes[:MAX_CODES_LOOKED_UP]:
+        try:
+            product = lookup.find(code)
+        except (ProductLookupError, UpstreamRateLimited) as error:
+            logger.warning("Product lookup for barcode %s failed: %s", code, error.message)
+            warnings.append(f"barcode {code}: {error.message}; the model estimated it instead")
+            complete = False
+            continue
+        if product is None:
+            warnings.append(
+                f"barcode {code}: no product in Open Food Facts; the model estimated it"
+            )
+        else:
+            products[code] = product
+    return ProductsFound(products, warnings, complete)
+
+
+def products_shown(
+    products: Mapping[str, Product], prepared: Sequence[PreparedImage]
+) -> list[tuple[Product, list[int]]]:
+    """Each product with the photos (fixed order) that show it, when every photo shows one;
+    else ``[]``."""
+    if not products or not all(
+        any(code in products for code in photo.barcodes) for photo in prepared
+    ):
+        return []
+    return [
+        (
+            product,
+            [number for number, photo in enumerate(prepared, 1) if code in photo.barcodes],
+        )
+        for code, product in products.items()
+    ]
+
+
+def prepare_photos(
+    photos: Sequence[Photo], config: Config, budget: DecodeBudget, *, scan: bool = False
+) -> list[PreparedImage]:
+    """Each photo prepared for the model (its barcodes read when ``scan``), in order; several
+    are prepared at once (Pillow decodes without the GIL), each within the decode budget. A
+    photo that fails is named in the error."""
+
+    def prepare(photo: Photo) -> PreparedImage:
         try:
             return prepare_image(
-                photo.data, config.image_max_side, config.image_max_pixels, budget
-            ).jpeg
+                photo.data, config.image_max_side, config.image_max_pixels, budget, scan=scan
+            )
         except BadRequest as error:
             if len(photos) == 1:
                 raise
@@ -1735,7 +1859,8 @@ def replayed(response: Mapping[str, Any]) -> Response:
 def stored_response_is_sound(response: Mapping[str, Any]) -> bool:
     """Whether a first response read back is one ``analyze_food`` could have sent with a save."""
     analysis = response.get("analysis")
-    if set(response) != {"analysis", "source"} or response["source"] not in ("api", "cache"):
+    sources = ("api", "cache", "openfoodfacts")
+    if set(response) != {"analysis", "source"} or response["source"] not in sources:
         return False
     if not isinstance(analysis, dict):
         return False
@@ -1817,6 +1942,27 @@ def foods() -> Response:
     return jsonify(foods=found)
 
 
+@bp.get("/products/<barcode>")
+@token_required
+def product(barcode: str) -> Response:
+    """A packaged product by the barcode an app's own scanner read, from Open Food Facts."""
+    lookup = current_services().products
+    code = lookup_form(barcode)
+    if code is None:
+        raise BadRequest(
+            "barcode must be an EAN-13 (13 digits), UPC-A (12) or EAN-8 (8) code with a valid "
+            f"check digit, got {barcode[:20]!r}"
+        )
+    if not lookup.configured:
+        raise ProductsNotConfigured(
+            "product lookups are turned off: set OPENFOODFACTS_URL to ask Open Food Facts"
+        )
+    found = lookup.find(code)
+    if found is None:
+        raise ProductNotFound(f"Open Food Facts has no product with energy for barcode {code}")
+    return jsonify(product=found.as_json())
+
+
 @bp.get("/health")
 def health() -> tuple[Response, int]:
     """Readiness: the state of every dependency; 503 when one is unusable after start-up."""
@@ -1829,6 +1975,7 @@ def health() -> tuple[Response, int]:
         "openai_probe": services.model.reachability(),
         "openai_model_shutdown": services.model.announced_shutdown(),
         "store": services.store.describe(),
+        "products": "openfoodfacts" if services.products.configured else "off",
         "nutrition": nutrition_check(config, services.table),
     }
     healthy = checks["redis"] in ("connected", "not configured") and config.openai_configured
@@ -2015,7 +2162,18 @@ def startup_summary(config: Config) -> list[str]:
             if table is not None
             else "from the model (NUTRITION_SOURCE=model)"
         )
+        + "; packaged products "
+        + (
+            f"from Open Food Facts at {public_url(config.openfoodfacts_url)}"
+            if config.openfoodfacts_url
+            else "not looked up (OPENFOODFACTS_URL is empty)"
+        )
     ]
+    if config.openfoodfacts_url and "(" not in config.openfoodfacts_user_agent:
+        lines.append(
+            "OPENFOODFACTS_USER_AGENT names no contact: Open Food Facts asks every client for "
+            f"one, e.g. '{OPENFOODFACTS_USER_AGENT} (ops@example.com)'"
+        )
     if not config.openai_configured:
         lines.append(
             "No model is configured: /analyze-food answers 503 until OPENAI_API_KEY is set "
@@ -2091,6 +2249,16 @@ def create_app(
             probe_clock or clock,
         ),
         user_service=UserService(config, build_session(config.model_max_concurrency)),
+        products=ProductLookup(
+            store,
+            build_session(config.model_max_concurrency),
+            url=config.openfoodfacts_url,
+            user_agent=config.openfoodfacts_user_agent,
+            timeout=config.openfoodfacts_timeout,
+            rate_per_minute=config.openfoodfacts_rate,
+            found_ttl=config.openfoodfacts_found_seconds,
+            missing_ttl=config.openfoodfacts_missing_seconds,
+        ),
         started_at=time.monotonic(),
         table=nutrition_table(config),
     )

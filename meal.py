@@ -21,6 +21,7 @@ from typing import Any, NotRequired, TypedDict, cast
 
 from errors import BadRequest, NotFood, ServiceError, UpstreamError
 from nutrition import NUTRIENT_UNITS, FoodMatch, NutritionTable
+from products import Product
 
 # ---------------------------------------------------------------------------------------------
 # The typed meal
@@ -33,6 +34,17 @@ class Alternative(TypedDict):
     ndbNo: str
     usdaDescription: str
     kcalPer100g: float | None
+
+
+class NutritionLabel(TypedDict):
+    """What a nutrition facts panel in the photo says, as the model read it."""
+
+    per: str  # "100g" or "serving"
+    servingGrams: float | int | None
+    calories: int
+    protein: float | int
+    carbs: float | int
+    fat: float | int
 
 
 class CalorieRange(TypedDict):
@@ -55,6 +67,8 @@ class Item(TypedDict):
     description: NotRequired[str]
     cookingMethod: NotRequired[str]
     photos: NotRequired[list[int]]
+    barcode: NotRequired[str]
+    label: NotRequired[NutritionLabel]
     nutrients: NotRequired[dict[str, float | None]]
     ndbNo: NotRequired[str]
     usdaDescription: NotRequired[str]
@@ -212,6 +226,17 @@ RANGE_LIMITS = (("low", MAX_CALORIES, ENERGY_UNIT), ("high", MAX_CALORIES, ENERG
 MAX_PROBLEMS_SHOWN = 3
 # How many photo numbers of an item are looked at; a set holds at most ten photos.
 MAX_PHOTO_NUMBERS = 10
+# A product code as products are looked up: EAN-13, or EAN-8.
+BARCODE_PATTERN = re.compile(r"[0-9]{13}|[0-9]{8}", re.ASCII)
+LABEL_BASES = ("100g", "serving")
+# No food holds more energy than fat: 900 kcal per 100 g.
+MAX_LABEL_KCAL = 900
+# How sure an answer from a package's declared values is: the numbers are the maker's, the
+# amount eaten is one serving.
+PRODUCT_CONFIDENCE = 0.9
+# Declared energy may differ from the measured by this much either way (EU and US label rules
+# tolerate 20%; most products are within 10%).
+DECLARED_ENERGY_TOLERANCE = 0.1
 
 
 def normalise_analysis(raw: Mapping[str, Any], photo_count: int = 1) -> Analysis:
@@ -290,8 +315,47 @@ def clean_items(value: Any, photo_count: int = 1) -> list[Item]:
         photos = clean_photos(raw.get("photos"), photo_count)
         if photos:
             fields["photos"] = photos
+        barcode = raw.get("barcode")
+        if isinstance(barcode, str) and BARCODE_PATTERN.fullmatch(barcode):
+            fields["barcode"] = barcode
+        label = clean_label(raw.get("label"))
+        if label is not None:
+            fields["label"] = label
         items.append(cast(Item, fields))
     return items
+
+
+def clean_label(value: Any) -> NutritionLabel | None:
+    """A nutrition label the model read, when it is whole and believable; else None.
+
+    Per 100 g, energy is at most 900 kcal and each macronutrient at most 100 g; per serving, the
+    serving's grams are needed to scale it and it is held to one item's limits.
+    """
+    if not isinstance(value, dict) or value.get("per") not in LABEL_BASES:
+        return None
+    serving = value.get("servingGrams")
+    serving_grams = json_number(serving) if serving is not None else None
+    if value["per"] == "serving" and not (serving_grams and 0 < serving_grams <= MAX_ITEM_GRAMS):
+        return None
+    per_100g = value["per"] == "100g"
+    limits = (
+        ("calories", MAX_LABEL_KCAL if per_100g else MAX_CALORIES),
+        *((name, 100 if per_100g else MAX_GRAMS) for name in ("protein", "carbs", "fat")),
+    )
+    numbers: dict[str, float] = {}
+    for name, high in limits:
+        number = json_number(value.get(name))
+        if number is None or not 0 <= number <= high:
+            return None
+        numbers[name] = number
+    return {
+        "per": value["per"],
+        "servingGrams": grams(serving_grams) if serving_grams else None,
+        "calories": round(numbers["calories"]),
+        "protein": grams(numbers["protein"]),
+        "carbs": grams(numbers["carbs"]),
+        "fat": grams(numbers["fat"]),
+    }
 
 
 def clean_photos(value: Any, photo_count: int) -> list[int]:
@@ -593,15 +657,24 @@ def is_plain_value(value: Any, depth: int) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def ground_in_table(analysis: Analysis, table: NutritionTable | None) -> Analysis:
-    """Each item the table knows counted from it; the totals (and ``nutrients``) their sums.
+def ground_in_table(
+    analysis: Analysis,
+    table: NutritionTable | None,
+    products: Mapping[str, Product] | None = None,
+) -> Analysis:
+    """Each item counted from its best source; the totals (and ``nutrients``) their sums.
 
-    The counted analysis is the model's with its numbers replaced, so its fields keep their
-    places and ``nutrients`` comes last, where the contract has always had it on this path.
+    The sources, most trusted first: the product its barcode names (Open Food Facts), the
+    nutrition label read in the photo, the SR28 table, else the model's own numbers; each item
+    says which in ``nutritionSource``. The counted analysis is the model's with its numbers
+    replaced, so its fields keep their places and ``nutrients`` comes last, where the contract
+    has always had it on this path.
     """
-    if table is None or not analysis["items"]:
+    products = products or {}
+    labelled = any("label" in item for item in analysis["items"])
+    if not analysis["items"] or (table is None and not products and not labelled):
         return analysis
-    items = [ground_item(item, table) for item in analysis["items"]]
+    items = [count_item(item, table, products) for item in analysis["items"]]
     totals = sum_items(items)
     grounded = cast(Analysis, {**analysis, **totals, "items": items})
     grounded["nutrients"] = total_nutrients(items)
@@ -616,9 +689,109 @@ def ground_in_table(analysis: Analysis, table: NutritionTable | None) -> Analysi
     return grounded
 
 
-def final_analysis(analysis: Analysis, table: NutritionTable | None) -> Analysis:
-    """The model's analysis counted from the table, refused as absurd past one meal's limits."""
-    return believable(ground_in_table(analysis, table), whose="the analysis counted from the table")
+def final_analysis(
+    analysis: Analysis,
+    table: NutritionTable | None,
+    products: Mapping[str, Product] | None = None,
+) -> Analysis:
+    """The model's analysis counted from its sources, refused as absurd past one meal's limits."""
+    return believable(
+        ground_in_table(analysis, table, products), whose="the analysis counted from its sources"
+    )
+
+
+def count_item(item: Item, table: NutritionTable | None, products: Mapping[str, Product]) -> Item:
+    """The item counted from the most trusted source it has (see ``ground_in_table``)."""
+    product = products.get(item.get("barcode", ""))
+    if product is not None:
+        return cast(Item, {**item, **product_numbers(product, item["grams"])})
+    label = item.get("label")
+    if label is not None:
+        return cast(Item, {**item, **label_numbers(label, item["grams"])})
+    if table is not None:
+        return ground_item(item, table)
+    return cast(Item, {**item, "nutritionSource": "model"})
+
+
+def product_numbers(product: Product, weight: float) -> dict[str, Any]:
+    """A product's values per 100 g scaled to the grams eaten."""
+    return {
+        **scaled_numbers(product.per_100g, weight / 100),
+        "nutrients": {
+            name: round(value * weight / 100, 1)
+            if (value := product.per_100g.get(name)) is not None
+            else None
+            for name in NUTRIENT_UNITS
+        },
+        "nutritionSource": "openfoodfacts",
+    }
+
+
+def label_numbers(label: NutritionLabel, weight: float) -> dict[str, Any]:
+    """A nutrition label's values scaled to the grams eaten: per 100 g, or per serving."""
+    serving = label["servingGrams"]
+    factor = weight / 100 if label["per"] == "100g" or not serving else weight / serving
+    return {**scaled_numbers(cast(Mapping[str, float], label), factor), "nutritionSource": "label"}
+
+
+def scaled_numbers(values: Mapping[str, float | None], factor: float) -> dict[str, Any]:
+    """Calories (whole) and macronutrients (one decimal) of ``values`` times ``factor``."""
+    return {
+        "calories": round((values.get("calories") or 0) * factor),
+        **{name: grams((values.get(name) or 0) * factor) for name in ("protein", "carbs", "fat")},
+    }
+
+
+def products_analysis(shown: Sequence[tuple[Product, list[int]]], photo_count: int) -> Analysis:
+    """The answer for photos that each show a product found by its barcode, made without a model.
+
+    One item per product (with the photos that show it), one serving of each: the product's
+    serving size, else 100 g and an assumption that says so.
+    """
+    items: list[Item] = []
+    assumptions = ["one serving of each product, as its package declares it"]
+    for product, photos in shown:
+        name = clean_text(
+            f"{product.name} ({product.brand})" if product.brand else product.name,
+            MAX_NAME_LENGTH,
+        )
+        weight = product.serving_grams or 100
+        if not product.serving_grams:
+            assumptions.append(f"{name}: no serving size is known; 100 g assumed")
+        fields: dict[str, Any] = {
+            "name": name,
+            "grams": grams(weight),
+            **scaled_numbers(product.per_100g, weight / 100),
+            "confidence": PRODUCT_CONFIDENCE,
+            "photos": photos,
+            "barcode": product.barcode,
+            **product_numbers(product, weight),
+        }
+        items.append(cast(Item, fields))
+    totals = sum_items(items)
+    analysis = build_analysis(
+        clean_text(", ".join(item["name"] for item in items), MAX_NAME_LENGTH),
+        totals,
+        clean_text(
+            ", ".join(
+                product.serving_size or f"{grams(product.serving_grams or 100)} g"
+                for product, _ in shown
+            ),
+            MAX_NAME_LENGTH,
+        ),
+        [],
+        PRODUCT_CONFIDENCE,
+        items,
+        calories_range={
+            "low": round(totals["calories"] * (1 - DECLARED_ENERGY_TOLERANCE)),
+            "high": round(totals["calories"] * (1 + DECLARED_ENERGY_TOLERANCE)),
+        },
+        nutrients=total_nutrients(items),
+        assumptions=assumptions[:MAX_ASSUMPTIONS],
+        warnings=consistency_warnings(totals),
+    )
+    analysis["photoCount"] = photo_count
+    return believable(analysis, UpstreamError, "the products' declared values")
 
 
 def ground_item(item: Item, table: NutritionTable) -> Item:

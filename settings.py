@@ -196,6 +196,11 @@ def read_json_object(raw: str) -> dict[str, Any]:
 plain_text: Parser[str] = Parser(as_text)
 boolean_flag: Parser[bool] = Parser(read_flag)
 http_url: Parser[str] = Parser(lambda raw: raw.rstrip("/"), check_http_url)
+# An http(s) URL, or empty to turn off what it points at.
+http_url_or_off: Parser[str] = Parser(
+    lambda raw: raw.strip().rstrip("/"),
+    lambda variable, value: check_http_url(variable, value) if value else None,
+)
 header_name: Parser[str] = Parser(as_text, check_header_name)
 redis_address: Parser[str] = Parser(as_text, check_redis_url)
 comma_list: Parser[tuple[str, ...]] = Parser(read_list)
@@ -218,6 +223,7 @@ class Setting(Generic[T]):
     secret: bool = False
     fallback: str | None = None
     shown: str | None = None
+    blank: T | None = None  # the value of a variable set to nothing, when that means something
 
     def problem(self, value: T | None) -> str | None:
         """What is wrong with a value of this setting, or None."""
@@ -233,6 +239,7 @@ def setting(
     secret: bool = False,
     fallback: str | None = None,
     shown: str | None = None,
+    blank: T | None = None,
 ) -> T | None: ...
 
 
@@ -245,6 +252,7 @@ def setting(
     secret: bool = False,
     fallback: str | None = None,
     shown: str | None = None,
+    blank: T | None = None,
 ) -> T: ...
 
 
@@ -256,9 +264,13 @@ def setting(
     secret: bool = False,
     fallback: str | None = None,
     shown: str | None = None,
+    blank: Any = None,
 ) -> Any:
-    """A ``Config`` field, read from ``variable``: the one place a setting is declared."""
-    declared = Setting(variable, parse, secret=secret, fallback=fallback, shown=shown)
+    """A ``Config`` field, read from ``variable``: the one place a setting is declared.
+
+    A variable set to nothing counts as unset, unless ``blank`` gives what nothing means.
+    """
+    declared = Setting(variable, parse, secret=secret, fallback=fallback, shown=shown, blank=blank)
     metadata = {"setting": declared}
     if isinstance(default, dict):
         return field(default_factory=dict, hash=False, metadata=metadata)
@@ -275,6 +287,8 @@ class EnvReader:
     def read(self, declared: Setting[T], default: T) -> T:
         """The setting's value from its variable (or its fallback's), else the default."""
         raw = self.text(declared.variable)
+        if raw is None and declared.blank is not None and declared.variable in self.env:
+            return declared.blank
         if raw is None and declared.fallback:
             raw = self.text(declared.fallback)
         if raw is None:

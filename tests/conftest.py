@@ -35,6 +35,7 @@ from tests.fakes import (
     StalledServer,
     UserServiceServer,
 )
+from tests.open_food_facts import OpenFoodFactsServer
 from tests.servers import STARTUP_TIMEOUT, Gunicorn, start_gunicorn
 
 REDIS_PASSWORD = "redis-test-pw-Kq8zT3"
@@ -129,12 +130,28 @@ def base_environment(
         "STORE_PATH": str(STORE_DIR / f"{uuid.uuid4().hex}.sqlite3"),
         # The model's own numbers: the tests of counting from SR28 turn it on themselves.
         "NUTRITION_SOURCE": "model",
+        # No product lookups: the tests of packaged food point them at a loopback server.
+        "OPENFOODFACTS_URL": "",
     }
     if redis is not None:
         env.update(
             REDIS_HOST="127.0.0.1", REDIS_PORT=str(redis.port), REDIS_PASSWORD=REDIS_PASSWORD
         )
     return env
+
+
+@pytest.fixture(scope="session")
+def open_food_facts_server() -> Iterator[OpenFoodFactsServer]:
+    """One loopback Open Food Facts for the session."""
+    with OpenFoodFactsServer() as server:
+        yield server
+
+
+@pytest.fixture
+def open_food_facts(open_food_facts_server: OpenFoodFactsServer) -> OpenFoodFactsServer:
+    """The loopback Open Food Facts, knowing only its sample products, with nothing recorded."""
+    open_food_facts_server.reset()
+    return open_food_facts_server
 
 
 @pytest.fixture

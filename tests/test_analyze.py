@@ -66,6 +66,7 @@ def meal_key(config: Config) -> str:
         config.openai_image_detail,
         str(config.image_max_side),
         "table=no-table",
+        "products=off",
         "lang=en",
         "note=",
     )

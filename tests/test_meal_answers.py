@@ -693,6 +693,8 @@ def test_schema_asks_for_items_suggestions_and_assumptions(
         "description",
         "cookingMethod",
         "photos",
+        "barcode",
+        "label",
     }
 
 

@@ -43,6 +43,7 @@ from tests.fakes import (
     free_port,
     json_error,
 )
+from tests.open_food_facts import OpenFoodFactsServer
 
 OPENAPI_YAML = Path(__file__).resolve().parent.parent / "openapi.yaml"
 # The answer is what the document says: status code, content type, headers and body.
@@ -98,9 +99,14 @@ def routed_operations(app: Flask) -> set[tuple[str, str]]:
 
 
 @pytest.fixture
-def app(make_config: Callable[..., Config], sr28_dir: Path) -> Flask:
-    """The app the document is checked against, with the USDA SR28 table loaded too."""
-    flask_app = create_app(make_config(nutrition_source="usda-sr28"))
+def app(
+    make_config: Callable[..., Config], sr28_dir: Path, open_food_facts: OpenFoodFactsServer
+) -> Flask:
+    """The app the document is checked against, with the USDA SR28 table loaded and products
+    looked up in a loopback Open Food Facts."""
+    flask_app = create_app(
+        make_config(nutrition_source="usda-sr28", openfoodfacts_url=open_food_facts.url)
+    )
     flask_app.testing = True
     return flask_app
 

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from app import Config, ConfigError, create_app
+from app import OPENFOODFACTS_USER_AGENT, SERVICE_VERSION, Config, ConfigError, create_app
 from settings import bind_problem
 from tests import images
 from tests.conftest import REDIS_PASSWORD
@@ -675,3 +676,17 @@ def test_gunicorn_with_non_ascii_digits_prints_one_line_and_exits_1(secrets_dir:
         "image-service: invalid configuration: "
         "GUNICORN_WORKERS must be a whole number, got '\u0662'"
     ]
+
+
+def test_the_service_version_is_pyprojects() -> None:
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert project["project"]["version"] == SERVICE_VERSION
+    assert f"FoodTracker-ImageService/{SERVICE_VERSION}" == OPENFOODFACTS_USER_AGENT
+
+
+def test_an_empty_openfoodfacts_url_turns_lookups_off_and_unset_keeps_the_default() -> None:
+    assert Config.from_env({"OPENFOODFACTS_URL": ""}).openfoodfacts_url == ""
+    assert Config.from_env({"OPENFOODFACTS_URL": "  "}).openfoodfacts_url == ""
+    assert Config.from_env({}).openfoodfacts_url == "https://world.openfoodfacts.org"
+    with pytest.raises(ConfigError, match="OPENFOODFACTS_URL"):
+        Config.from_env({"OPENFOODFACTS_URL": "ftp://food"})

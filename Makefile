@@ -49,8 +49,8 @@ lint: $(VENV)/.dev ## ruff, ruff format, mypy, hadolint, shellcheck, compose sch
 	$(BIN)/shellcheck docker-entrypoint.sh tools/*.sh .ci/run
 	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 
-test: lint ## lint, then run the tests (needs redis-server and nc)
-	$(BIN)/pytest
+test: lint ## lint, then run the tests on two processes (needs redis-server and nc)
+	$(BIN)/pytest -n 2
 
 nutrition-data: $(VENV)/.runtime ## fetch USDA SR28 into data/usda-sr28 and compare it with the bundled usda-sr28/
 	$(BIN)/python tools/fetch_usda_sr28.py --dest data/usda-sr28

@@ -1,15 +1,17 @@
 """Benchmark the Image Service on the real stack and write its results (`bench/README.md`).
 
 Starts a Redis of its own, a loopback Chat Completions server that answers after a delay, a
-loopback User Service and the real gunicorn (gunicorn.conf.py), generates phone-like photos, and
-measures: a. image preparation, b. the cache-hit path, c. concurrent cache misses, d. a burst of
-identical uploads over two instances, e. what is sent upstream, f. worker memory, g. the embedded
-store (a duplicate burst over two workers, cache hits against Redis), h. the USDA SR28 table
-(index build at start, matching per item), i. the table's memory per worker, preloaded in the
-master against loaded in each worker, and the start-up it adds, j. several photos of one meal
-in one request against one photo, k. the barcode scan's added time on a 12 MP photo and codes
-turned 90 degrees. Every figure stands beside a baseline measured in the same run. Exits 0
-whether or not the goals hold; non-zero only when the harness itself fails.
+loopback User Service and Open Food Facts, and the real gunicorn (gunicorn.conf.py), generates
+phone-like photos, and measures: a. image preparation, b. the cache-hit path, c. concurrent cache
+misses, d. a burst of identical uploads over two instances, e. what is sent upstream, f. worker
+memory, g. the embedded store (a duplicate burst over two workers, cache hits against Redis), h.
+the USDA SR28 table (index build at start, matching per item), i. the table's memory per worker,
+preloaded in the master against loaded in each worker, and the start-up it adds, j. several
+photos of one meal in one request against one photo, k. the barcode scan's added time on a 12 MP
+photo and codes turned 90 degrees, l. a photo of a known packaged product answered from Open Food
+Facts without the model, against a photo the model analyses. Every figure stands beside a
+baseline measured in the same run. Exits 0 whether or not the goals hold; non-zero only when the
+harness itself fails.
 
     python bench/run.py [--quick] [--model-delay 1.5] [--only a,b,...] [--out RESULTS.md]
 """
@@ -44,7 +46,7 @@ import requests  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
 from bench import nutrition as sr28  # noqa: E402
-from bench import photo_sets, report, tokens  # noqa: E402
+from bench import packaged, photo_sets, report, tokens  # noqa: E402
 from bench import table_memory as table  # noqa: E402
 from bench.load import LoadResult, Upload, burst, closed_loop, multipart_upload, percentile  # noqa: E402
 from bench.photos import (  # noqa: E402
@@ -59,7 +61,7 @@ from bench.photos import (  # noqa: E402
 from bench.stack import PeakMemory, Stack, cpu_ticks, status_kb  # noqa: E402
 from tests.servers import Gunicorn  # noqa: E402
 
-ROWS = ("a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k")
+ROWS = ("a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l")
 MAIN_ROWS = frozenset("bcdef")  # the rows served by the `main` gunicorn
 ANALYZE = "/analyze-food"
 BARE = "/bench/bare-upload"
@@ -105,6 +107,7 @@ class Settings:
     set_requests: int = 10
     scan_photos: int = 6
     scan_rounds: int = 8
+    product_requests: int = 10
 
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
@@ -131,7 +134,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
             hit_seconds=1.5,
             hit_rounds=1,
             miss_photos=4,
-            time_limit=120,
+            time_limit=150,
             sr28_loads=2,
             sr28_rounds=1,
             table_requests=60,
@@ -139,6 +142,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
             set_requests=2,
             scan_photos=2,
             scan_rounds=2,
+            product_requests=2,
             **common,
         )
     return Settings(
@@ -149,7 +153,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         hit_seconds=5.0,
         hit_rounds=4,
         miss_photos=64,
-        time_limit=540,
+        time_limit=600,
         **common,
     )
 
@@ -1434,6 +1438,141 @@ def turned_codes_row() -> report.Row:
     )
 
 
+# ------------------------------------------------------------------------- l. known products
+
+
+PRODUCT_GOAL = 0.1  # a known product's median latency, at most this share of a model-path miss's
+
+
+def row_l(bench: Bench) -> list[report.Row]:
+    """Photos of known packaged products, answered from Open Food Facts without the model, against
+    photos the model analyses, interleaved on the real gunicorn; every request a cache miss."""
+    settings, stack = bench.settings, bench.require(bench.stack)
+    server, model = bench.require(bench.second), bench.require(stack.model)
+    open_food_facts = bench.require(stack.open_food_facts)
+    plan = packaged.Plan(settings.product_requests)
+    started = time.monotonic()
+    packages = plan.package_photos()
+    drawn = time.monotonic() - started
+    stack.flush_redis()
+    sent = packaged.send_requests(
+        server, model, open_food_facts, bench.token, bench.library, plan, packages
+    )
+    return [known_product_row(sent, plan, packages, drawn, settings)]
+
+
+def from_the_product(request: packaged.Request) -> bool:
+    """A fresh 200 made from the product on the photo: no model call, its code looked up once."""
+    return (
+        request.sent.status == 200
+        and request.sent.source == "openfoodfacts"
+        and request.sent.model_calls == 0
+        and request.looked_up == [request.code]
+    )
+
+
+def from_the_model(request: packaged.Request) -> bool:
+    """A fresh 200 from one model call, with no product lookup (the photo has no code)."""
+    return (
+        request.sent.status == 200
+        and request.sent.source == "api"
+        and request.sent.model_calls == 1
+        and not request.looked_up
+    )
+
+
+def known_product_row(
+    sent: packaged.Requests,
+    plan: packaged.Plan,
+    packages: list[bytes],
+    drawn: float,
+    settings: Settings,
+) -> report.Row:
+    """A known product's latency against a model-path miss's, and how each was answered."""
+    delay = settings.model_delay
+    known = [request.sent.seconds for request in sent.known]
+    misses = [request.sent.seconds for request in sent.misses]
+    known_p50, miss_p50 = statistics.median(known), statistics.median(misses)
+    ratio = known_p50 / miss_p50
+    codes = plan.codes()
+    from_products = sum(from_the_product(request) for request in sent.known)
+    from_model = sum(from_the_model(request) for request in sent.misses)
+    each_once = all(sent.lookups[code] == 1 for code in codes)
+    only_these = sum(sent.lookups.values()) == len(codes)
+    ok = (
+        from_products == len(sent.known)
+        and from_model == len(sent.misses)
+        and sent.model_calls == sent.misses_sent
+        and each_once
+        and only_these
+    )
+    outcomes = Counter(
+        f"{kind} HTTP {request.sent.status} {request.sent.source or '(no source)'}, "
+        f"{request.sent.model_calls} model call(s), {len(request.looked_up)} lookup(s)"
+        for kind, requests in (("known product:", sent.known), ("model path:", sent.misses))
+        for request in requests
+    )
+    none_or_some = "none" if sent.model_calls == sent.misses_sent else "SOME"
+    service_side = [seconds - delay for seconds in misses]
+    miss_side = statistics.median(service_side)
+    to_lookup = statistics.median(request.to_lookup for request in sent.known)
+    to_model = statistics.median(request.sent.to_model for request in sent.misses)
+    cpu = {
+        kind: statistics.mean(request.sent.worker_cpu for request in requests)
+        for kind, requests in (("known", sent.known), ("miss", sent.misses))
+    }
+    meal_bytes = [request.sent.upload_bytes for request in sent.misses]
+    package_bytes = [request.sent.upload_bytes for request in sent.known]
+    return report.Row(
+        "l. a known product's 12 MP photo, answered from Open Food Facts (miss)",
+        f"{ms(known_p50)} (p95 {ms(percentile(known, 0.95))}) per known-product request",
+        f"{ms(miss_p50)} (p95 {ms(percentile(misses, 0.95))}) per model-path miss, "
+        f"{delay:g} s model",
+        f"{ratio:.3f}x the miss's",
+        f"≤ {PRODUCT_GOAL:g}x",
+        ok and ratio <= PRODUCT_GOAL,
+        [
+            "`gunicorn app:app` (gunicorn.conf.py defaults, the bench's Redis, flushed first, "
+            "`OPENFOODFACTS_URL` the bench's loopback Open Food Facts); one client, one "
+            f"keep-alive connection, one request at a time: after one untimed request of each "
+            f"kind, {len(sent.known)} known-product requests and {len(sent.misses)} model-path "
+            "ones, interleaved (the order alternating), one photo each, every photo sent once, "
+            "so every request is a cache miss. Latency: request sent to answer read.",
+            f"Known products: {len(codes)} EAN-13 codes ({codes[0]} to {codes[-1]}, check digits "
+            "computed, 200-299 being codes no real product carries), each a product in the "
+            "loopback Open Food Facts with Nutella's values, each on its own 4032x3024 package "
+            f"photo (`tests/barcode_photos.py`, the bars {packaged.BARS_SHARE:.0%} of the width, "
+            f"{megabytes(min(len(p) for p in packages))}-{megabytes(max(len(p) for p in packages))}"
+            f", drawn in {drawn:.1f} s before anything was timed). Model path: new 4032x3024 "
+            "meal photos without a code (daylight noise, EXIF orientation and GPS, as row j). "
+            f"Upload p50: {megabytes(round(statistics.median(package_bytes)))} and "
+            f"{megabytes(round(statistics.median(meal_bytes)))}.",
+            f"Latency per request, known product: {', '.join(ms(v) for v in known)}; model "
+            f"path: {', '.join(ms(v) for v in misses)}.",
+            f"Answers: {describe(outcomes)}. Source openfoodfacts on {from_products} of "
+            f"{len(sent.known)} known-product answers; the fake model received "
+            f"{sent.model_calls} call(s) during the row for {sent.misses_sent} model-path "
+            f"requests (the untimed one included), so {none_or_some} for the known "
+            "products; Open Food Facts received "
+            f"{sum(sent.lookups.values())} lookup(s) for {len(codes)} products, "
+            f"{'one per product' if each_once and only_these else 'NOT one per product'}, "
+            "none for a meal photo.",
+            f"What the scan and the lookup add: a known product's latency (p50 {ms(known_p50)}) "
+            f"against a model-path miss's service-side time, its latency less the "
+            f"{delay:g} s delay (p50 {ms(miss_side)}): {ms(abs(known_p50 - miss_side))} "
+            f"{'more' if known_p50 > miss_side else 'less'} (the known product skips the "
+            "preparation and the model's request and answer; both scan). From sending to the "
+            f"lookup's arrival at Open Food Facts (upload, decode, scan) p50 {ms(to_lookup)}, "
+            f"then the lookup and the answer {ms(known_p50 - to_lookup)}; a miss's time to the "
+            f"model call's arrival (upload, decode, scan, preparation) p50 {ms(to_model)}. "
+            "Row k times the scan alone.",
+            f"The workers' CPU per request (from /proc/<pid>/stat in 10 ms ticks, the mean): "
+            f"known product {ms(cpu['known'])}, model path {ms(cpu['miss'])}; load average at "
+            f"the end {report.load_average()}.",
+        ],
+    )
+
+
 # ------------------------------------------------------------------------- the run
 
 
@@ -1445,7 +1584,7 @@ def start_stack(bench: Bench) -> None:
     bench.token = stack.token()
     if rows & MAIN_ROWS:
         bench.main = stack.start_gunicorn("main", MAIN_TARGET)
-    if rows & {"d", "g", "j"}:
+    if rows & {"d", "g", "j", "l"}:
         bench.second = stack.start_gunicorn("second", SERVICE_TARGET)
     if "g" in rows:
         store = stack.embedded_store(EMBEDDED)
@@ -1516,6 +1655,7 @@ def main(argv: list[str] | None = None) -> int:
                     "g": row_g,
                     "i": row_i,
                     "j": row_j,
+                    "l": row_l,
                 }
                 for name, measure in measured.items():
                     if name in settings.rows:
@@ -1578,6 +1718,8 @@ def generate_photos(bench: Bench) -> None:
         specs += photo_sets.Plan(settings.set_requests).specs()
     if "k" in rows:
         specs += scan_specs(settings)
+    if "l" in rows:
+        specs += packaged.Plan(settings.product_requests).meal_specs()
     started = time.monotonic()
     bench.library.generate(specs)
     print(

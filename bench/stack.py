@@ -1,4 +1,5 @@
-"""The real stack on loopback: a Redis of its own, the fake model and User Service, gunicorns.
+"""The real stack on loopback: a Redis of its own, the fake model, User Service and Open Food
+Facts, and gunicorns.
 
 Everything is started by `Stack` and stopped by `Stack.close()` (also on failure: use it in a
 `with` block). The gunicorns are started by the tests' launcher (`tests/servers.py`), so their
@@ -28,6 +29,7 @@ from tests.fakes import (
     Reply,
     UserServiceServer,
 )
+from tests.open_food_facts import OpenFoodFactsServer
 from tests.servers import Gunicorn, start_gunicorn
 
 STARTUP_TIMEOUT = 30.0
@@ -68,7 +70,8 @@ def cpu_ticks(pids: list[int]) -> int:
 
 
 class Stack(ClosesOnExit):
-    """Redis, the fake model, the fake User Service and any number of gunicorns."""
+    """Redis, the fake model, the fake User Service, the fake Open Food Facts and any number of
+    gunicorns; every gunicorn looks products up in the fake one, never in the real one."""
 
     def __init__(self, model_delay: float) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="image-service-bench-"))
@@ -79,10 +82,12 @@ class Stack(ClosesOnExit):
         self.redis: RedisServer | None = None
         self.model: DelayedModel | None = None
         self.user_service: UserServiceServer | None = None
+        self.open_food_facts: OpenFoodFactsServer | None = None
         try:
             self.redis = RedisServer(password=self.redis_password)
             self.model = DelayedModel(model_delay)
             self.user_service = UserServiceServer()
+            self.open_food_facts = OpenFoodFactsServer()
         except BaseException:
             self.close()
             raise
@@ -102,6 +107,7 @@ class Stack(ClosesOnExit):
         assert self.redis is not None
         assert self.model is not None
         assert self.user_service is not None
+        assert self.open_food_facts is not None
         settings: dict[str, str | None] = {
             "REDIS_HOST": "127.0.0.1",
             "REDIS_PORT": str(self.redis.port),
@@ -109,6 +115,7 @@ class Stack(ClosesOnExit):
             "OPENAI_API_KEY": self.openai_key,
             "OPENAI_BASE_URL": self.model.base_url,
             "USER_SERVICE_URL": self.user_service.url,
+            "OPENFOODFACTS_URL": self.open_food_facts.url,
             "JWT_SECRET": self.jwt_secret,
             **overrides,
         }
@@ -146,12 +153,12 @@ class Stack(ClosesOnExit):
         for server in servers:
             server.wait_stopped()
             server.kill()
-        for fake in (self.model, self.user_service):
+        for fake in (self.model, self.user_service, self.open_food_facts):
             if fake is not None:
                 fake.close()
         if self.redis is not None:
             self.redis.stop()
-        self.model = self.user_service = self.redis = None
+        self.model = self.user_service = self.open_food_facts = self.redis = None
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 

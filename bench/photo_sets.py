@@ -245,15 +245,15 @@ class ServiceSteps:
         def serial() -> object:
             return [
                 service.prepare_image(
-                    photo.data, config.image_max_side, config.image_max_pixels, budget
+                    photo.data, config.image_max_side, config.image_max_pixels, budget, scan=True
                 ).jpeg
                 for photo in photos
             ]
 
         self.calls: dict[str, Callable[[], object]] = {
-            PARALLEL: lambda: service.prepare_photos(photos, config, budget),
+            PARALLEL: lambda: service.prepare_photos(photos, config, budget, scan=True),
             SERIAL: serial,
-            SINGLE: lambda: service.prepare_photos(single, config, budget),
+            SINGLE: lambda: service.prepare_photos(single, config, budget, scan=True),
             PARSE_ONE: parse([one]),
             PARSE_THREE: parse(three),
             HASH_ONE: lambda: service.distinct_photos([(one, None)]),
@@ -263,8 +263,8 @@ class ServiceSteps:
             call()
         self.wall: dict[str, list[float]] = {name: [] for name in self.calls}
         self.cpu: dict[str, list[float]] = {name: [] for name in self.calls}
-        jpegs = service.prepare_photos(photos, config, budget)
-        self.prepared = [image_size(jpeg) for jpeg in jpegs]
+        prepared = service.prepare_photos(photos, config, budget, scan=True)
+        self.prepared = [image_size(photo.jpeg) for photo in prepared]
 
     def run_round(self, number: int) -> None:
         """Time every step once, the order alternating from one round to the next."""

@@ -140,6 +140,7 @@ from model_servers import (
     ShutdownWatch,
     connection_failure,
     finish_reason,
+    listed_model_names,
     log_model_failure,
     probe_verdict,
     shutdown_in,
@@ -1470,6 +1471,8 @@ class VisionModel:
             verdict = probe_verdict(reply.status)
             if reply.status == 200:
                 self.shutdown.watch(shutdown_in(reply.json_or_none()))
+            elif reply.status == 404 and self.listed():
+                verdict = "reachable"
         except requests.RequestException as error:
             logger.info(
                 "The vision model's server did not answer the probe: %s", type(error).__name__
@@ -1479,6 +1482,23 @@ class VisionModel:
                 self.probe_verdict = verdict
                 self.probe_due = self.clock() + self.config.openai_probe_seconds
                 self.probing = False
+
+    def listed(self) -> bool:
+        """Whether ``GET /models`` lists the model: servers such as llama.cpp's answer 404 to
+        ``GET /models/{model}`` for every model, and only list what they serve."""
+        try:
+            reply = http_json(
+                self.session,
+                "GET",
+                self.endpoint.url("models"),
+                headers=self.endpoint.headers(),
+                timeout=min(self.attempt_seconds, PROBE_TIMEOUT_SECONDS),
+            )
+        except requests.RequestException:
+            return False
+        return reply.status == 200 and (
+            self.config.openai_model in listed_model_names(reply.json_or_none())
+        )
 
     def announced_shutdown(self) -> str:
         """The model's shutdown date as the latest answer gave it, or what stands for none."""

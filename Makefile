@@ -13,7 +13,7 @@ USER_ID ?= dev-user
 RESULTS ?= .local/bench/RESULTS.md
 
 .DEFAULT_GOAL := help
-.PHONY: help run user-service test lint token secrets bench image-test nutrition-data clean
+.PHONY: help run user-service test test-servers lint token secrets bench image-test nutrition-data clean
 
 # `make help` prints the `##` line of each target, in this file's order.
 help: ## list the targets (the default)
@@ -31,6 +31,12 @@ $(VENV)/.runtime: requirements.txt | $(VENV)/bin/python
 $(VENV)/.dev: requirements.txt requirements-dev.txt | $(VENV)/bin/python
 	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@ $(VENV)/.runtime
+
+# Every package of requirements-servers.txt, and what they need beyond the dev tools, is pinned
+# there: installed as listed, nothing else.
+$(VENV)/.servers: requirements-servers.txt $(VENV)/.dev
+	$(BIN)/pip install -q --no-deps -r requirements-servers.txt
+	touch $@
 
 run: $(VENV)/.runtime ## serve on http://127.0.0.1:8083 (HOST=, PORT= move it) and print curl lines
 	@$(BIN)/python tools/dev_token.py --secret-file '$(JWT_SECRET_FILE)' --serve $(HOST):$(PORT)
@@ -53,6 +59,9 @@ lint: $(VENV)/.dev ## ruff, ruff format, mypy, hadolint, shellcheck, compose sch
 
 test: lint ## lint, then run the tests on two processes (needs redis-server and nc)
 	$(BIN)/pytest -n 2
+
+test-servers: $(VENV)/.servers ## the service against llama.cpp's real server (installs ~290 MB)
+	$(BIN)/pytest tests/servers_llama
 
 nutrition-data: $(VENV)/.runtime ## fetch USDA SR28 into data/usda-sr28 and compare it with the bundled usda-sr28/
 	$(BIN)/python tools/fetch_usda_sr28.py --dest data/usda-sr28

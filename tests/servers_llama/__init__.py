@@ -1,0 +1,1 @@
+"""The service against llama.cpp's own HTTP server (`make test-servers`)."""

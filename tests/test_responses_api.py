@@ -165,3 +165,33 @@ def test_the_api_is_a_setting() -> None:
     assert Config.from_env({"OPENAI_API": "responses"}, "/nonexistent").openai_api == "responses"
     with pytest.raises(ConfigError, match="OPENAI_API"):
         Config.from_env({"OPENAI_API": "assistants"}, "/nonexistent")
+
+
+def test_a_failed_response_is_the_error_it_holds(
+    client: FlaskClient, responses: ResponsesServer, auth_headers: dict[str, str]
+) -> None:
+    failed = response(None)
+    assert isinstance(failed.body, dict)
+    failed.body.update(
+        status="failed", error={"code": "server_error", "message": "The model broke down."}
+    )
+    responses.enqueue(failed)
+    answer = post_photo(client, auth_headers, photo(1))
+    assert_json_error(answer, 502, "upstream_error")
+    assert "The model broke down." in answer.get_json()["error"]
+
+
+def test_an_answer_cut_short_while_reasoning_is_asked_again_with_a_larger_cap(
+    client_with: Callable[..., FlaskClient],
+    responses: ResponsesServer,
+    auth_headers: dict[str, str],
+) -> None:
+    client = client_with(
+        openai_api="responses", openai_base_url=responses.base_url, openai_reasoning_effort="low"
+    )
+    responses.enqueue(response("", incomplete="max_output_tokens", reasoning_tokens=16000))
+    assert post_photo(client, auth_headers, photo(1)).status_code == 200
+    caps = [call.json()["max_output_tokens"] for call in responses.calls]
+    assert caps == [Config().openai_reasoning_max_output_tokens, 32000]
+    assert responses.last_payload()["reasoning"] == {"effort": "low"}
+    assert "temperature" not in responses.last_payload()

@@ -261,6 +261,7 @@ class Config:
     openai_api_key: str | None = setting("OPENAI_API_KEY", None, plain_text, secret=True)
     openai_base_url: str = setting("OPENAI_BASE_URL", "https://api.openai.com/v1", http_url)
     openai_model: str = setting("OPENAI_MODEL", "gpt-6-luna", plain_text)
+    openai_api: str = setting("OPENAI_API", "chat", one_of(("chat", "responses")))
     openai_api_timeout: float = setting("OPENAI_API_TIMEOUT", 30.0, decimal(low=0.1, high=600))
     openai_max_attempts: int = setting("OPENAI_MAX_ATTEMPTS", 3, whole_number(low=1, high=10))
     openai_image_detail: str = setting(
@@ -1252,7 +1253,7 @@ def count_tokens(usage: Mapping[str, int]) -> None:
 
 
 class VisionModel:
-    """The Chat Completions server, one client per app.
+    """The model's server, one client per app, over Chat Completions or the Responses API.
 
     It owns its session, retries each request with tenacity (bounded by attempts and by the
     call's deadline), adapts the request to what the server has shown it takes
@@ -1296,6 +1297,7 @@ class VisionModel:
             config.openai_api_version,
             config.openai_retry_after_cap,
             REQUEST_ID_PATTERN,
+            config.openai_api,
         )
         self.wait = RetryAfterWait(config)
         self.clock = clock
@@ -1427,8 +1429,8 @@ class VisionModel:
             reply = http_json(
                 self.session,
                 "POST",
-                self.endpoint.url("chat/completions"),
-                body=body,
+                self.endpoint.url(self.endpoint.answer_path),
+                body=self.endpoint.wire_body(body),
                 headers=self.endpoint.headers(request_id),
                 timeout=timeout,
             )

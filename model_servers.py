@@ -291,6 +291,147 @@ class RequestFields:
 
 
 # ---------------------------------------------------------------------------------------------
+# OpenAI's Responses API: the same request and answer in its other wire format
+# ---------------------------------------------------------------------------------------------
+
+
+# Where each API takes a request, under OPENAI_BASE_URL.
+API_PATHS = {"chat": "chat/completions", "responses": "responses"}
+# The request fields a profile learns, by the names a Responses server gives them in an error.
+# Its one output cap, max_output_tokens, has no other name to try, so a refused cap is final.
+RESPONSES_FIELD_NAMES = {
+    "reasoning.effort": "reasoning_effort",
+    "reasoning": "reasoning_effort",
+    "temperature": "temperature",
+}
+# Why a Responses answer is incomplete, as a Chat Completions finish_reason.
+INCOMPLETE_REASONS = {"max_output_tokens": "length", "content_filter": "content_filter"}
+
+
+def as_responses_body(chat_body: Mapping[str, Any]) -> dict[str, Any]:
+    """A finished Chat Completions body as a Responses body, asking for the same answer.
+
+    The system message becomes ``instructions``, the others ``input`` messages (text parts
+    ``input_text``, images ``input_image``); the schema moves to ``text.format``, the output cap
+    to ``max_output_tokens``, the effort to ``reasoning.effort``; nothing is stored.
+    """
+    body = dict(chat_body)
+    instructions: list[str] = []
+    inputs: list[dict[str, Any]] = []
+    for message in body.pop("messages", []):
+        role, content = message.get("role"), message.get("content")
+        if role in ("system", "developer") and isinstance(content, str):
+            instructions.append(content)
+        else:
+            inputs.append({"role": role, "content": responses_content(content)})
+    if instructions:
+        body["instructions"] = "\n\n".join(instructions)
+    body["input"] = inputs
+    response_format = body.pop("response_format", None)
+    if isinstance(response_format, dict):
+        kind = response_format.get("type")
+        schema = response_format.get("json_schema")
+        if kind == "json_schema" and isinstance(schema, dict):
+            body["text"] = {"format": {"type": "json_schema", **schema}}
+        else:
+            body["text"] = {"format": {"type": kind}}
+    for cap_field in TOKEN_CAP_FIELDS:
+        if cap_field in body:
+            body["max_output_tokens"] = body.pop(cap_field)
+    if "reasoning_effort" in body:
+        body["reasoning"] = {"effort": body.pop("reasoning_effort")}
+    body.setdefault("store", False)
+    return body
+
+
+def responses_content(content: Any) -> Any:
+    """A Chat message's content as Responses input: ``input_text`` and ``input_image`` parts."""
+    if not isinstance(content, list):
+        return content
+    parts: list[Any] = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            parts.append({"type": "input_text", "text": part.get("text", "")})
+        elif kind == "image_url":
+            image = part.get("image_url") or {}
+            converted = {"type": "input_image", "image_url": image.get("url")}
+            if "detail" in image:
+                converted["detail"] = image["detail"]
+            parts.append(converted)
+        else:
+            parts.append(part)
+    return parts
+
+
+def as_chat_completion(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """A Responses answer in the Chat Completions shape the rest of the service reads.
+
+    The text of the ``message`` output items (``reasoning`` items and the like are passed over)
+    is the content, a ``refusal`` part the refusal; ``status: incomplete`` gives
+    ``finish_reason`` ``length`` or ``content_filter``; the usage keeps the same counts.
+    """
+    texts: list[str] = []
+    refusals: list[str] = []
+    output = payload.get("output")
+    for item in output if isinstance(output, list) else ():
+        if not isinstance(item, dict) or item.get("type") != "message":
+            continue
+        content = item.get("content")
+        for part in content if isinstance(content, list) else ():
+            if not isinstance(part, dict):
+                continue
+            if part.get("type") == "output_text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif part.get("type") == "refusal" and isinstance(part.get("refusal"), str):
+                refusals.append(part["refusal"])
+    finish = "stop"
+    if payload.get("status") == "incomplete":
+        details = payload.get("incomplete_details")
+        reason = details.get("reason") if isinstance(details, dict) else None
+        finish = INCOMPLETE_REASONS.get(str(reason), str(reason or "incomplete"))
+    message = {
+        "role": "assistant",
+        "content": "".join(texts) if texts else None,
+        "refusal": " ".join(refusals) if refusals else None,
+    }
+    completion: dict[str, Any] = {
+        "id": payload.get("id"),
+        "object": "chat.completion",
+        "model": payload.get("model"),
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+    }
+    usage = payload.get("usage")
+    if isinstance(usage, dict):
+        completion["usage"] = chat_usage(usage)
+    return completion
+
+
+def chat_usage(usage: Mapping[str, Any]) -> dict[str, Any]:
+    """A Responses usage under the Chat Completions names ``token_usage`` reads."""
+    counts: dict[str, Any] = {
+        "prompt_tokens": usage.get("input_tokens"),
+        "completion_tokens": usage.get("output_tokens"),
+        "total_tokens": usage.get("total_tokens"),
+    }
+    output_details = usage.get("output_tokens_details")
+    if isinstance(output_details, dict):
+        reasoning = output_details.get("reasoning_tokens")
+        counts["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    input_details = usage.get("input_tokens_details")
+    if isinstance(input_details, dict):
+        counts["prompt_tokens_details"] = {"cached_tokens": input_details.get("cached_tokens")}
+    return counts
+
+
+def chat_problem(problem: UpstreamProblem) -> UpstreamProblem:
+    """A Responses server's error naming a refused field by the name the profile learns."""
+    param = RESPONSES_FIELD_NAMES.get(problem.param or "", problem.param)
+    message = problem.message.replace("reasoning.effort", "reasoning_effort")
+    return dataclasses.replace(problem, param=param, message=message)
+
+
+# ---------------------------------------------------------------------------------------------
 # What a server says went wrong (OpenAI, vLLM, Mistral, Gemini, LM Studio, plain text)
 # ---------------------------------------------------------------------------------------------
 
@@ -531,8 +672,10 @@ def connection_failure(error: Exception, timeout: float) -> ServiceError:
 class ModelEndpoint:
     """The model's server as one call meets it: its URLs, its headers and its replies read.
 
-    Azure's ``api-version`` and ``api-key`` header when configured; a reply is the completion, or
-    the error it holds in the server's own words (never the key's), classed by ``model_error``.
+    Azure's ``api-version`` and ``api-key`` header when configured; ``api`` is the wire format,
+    ``chat`` (Chat Completions) or ``responses`` (the Responses API, its answers read back as
+    completions). A reply is the completion, or the error it holds in the server's own words
+    (never the key's), classed by ``model_error``.
     """
 
     def __init__(
@@ -544,7 +687,9 @@ class ModelEndpoint:
         api_version: str | None,
         retry_after_cap: float,
         request_id_pattern: re.Pattern[str],
+        api: str = "chat",
     ) -> None:
+        self.api = api
         self.base_url = base_url
         self.model = model
         self.api_key = api_key
@@ -552,6 +697,25 @@ class ModelEndpoint:
         self.api_version = api_version
         self.retry_after_cap = retry_after_cap
         self.request_id_pattern = request_id_pattern
+
+    @property
+    def answer_path(self) -> str:
+        """Where the model is asked: ``chat/completions``, or ``responses``."""
+        return API_PATHS[self.api]
+
+    def wire_body(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The request as this API takes it, from its Chat Completions body."""
+        return as_responses_body(body) if self.api == "responses" else body
+
+    def completion_in(self, payload: Any) -> dict[str, Any] | None:
+        """The completion a 200 answer holds, in the Chat Completions shape; None if none."""
+        if not isinstance(payload, dict):
+            return None
+        if self.api != "responses":
+            return payload if "choices" in payload else None
+        if not isinstance(payload.get("output"), list) or payload.get("status") == "failed":
+            return None
+        return as_chat_completion(payload)
 
     def url(self, path: str) -> str:
         """A URL on the model's server, with Azure's ``api-version`` when configured."""
@@ -572,12 +736,16 @@ class ModelEndpoint:
     def read_reply(
         self, reply: UpstreamReply, body: Mapping[str, Any], seconds: float
     ) -> dict[str, Any]:
-        """The completion in a reply, or the error it holds, in the server's own words."""
+        """The completion in a reply, or the error it holds, in the server's own words.
+
+        ``body`` is the request as Chat Completions takes it, whatever the API.
+        """
         where = self.request_note(reply)
         payload = reply.json_or_none()
-        if reply.status == 200 and isinstance(payload, dict) and "choices" in payload:
+        completion = self.completion_in(payload) if reply.status == 200 else None
+        if completion is not None:
             logger.info("The vision model answered HTTP 200 in %.2fs%s", seconds, where)
-            return payload
+            return completion
         problem = upstream_problem(payload, reply.body)
         if reply.status == 200:
             if problem is None:
@@ -615,7 +783,7 @@ class ModelEndpoint:
         )
         return model_error(
             status,
-            problem,
+            chat_problem(problem) if self.api == "responses" else problem,
             reply.headers,
             body,
             words=words,

@@ -663,6 +663,121 @@ class ChatCompletionsServer(RecordingServer):
         raise AssertionError("the last call has no image_url part in a user message")
 
 
+# ---------------------------------------------------------------- OpenAI Responses API
+
+
+class ResponsesServer(RecordingServer):
+    """An OpenAI Responses endpoint (``POST /v1/responses``) that answers with `self.analysis`.
+
+    Its answers have OpenAI's documented shape: a `reasoning` output item before the `message`
+    whose `output_text` holds the analysis, and usage in `input_tokens` and `output_tokens`
+    with their details. `refused_fields` makes it refuse those fields with OpenAI's 400 naming
+    the field in `param`, as it does a `temperature` for a reasoning model.
+    """
+
+    routes = frozenset({("POST", "/v1/responses")})
+
+    def restore_defaults(self) -> None:
+        """Answer with the sample salmon analysis again, taking any field."""
+        self.analysis: dict[str, Any] = copy.deepcopy(DEFAULT_ANALYSIS)
+        self.refused_fields: frozenset[str] = frozenset()
+
+    @property
+    def base_url(self) -> str:
+        """The value for OPENAI_BASE_URL."""
+        return f"{self.url}/v1"
+
+    @property
+    def calls(self) -> list[RecordedRequest]:
+        """The requests made to responses."""
+        with self._lock:
+            return [r for r in self.requests if (r.method, r.route) in self.routes]
+
+    def default_reply(self, request: RecordedRequest) -> Reply:
+        """A completed response whose text is `self.analysis` as JSON, or a refused field."""
+        try:
+            body = request.json()
+            model = body.get("model", DEFAULT_MODEL)
+        except (ValueError, AttributeError):
+            return self.error(400, "We could not parse the JSON body of your request.")
+        for name in sorted(self.refused_fields):
+            if name in body:
+                message = f"Unsupported parameter: '{name}' is not supported with this model."
+                return self.error(400, message, code="unsupported_parameter", param=name)
+        return self.response(json.dumps(self.analysis), model=model)
+
+    @staticmethod
+    def response(
+        text: str | None,
+        model: str = DEFAULT_MODEL,
+        *,
+        incomplete: str | None = None,
+        refusal: str | None = None,
+        reasoning_tokens: int = 0,
+        cached_tokens: int = 0,
+    ) -> Reply:
+        """A 200 response: `status: incomplete` with `incomplete_details.reason` when given."""
+        content: list[dict[str, Any]] = []
+        if text is not None:
+            content.append({"type": "output_text", "text": text, "annotations": []})
+        if refusal is not None:
+            content.append({"type": "refusal", "refusal": refusal})
+        output_tokens = 80 + reasoning_tokens
+        status = "incomplete" if incomplete else "completed"
+        return Reply(
+            200,
+            {
+                "id": f"resp_{uuid.uuid4().hex}",
+                "object": "response",
+                "created_at": int(time.time()),
+                "status": status,
+                "error": None,
+                "incomplete_details": {"reason": incomplete} if incomplete else None,
+                "model": model,
+                "output": [
+                    {"id": f"rs_{uuid.uuid4().hex}", "type": "reasoning", "summary": []},
+                    {
+                        "id": f"msg_{uuid.uuid4().hex}",
+                        "type": "message",
+                        "status": status,
+                        "role": "assistant",
+                        "content": content,
+                    },
+                ],
+                "store": False,
+                "usage": {
+                    "input_tokens": 900,
+                    "input_tokens_details": {"cached_tokens": cached_tokens},
+                    "output_tokens": output_tokens,
+                    "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
+                    "total_tokens": 900 + output_tokens,
+                },
+            },
+            headers={"x-request-id": f"req_{uuid.uuid4().hex}"},
+        )
+
+    @staticmethod
+    def error(
+        status: int,
+        message: str = "The server had an error while processing your request.",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Reply:
+        """An error in OpenAI's shape, with the `type` OpenAI gives that status and code."""
+        kind = _openai_error_type(status, code)
+        body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+        return Reply(status, body, headers=dict(headers or {}))
+
+    def last_payload(self) -> dict[str, Any]:
+        """The JSON body of the last responses call."""
+        calls = self.calls
+        if not calls:
+            raise AssertionError("the vision model was never called")
+        payload: dict[str, Any] = calls[-1].json()
+        return payload
+
+
 # ---------------------------------------------------------------- User Service
 
 

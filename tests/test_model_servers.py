@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import date, timedelta
+from typing import Any
 
 import pytest
 import requests
@@ -18,6 +19,8 @@ from model_servers import (
     ServerProfile,
     ShutdownWatch,
     UpstreamProblem,
+    as_chat_completion,
+    as_responses_body,
     connection_failure,
     duration_seconds,
     finish_reason,
@@ -30,6 +33,7 @@ from model_servers import (
     upstream_problem,
 )
 from outbound_http import AnswerTooLarge, UpstreamReply
+from tests.fakes import ResponsesServer
 
 # ------------------------------------------------------------------ error shapes
 
@@ -346,3 +350,65 @@ def test_the_shutdown_watch_warns_once_a_day_by_its_own_clock() -> None:
     watch.watch(shutdown)
     assert days[-1] == 29
     assert watch.shutdown_warned == today
+
+
+# ------------------------------------------------------------------ the Responses API's shapes
+
+
+def test_a_chat_body_becomes_a_responses_body() -> None:
+    chat: dict[str, Any] = {
+        "model": "gpt-5-mini",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is this?"},
+                    {"type": "image_url", "image_url": {"url": "data:x", "detail": "low"}},
+                ],
+            },
+        ],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {}}},
+        "max_completion_tokens": 100,
+        "reasoning_effort": "low",
+        "top_k": 20,
+    }
+    assert as_responses_body(chat) == {
+        "model": "gpt-5-mini",
+        "instructions": "Be brief.",
+        "input": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "What is this?"},
+                    {"type": "input_image", "image_url": "data:x", "detail": "low"},
+                ],
+            }
+        ],
+        "text": {"format": {"type": "json_schema", "name": "n", "schema": {}}},
+        "max_output_tokens": 100,
+        "reasoning": {"effort": "low"},
+        "top_k": 20,
+        "store": False,
+    }
+
+
+def test_a_responses_answer_reads_as_a_completion() -> None:
+    answer = ResponsesServer.response(
+        '{"a": 1}', model="gpt-5-mini", reasoning_tokens=5, cached_tokens=3
+    ).body
+    assert isinstance(answer, dict)
+    completion = as_chat_completion(answer)
+    assert completion["model"] == "gpt-5-mini"
+    assert completion["choices"][0]["message"]["content"] == '{"a": 1}'
+    assert completion["choices"][0]["finish_reason"] == "stop"
+    assert token_usage(completion) == {
+        "prompt_tokens": 900,
+        "completion_tokens": 85,
+        "total_tokens": 985,
+        "reasoning_tokens": 5,
+        "cached_tokens": 3,
+    }
+    cut = ResponsesServer.response("{", incomplete="max_output_tokens").body
+    assert isinstance(cut, dict)
+    assert as_chat_completion(cut)["choices"][0]["finish_reason"] == "length"

@@ -1479,6 +1479,10 @@ class VisionModel:
             logger.info(
                 "The vision model's server did not answer the probe: %s", type(error).__name__
             )
+        except Exception:
+            # The probe runs in a thread of its own: whatever goes wrong is logged, and /health
+            # goes on showing a verdict rather than waiting on a probe that died.
+            logger.exception("The model probe failed")
         finally:
             with self.probe_lock:
                 self.probe_verdict = verdict

@@ -414,6 +414,21 @@ GPT6_EFFORTS = frozenset({"none", "minimal", "low", "medium", "high", "xhigh", "
 DEFAULT_EFFORT = "medium"
 
 
+def openai_error(
+    status: int,
+    message: str = "The server had an error while processing your request.",
+    code: str | None = None,
+    type_: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Reply:
+    """An error in OpenAI's shape, as both its APIs send it; ``type_`` defaults to what OpenAI
+    sends for that status and code."""
+    kind = type_ or _openai_error_type(status, code)
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return Reply(status, body, headers=dict(headers or {}))
+
+
 def effort_unsupported(effort: Any, efforts: frozenset[str]) -> Reply:
     """OpenAI's 400 for a reasoning effort the model does not take."""
     supported = ", ".join(f"'{name}'" for name in sorted(efforts))
@@ -617,18 +632,7 @@ class ChatCompletionsServer(RecordingServer):
             headers={"x-request-id": f"req_{uuid.uuid4().hex}"},
         )
 
-    @staticmethod
-    def error(
-        status: int,
-        message: str = "The server had an error while processing your request.",
-        code: str | None = None,
-        type_: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> Reply:
-        """An error in OpenAI's shape; type_ defaults to what OpenAI sends for that status/code."""
-        kind = type_ or _openai_error_type(status, code)
-        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-        return Reply(status, body, headers=dict(headers or {}))
+    error = staticmethod(openai_error)
 
     def last_payload(self) -> dict[str, Any]:
         """The JSON body of the last chat/completions call."""
@@ -756,18 +760,7 @@ class ResponsesServer(RecordingServer):
             headers={"x-request-id": f"req_{uuid.uuid4().hex}"},
         )
 
-    @staticmethod
-    def error(
-        status: int,
-        message: str = "The server had an error while processing your request.",
-        code: str | None = None,
-        param: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> Reply:
-        """An error in OpenAI's shape, with the `type` OpenAI gives that status and code."""
-        kind = _openai_error_type(status, code)
-        body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-        return Reply(status, body, headers=dict(headers or {}))
+    error = staticmethod(openai_error)
 
     def last_payload(self) -> dict[str, Any]:
         """The JSON body of the last responses call."""

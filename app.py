@@ -91,7 +91,6 @@ from errors import (
     Overloaded,
     ProductLookupError,
     ProductNotFound,
-    ProductsNotConfigured,
     ServiceError,
     TransientUpstreamError,
     Unauthorized,
@@ -1978,10 +1977,6 @@ def product(barcode: str) -> Response:
         raise BadRequest(
             "barcode must be an EAN-13 (13 digits), UPC-A (12) or EAN-8 (8) code with a valid "
             f"check digit, got {barcode[:20]!r}"
-        )
-    if not lookup.configured:
-        raise ProductsNotConfigured(
-            "product lookups are turned off: set OPENFOODFACTS_URL to ask Open Food Facts"
         )
     found = lookup.find(code)
     if found is None:

@@ -357,7 +357,9 @@ class ProductLookup:
         if not BARCODE.fullmatch(code):
             raise BadRequest("A barcode is looked up as 13 digits (EAN-13, UPC-A) or 8 (EAN-8)")
         if not self.configured:
-            raise ProductsNotConfigured("No Open Food Facts URL is configured")
+            raise ProductsNotConfigured(
+                "product lookups are turned off: set OPENFOODFACTS_URL to ask Open Food Facts"
+            )
         key = PRODUCT_KEY.format(code=code)
         try:
             known, product = read_record(code, self.store.get(key, self.longest_ttl))

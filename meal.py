@@ -758,16 +758,16 @@ def products_analysis(shown: Sequence[tuple[Product, list[int]]], photo_count: i
         weight = product.serving_grams or 100
         if not product.serving_grams:
             assumptions.append(f"{name}: no serving size is known; 100 g assumed")
-        fields: dict[str, Any] = {
+        # The numbers' places kept for count_item, which fills them from the product.
+        shown_item = {
             "name": name,
             "grams": grams(weight),
-            **scaled_numbers(product.per_100g, weight / 100),
+            **dict.fromkeys(TOTAL_FIELDS, 0),
             "confidence": PRODUCT_CONFIDENCE,
             "photos": photos,
             "barcode": product.barcode,
-            **product_numbers(product, weight),
         }
-        items.append(cast(Item, fields))
+        items.append(count_item(cast(Item, shown_item), None, {product.barcode: product}))
     totals = sum_items(items)
     analysis = build_analysis(
         clean_text(", ".join(item["name"] for item in items), MAX_NAME_LENGTH),
